@@ -1,0 +1,79 @@
+"""The public model catalogue: which names a job spec may use, and what each can do.
+
+This is data the API needs without importing torch. `models/registry.py` maps the same names to
+classes, configs and pinned weights; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ModelKind = Literal["generator", "embedder"]
+# How a generator is driven: "embedding" = conditioned on a face embedding (Arc2Face);
+# "latent" = a latent-space generator (StyleGAN2).
+Conditioning = Literal["embedding", "latent"]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: ModelKind
+    family: str  # architecture family: "arc2face", "stylegan2", "iresnet"
+    conditioning: Conditioning | None  # generators only
+    embedding_dim: int | None  # embedders, and embedding-conditioned generators
+    tiny: bool  # a tiny preset: real architecture, small config, built from a fixed seed
+    description: str
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in (
+        CatalogEntry(
+            name="arc2face-tiny",
+            kind="generator",
+            family="arc2face",
+            conditioning="embedding",
+            embedding_dim=512,
+            tiny=True,
+            description="Arc2Face-style diffusers pipeline (UNet, VAE, CLIP text encoder with the "
+            "'id' token replaced by the embedding), tiny config; images are not faces",
+        ),
+        CatalogEntry(
+            name="iresnet-tiny",
+            kind="embedder",
+            family="iresnet",
+            conditioning=None,
+            embedding_dim=512,
+            tiny=True,
+            description="insightface iResNet layout with narrow layers, 112x112 input, 512-d output",
+        ),
+    )
+}
+
+# Which identity samplers and variation methods can drive which generator conditioning.
+SAMPLER_CONDITIONING: dict[str, frozenset[str]] = {
+    "random": frozenset({"embedding", "latent"}),
+    "hyperface": frozenset({"embedding"}),
+    "langevin": frozenset({"latent"}),
+}
+VARIATION_CONDITIONING: dict[str, frozenset[str]] = {
+    "embedding_noise": frozenset({"embedding"}),
+    "dispersion": frozenset({"latent"}),
+    "disco": frozenset({"latent"}),
+}
+# Methods the workers of this version implement; the others are refused with 422 until they land.
+IMPLEMENTED_SAMPLERS = frozenset({"random"})
+IMPLEMENTED_VARIATIONS = frozenset({"embedding_noise"})
+
+
+def generators(conditioning: str | None = None) -> list[str]:
+    return sorted(
+        n
+        for n, e in CATALOG.items()
+        if e.kind == "generator" and (conditioning is None or e.conditioning == conditioning)
+    )
+
+
+def embedders() -> list[str]:
+    return sorted(n for n, e in CATALOG.items() if e.kind == "embedder")
