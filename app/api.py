@@ -1,0 +1,49 @@
+"""The FastAPI application: `create_app(settings)` wires the services in a lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__, problems
+from app.deps import KeyRing, Services
+from app.queue import TaskQueue
+from app.routes import files, jobs, system
+from app.settings import Settings
+from app.storage import Storage, storage_from_settings
+from app.store import JobStore
+
+log = logging.getLogger("idforge.api")
+
+
+def create_app(settings: Settings | None = None, *, store: JobStore | None = None,
+               storage: Storage | None = None, queue: TaskQueue | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = Services(
+            settings=settings,
+            store=store or JobStore.from_url(settings.redis_url),
+            storage=storage or storage_from_settings(settings),
+            queue=queue or TaskQueue.from_settings(settings),
+        )
+        app.state.keyring = KeyRing(settings.team_keys)
+        if not settings.team_keys:
+            log.warning("IDFORGE_API_KEYS is empty: every request will be refused with 401")
+        yield
+
+    app = FastAPI(
+        title="idforge",
+        version=__version__,
+        summary="Synthetic face-recognition datasets on demand",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(system.router)
+    return app

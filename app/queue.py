@@ -1,0 +1,82 @@
+"""The task queue client: sends named tasks to Celery over the Redis broker.
+
+The API never imports `workers/`; it names tasks. The Celery configuration lives here so the API
+and the workers agree on it (broker, visibility timeout, routing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.errors import QueueUnavailable
+from app.settings import Settings
+
+SAMPLE_IDENTITIES = "idforge.sample_identities"
+RENDER_SHARD = "idforge.render_shard"
+FINALIZE = "idforge.finalize"
+
+# GPU work on `gpu`; bookkeeping on `cpu`. A CPU worker with tiny presets consumes both.
+ROUTES = {
+    SAMPLE_IDENTITIES: {"queue": "gpu"},
+    RENDER_SHARD: {"queue": "gpu"},
+    FINALIZE: {"queue": "cpu"},
+}
+
+
+def celery_config(s: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": s.celery_broker_url,
+        # Job state lives in our Redis records; tasks return nothing the caller reads.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_routes": ROUTES,
+        "task_default_queue": "cpu",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Must exceed the longest task: shards are sized to minutes.
+            "visibility_timeout": s.visibility_timeout_s,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
+        "broker_connection_timeout": 5,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+class TaskQueue:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "TaskQueue":
+        app = Celery("idforge-client", set_as_current=False)
+        app.conf.update(celery_config(s))
+        return cls(app)
+
+    def send(self, task: str, *args: Any) -> None:
+        try:
+            self.app.send_task(task, args=list(args), retry=True,
+                               retry_policy={"max_retries": 3, "interval_start": 0.2,
+                                             "interval_step": 0.5, "timeout": 5})
+        except Exception as e:  # kombu raises many types for an unreachable broker
+            raise QueueUnavailable(f"cannot enqueue {task}: {e}") from e
+
+    def ping(self) -> None:
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=3)
+        except Exception as e:
+            raise QueueUnavailable(f"broker unreachable: {e}") from e
+
+    def queue_lengths(self) -> dict[str, int]:
+        with self.app.connection_for_read() as conn:
+            client = conn.default_channel.client
+            return {q: int(client.llen(q)) for q in ("gpu", "cpu")}

@@ -1,0 +1,33 @@
+"""Downloads for the local storage backend: the embedded default's presigned URLs."""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from app.deps import Svc
+from app.errors import NotFound, Unauthorized
+from app.storage import LocalStorage
+
+router = APIRouter(tags=["files"])
+
+
+@router.get("/v1/files/{key:path}", summary="Download an object by a signed URL (local storage)")
+def download(key: str, svc: Svc, expires: Annotated[int, Query()],
+             sig: Annotated[str, Query(max_length=128)]) -> FileResponse:
+    storage = svc.storage
+    if not isinstance(storage, LocalStorage):
+        raise NotFound("downloads are served by the object store; use the presigned URL")
+    if not storage.verify(key, expires, sig):
+        raise Unauthorized("the download URL is invalid or has expired", code="bad_signature")
+    try:
+        path = storage._path(key)
+    except ValueError as e:
+        raise NotFound(f"no object {key}") from e
+    if not path.is_file():
+        raise NotFound(f"no object {key}")
+    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media)

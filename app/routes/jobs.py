@@ -1,0 +1,220 @@
+"""Job routes: submit, read, list, cancel, events, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import Services, Svc, Team
+from app.errors import (BadRequest, Conflict, InvalidSpec, NotFound, PayloadTooLarge,
+                        ServiceError, UnsupportedMediaType)
+from app.problems import field_errors
+from app.queue import SAMPLE_IDENTITIES
+from app.spec import JobSpec, SpecError, check_limits, check_models
+from app.storage import JobKeys
+from app.store import TERMINAL
+from app.views import job_view
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+StatusFilter = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def parse_spec(body: bytes, svc: Services) -> JobSpec:
+    """Bytes -> a spec that can run, or a 4xx naming the field."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}", code="malformed_json") from e
+    if not isinstance(data, dict):
+        raise InvalidSpec("the job spec must be a JSON object",
+                          errors=[{"field": "(body)", "message": "expected an object"}])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        errors = field_errors(e)
+        raise InvalidSpec("; ".join(f"{x['field']}: {x['message']}" for x in errors),
+                          errors=errors) from e
+    s = svc.settings
+    try:
+        check_models(spec)
+        check_limits(spec, max_identities=s.max_identities,
+                     max_images_per_identity=s.max_images_per_identity,
+                     max_total_images=s.max_total_images)
+    except SpecError as e:
+        raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
+                          errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
+    return spec
+
+
+def _job_response(job: dict[str, Any], svc: Services, status_code: int = 200,
+                  headers: dict[str, str] | None = None) -> JSONResponse:
+    view = job_view(job, svc.settings.public_url.rstrip("/"))
+    h = dict(headers or {})
+    if not view["terminal"]:
+        h["Retry-After"] = str(svc.settings.poll_interval_s)
+    return JSONResponse(view, status_code=status_code, headers=h)
+
+
+def _owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
+    job = svc.store.get(job_id) if job_id.isalnum() else None
+    if job is None or job["owner"] != team:  # another team's job does not exist for you
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def _submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> JSONResponse:
+    normalized = spec.normalized()
+    h = spec.spec_hash()
+    made = svc.store.create(
+        team, normalized, h, identities=spec.identities,
+        images=spec.identities * spec.images_per_identity,
+        idempotency_key=idem_key, body_hash=h, idempotency_ttl_s=svc.settings.idempotency_ttl_s)
+    if not made.created:
+        if made.body_hash != h:
+            raise InvalidSpec("this Idempotency-Key was used with a different body",
+                              code="idempotency_key_reused",
+                              errors=[{"field": "Idempotency-Key", "message": "reused with a "
+                                       "different body", "type": "idempotency_key_reused"}])
+        if made.pending:
+            raise Conflict("a request with this Idempotency-Key is still being processed",
+                           code="idempotency_key_in_flight", headers={"Retry-After": "1"})
+        job = svc.store.get(made.job_id)
+        if job is None:
+            raise Conflict("the job of this Idempotency-Key no longer exists")
+        loc = f"{svc.settings.public_url.rstrip('/')}/v1/jobs/{made.job_id}"
+        return _job_response(job, svc, 202, {"Location": loc, "Idempotent-Replayed": "true"})
+    try:
+        svc.queue.send(SAMPLE_IDENTITIES, made.job_id)
+    except ServiceError as e:
+        svc.store.transition(made.job_id, "failed",
+                             error={"code": e.code, "message": f"could not enqueue: {e.detail}"})
+        if idem_key:
+            svc.store.forget_idempotency(team, idem_key)
+        raise
+    if idem_key:
+        svc.store.confirm_idempotency(team, idem_key, made.job_id, h)
+    job = svc.store.get(made.job_id)
+    assert job is not None
+    loc = f"{svc.settings.public_url.rstrip('/')}/v1/jobs/{made.job_id}"
+    return _job_response(job, svc, 202, {"Location": loc})
+
+
+@router.post("", status_code=202, summary="Submit a dataset-generation job",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": JobSpec.model_json_schema(
+                     ref_template="#/components/schemas/{model}")}}}})
+async def submit_job(request: Request, svc: Svc, team: Team,
+                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None
+                     ) -> JSONResponse:
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"send the job spec as application/json, not {ctype}")
+    body = await _read_body(request, svc.settings.max_body_bytes)
+    spec = parse_spec(body, svc)
+    return await run_in_threadpool(_submit, svc, team, spec, idempotency_key)
+
+
+@router.get("", summary="The team's jobs, newest first")
+def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None
+              ) -> dict[str, Any]:
+    jobs, nxt = svc.store.list(team, status=status, limit=limit, after=after)
+    base = svc.settings.public_url.rstrip("/")
+    return {"jobs": [job_view(j, base) for j in jobs], "has_more": nxt is not None, "next": nxt}
+
+
+@router.get("/{job_id}", summary="A job: status, stage, progress, result or error")
+def get_job(job_id: str, request: Request, svc: Svc, team: Team) -> Response:
+    job = _owned(svc, team, job_id)
+    resp = _job_response(job, svc)
+    etag = '"' + hashlib.sha256(resp.body).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    resp.headers["ETag"] = etag
+    return resp
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)")
+def cancel_job(job_id: str, svc: Svc, team: Team) -> JSONResponse:
+    _owned(svc, team, job_id)
+    svc.store.request_cancel(job_id)
+    job = svc.store.get(job_id)
+    assert job is not None
+    return _job_response(job, svc, 202 if job["status"] == "canceling" else 200)
+
+
+@router.get("/{job_id}/events", summary="The job's event log; text/event-stream when asked")
+def job_events(job_id: str, request: Request, svc: Svc, team: Team,
+               after: Annotated[str, Query(max_length=40, pattern=r"^(-|\d+-\d+)$")] = "-",
+               limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> Response:
+    _owned(svc, team, job_id)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        events = svc.store.events(job_id, after=after, limit=limit)
+        return JSONResponse({"events": events, "next": events[-1]["id"] if events else after})
+    last = request.headers.get("last-event-id") or after
+    return StreamingResponse(_sse(svc, job_id, last), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _sse(svc: Services, job_id: str, after: str, max_s: float = 3600) -> Iterator[str]:
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        events = svc.store.events(job_id, after=after, block_ms=1000)
+        for e in events:
+            after = e["id"]
+            yield f"id: {e['id']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n"
+        if not events:
+            if svc.store.status(job_id) in TERMINAL:
+                return
+            yield ": keep-alive\n\n"
+
+
+@router.get("/{job_id}/artifacts", summary="The manifest, with presigned download URLs")
+def job_artifacts(job_id: str, svc: Svc, team: Team,
+                  limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                  after: Annotated[str | None, Query(max_length=256)] = None) -> dict[str, Any]:
+    job = _owned(svc, team, job_id)
+    if job["status"] != "succeeded":
+        raise Conflict(f"job {job_id} is {job['status']}; artifacts exist once it has succeeded",
+                       code="job_not_succeeded")
+    keys = JobKeys(svc.settings.s3_prefix, job_id)
+    manifest = json.loads(svc.storage.get_bytes(keys.manifest))
+    ttl = svc.settings.presign_expiry_s
+    files = manifest.get("files", [])
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, f in enumerate(files) if f["path"] == after), len(files))
+    page = files[start:start + limit]
+    more = start + limit < len(files)
+    return {
+        "job_id": job_id,
+        "expires_in": ttl,
+        "manifest_url": svc.storage.presign_get(keys.manifest, ttl),
+        "manifest": {k: v for k, v in manifest.items() if k != "files"},
+        "files": [{**f, "url": svc.storage.presign_get(f"{keys.root}/{f['path']}", ttl)}
+                  for f in page],
+        "has_more": more,
+        "next": page[-1]["path"] if more and page else None,
+    }

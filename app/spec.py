@@ -1,0 +1,224 @@
+"""The job spec: the public contract of POST /v1/jobs, shared with the workers.
+
+The pydantic models are the source of truth; their JSON Schema is the documentation. Checks that
+need the service's limits (identities, images) happen in `check_limits`, against the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from app import catalog
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RandomSampler(_Strict):
+    """Uniform points on the embedding hypersphere: the baseline every quality figure compares to."""
+
+    method: Literal["random"] = "random"
+
+
+class HyperFaceSampler(_Strict):
+    """HyperFace packing on the hypersphere (Otroshi Shahreza & Marcel, ICLR 2025)."""
+
+    method: Literal["hyperface"]
+    iterations: int = Field(2000, ge=1, le=100_000, description="optimisation steps")
+    learning_rate: float = Field(0.01, gt=0, le=1, description="Adam step size")
+    alpha: float = Field(0.5, ge=0, description="gallery regulariser weight; 0 = pure packing")
+    gallery_size: int = Field(10_000, ge=1, le=1_000_000, description="gallery images rendered")
+
+
+class LangevinSampler(_Strict):
+    """Langevin repulsion of StyleGAN2 latents in embedding space (Geissbuhler et al., ICML 2025)."""
+
+    method: Literal["langevin"]
+    iterations: int = Field(100, ge=1, le=10_000, description="Langevin steps")
+    repulsion_radius: float = Field(1.4, gt=0, le=3.1416, description="r0, radians")
+    stiffness: float = Field(1.0, gt=0, description="k of the soft-sphere potential")
+    latent_pull: float = Field(0.1, ge=0, description="k_l, pull toward the average latent")
+    noise: float = Field(0.01, ge=0, description="eta, Langevin noise scale")
+    tau: float = Field(-0.3, description="< 0: adaptive time step with |tau|; > 0: fixed dt")
+
+
+Sampler = Annotated[
+    Union[RandomSampler, HyperFaceSampler, LangevinSampler], Field(discriminator="method")
+]
+
+
+class EmbeddingNoise(_Strict):
+    """Samples are normalise(reference + scale * xi): for embedding-conditioned generators."""
+
+    method: Literal["embedding_noise"] = "embedding_noise"
+    scale: float = Field(0.05, ge=0, le=10, description="sigma of the Gaussian before re-normalising")
+
+
+class Dispersion(_Strict):
+    """Dispersion of latents around each identity's reference latent (latent generators)."""
+
+    method: Literal["dispersion"]
+    iterations: int = Field(20, ge=1, le=1000)
+
+
+class DisCo(_Strict):
+    """Dispersion with covariate-direction initialisation (pose, illumination, expression)."""
+
+    method: Literal["disco"]
+    iterations: int = Field(20, ge=1, le=1000)
+
+
+Variations = Annotated[Union[EmbeddingNoise, Dispersion, DisCo], Field(discriminator="method")]
+
+
+class ModelsSpec(_Strict):
+    embedder: str = Field("iresnet-tiny", description="face-recognition model (catalogue name)")
+    generator: str = Field("arc2face-tiny", description="image generator (catalogue name)")
+    gallery_generator: str | None = Field(
+        None, description="generator of the HyperFace gallery; None = the job's generator"
+    )
+
+
+class RenderSpec(_Strict):
+    steps: int = Field(25, ge=1, le=200, description="diffusion steps (DPM-Solver++)")
+    guidance_scale: float = Field(3.0, ge=0, le=30, description="classifier-free guidance")
+    batch_size: int = Field(16, ge=1, le=512, description="images per generator call")
+
+
+class OutputSpec(_Strict):
+    formats: list[Literal["imagefolder"]] = Field(
+        default_factory=lambda: ["imagefolder"], min_length=1, description="dataset layouts"
+    )
+    image_size: Literal[112] = Field(112, description="aligned crop size, pixels (ArcFace template)")
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class QualitySpec(_Strict):
+    report: bool = True
+    min_identity_similarity: float | None = Field(None, ge=-1, le=1)
+
+
+class WebhookSpec(_Strict):
+    url: AnyHttpUrl
+    events: list[Literal["completed", "failed", "canceled", "stage"]] = Field(
+        default_factory=lambda: ["completed"], min_length=1
+    )
+
+
+class JobSpec(_Strict):
+    identities: int = Field(..., ge=1, description="number of synthetic identities")
+    images_per_identity: int = Field(..., ge=1, description="images rendered per identity")
+    seed: int = Field(0, ge=0, lt=2**63, description="job seed: every image derives from it")
+    sampler: Sampler = Field(default_factory=RandomSampler)
+    variations: Variations = Field(default_factory=EmbeddingNoise)
+    models: ModelsSpec = Field(default_factory=ModelsSpec)
+    render: RenderSpec = Field(default_factory=RenderSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+    webhook: WebhookSpec | None = None
+
+    def normalized(self) -> dict[str, Any]:
+        """The spec with every default filled in, as JSON-ready data."""
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        return spec_hash(self.normalized())
+
+
+def spec_hash(normalized: dict[str, Any]) -> str:
+    blob = json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class SpecError(ValueError):
+    """A spec that is well-formed but cannot run; `field` is the dotted path it names."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_spec") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+def _pairs() -> str:
+    parts = []
+    for cond in ("embedding", "latent"):
+        gens = catalog.generators(cond) or ["(none installed)"]
+        samplers = sorted(m for m, c in catalog.SAMPLER_CONDITIONING.items() if cond in c)
+        variations = sorted(m for m, c in catalog.VARIATION_CONDITIONING.items() if cond in c)
+        parts.append(
+            f"{cond}-conditioned generators {gens} take samplers {samplers} "
+            f"and variations {variations}"
+        )
+    return "; ".join(parts)
+
+
+def check_models(spec: JobSpec) -> None:
+    """Model names exist and have the right kind; methods can drive the chosen generator."""
+    m = spec.models
+    for field, name, kind in (
+        ("models.embedder", m.embedder, "embedder"),
+        ("models.generator", m.generator, "generator"),
+        ("models.gallery_generator", m.gallery_generator, "generator"),
+    ):
+        if name is None:
+            continue
+        entry = catalog.CATALOG.get(name)
+        if entry is None or entry.kind != kind:
+            valid = catalog.embedders() if kind == "embedder" else catalog.generators()
+            raise SpecError(
+                field, f"unknown {kind} {name!r}; available: {valid}", code="unknown_model"
+            )
+    cond = catalog.CATALOG[m.generator].conditioning
+    sm, vm = spec.sampler.method, spec.variations.method
+    if cond not in catalog.SAMPLER_CONDITIONING[sm]:
+        raise SpecError(
+            "sampler.method",
+            f"sampler {sm!r} cannot drive {cond}-conditioned generator {m.generator!r}. "
+            f"Valid pairs: {_pairs()}",
+            code="incompatible_models",
+        )
+    if cond not in catalog.VARIATION_CONDITIONING[vm]:
+        raise SpecError(
+            "variations.method",
+            f"variations {vm!r} cannot drive {cond}-conditioned generator {m.generator!r}. "
+            f"Valid pairs: {_pairs()}",
+            code="incompatible_models",
+        )
+    if sm not in catalog.IMPLEMENTED_SAMPLERS:
+        raise SpecError(
+            "sampler.method",
+            f"sampler {sm!r} is not available in this version; available: "
+            f"{sorted(catalog.IMPLEMENTED_SAMPLERS)}",
+            code="method_unavailable",
+        )
+    if vm not in catalog.IMPLEMENTED_VARIATIONS:
+        raise SpecError(
+            "variations.method",
+            f"variations {vm!r} is not available in this version; available: "
+            f"{sorted(catalog.IMPLEMENTED_VARIATIONS)}",
+            code="method_unavailable",
+        )
+
+
+def check_limits(spec: JobSpec, *, max_identities: int, max_images_per_identity: int,
+                 max_total_images: int) -> None:
+    """Refuse (never truncate) a spec over the service's limits."""
+    if spec.identities > max_identities:
+        raise SpecError("identities", f"{spec.identities} identities is over the limit of "
+                        f"{max_identities}", code="over_limit")
+    if spec.images_per_identity > max_images_per_identity:
+        raise SpecError("images_per_identity", f"{spec.images_per_identity} images per identity "
+                        f"is over the limit of {max_images_per_identity}", code="over_limit")
+    total = spec.identities * spec.images_per_identity
+    if total > max_total_images:
+        raise SpecError("images_per_identity", f"{spec.identities} x {spec.images_per_identity} = "
+                        f"{total} images is over the limit of {max_total_images}",
+                        code="over_limit")

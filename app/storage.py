@@ -1,0 +1,221 @@
+"""Artifact storage: S3 (boto3, any S3-compatible endpoint) or a local directory.
+
+Keys are deterministic (`{prefix}/{job_id}/...`), so re-running a shard overwrites the same
+objects. botocore errors become `StorageError` here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+from app.errors import StorageError, StorageKeyMissing
+
+
+class Storage(Protocol):
+    def put_bytes(self, key: str, data: bytes, content_type: str = ...) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def presign_get(self, key: str, expires_s: int) -> str: ...
+    def ping(self) -> None: ...
+
+
+class JobKeys:
+    """Every key of one job, in one place (DESIGN §4)."""
+
+    def __init__(self, prefix: str, job_id: str) -> None:
+        if not job_id.isalnum():
+            raise ValueError(f"job_id must be alphanumeric, got {job_id!r}")
+        self.root = f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id
+
+    @property
+    def spec(self) -> str:
+        return f"{self.root}/spec.json"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.root}/manifest.json"
+
+    @property
+    def identities(self) -> str:
+        return f"{self.root}/identities/embeddings.safetensors"
+
+    def shard_done(self, shard: int) -> str:
+        return f"{self.root}/shards/{shard:05d}/done.json"
+
+    def image(self, identity: int, sample: int, ext: str) -> str:
+        return f"{self.root}/dataset/imagefolder/{identity:06d}/{sample:03d}.{ext}"
+
+    def relative(self, key: str) -> str:
+        return key[len(self.root) + 1:]
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LocalStorage:
+    """A directory. Download URLs point at the API's `/v1/files/...` route, HMAC-signed."""
+
+    def __init__(self, root: Path, *, signing_key: bytes = b"", base_url: str = "") -> None:
+        self.root = Path(root).resolve()
+        self.signing_key = signing_key
+        self.base_url = base_url.rstrip("/")
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if not p.is_relative_to(self.root) or p == self.root:
+            raise ValueError(f"storage key escapes the storage root: {key!r}")
+        return p
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        p = self._path(key)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)  # atomic: readers see the old object or the new one
+        except OSError as e:
+            raise StorageError(f"cannot write {key}: {e}") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise StorageKeyMissing(f"no object {key}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {key}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            yield prefix
+            return
+        for p in sorted(base.rglob("*")) if base.is_dir() else []:
+            if p.is_file() and not p.name.startswith("."):
+                yield p.relative_to(self.root).as_posix()
+
+    def delete_prefix(self, prefix: str) -> int:
+        n = 0
+        for key in list(self.list_keys(prefix)):
+            self._path(key).unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        expires = int(time.time()) + expires_s
+        query = urlencode({"expires": expires, "sig": self.signature(key, expires)})
+        return f"{self.base_url}/v1/files/{quote(key)}?{query}"
+
+    def signature(self, key: str, expires: int) -> str:
+        if not self.signing_key:
+            raise StorageError("local storage has no signing key for download URLs")
+        msg = f"{key}\n{expires}".encode()
+        return hmac.new(self.signing_key, msg, hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, sig: str) -> bool:
+        return expires >= time.time() and hmac.compare_digest(self.signature(key, expires), sig)
+
+    def ping(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"storage directory unusable: {e}") from e
+
+
+class S3Storage:
+    """An S3 bucket through boto3; `client` is injected (tests pass one bound to moto or SeaweedFS)."""
+
+    def __init__(self, bucket: str, *, client: Any) -> None:
+        self.bucket = bucket
+        self.client = client
+
+    @classmethod
+    def from_settings(cls, s: Any) -> "S3Storage":
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=s.s3_endpoint_url or None,
+            region_name=s.s3_region,
+            aws_access_key_id=s.s3_access_key_id or None,
+            aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
+            config=Config(signature_version="s3v4", retries={"max_attempts": 8, "mode": "standard"},
+                          s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
+        )
+        return cls(s.s3_bucket, client=client)
+
+    def _call(self, what: str, key: str, fn: Any, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageKeyMissing(f"no object {key}") from e
+            raise StorageError(f"S3 {what} {key}: {code or e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"S3 {what} {key}: {e}") from e
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call("put", key, self.client.put_object, Key=key, Body=data, ContentType=content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        body = self._call("get", key, self.client.get_object, Key=key)["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", key, self.client.head_object, Key=key)
+            return True
+        except StorageKeyMissing:
+            return False
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"]
+        except (ClientError, BotoCoreError) as e:
+            raise StorageError(f"S3 list {prefix}: {e}") from e
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list_keys(prefix))
+        for i in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[i:i + 1000]]
+            self._call("delete", prefix, self.client.delete_objects, Delete={"Objects": chunk})
+        return len(keys)
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+
+    def ping(self) -> None:
+        self._call("head bucket", "", self.client.head_bucket)
+
+
+def storage_from_settings(s: Any) -> Storage:
+    if s.storage == "s3":
+        return S3Storage.from_settings(s)
+    return LocalStorage(s.storage_dir, signing_key=s.signing_key, base_url=s.public_url)

@@ -1,0 +1,31 @@
+"""Public representations of job records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.store import STATUSES, TERMINAL
+
+
+def job_view(job: dict[str, Any], base: str = "") -> dict[str, Any]:
+    jid = job["id"]
+    return {
+        "id": jid,
+        "status": job["status"],
+        "stage": job.get("stage"),
+        "progress": job["progress"],
+        "created_at": job["created_at"],
+        "updated_at": job["updated_at"],
+        "timestamps": {s: job[f"{s}_at"] for s in STATUSES if f"{s}_at" in job},
+        "terminal": job["status"] in TERMINAL,
+        "spec": job["spec"],
+        "spec_hash": job["spec_hash"],
+        "result": job.get("result"),
+        "error": job.get("error"),
+        "links": {
+            "self": f"{base}/v1/jobs/{jid}",
+            "events": f"{base}/v1/jobs/{jid}/events",
+            "artifacts": f"{base}/v1/jobs/{jid}/artifacts",
+            "cancel": f"{base}/v1/jobs/{jid}/cancel",
+        },
+    }
