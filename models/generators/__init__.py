@@ -1,0 +1,1 @@
+"""Face generators: Arc2Face (embedding-conditioned diffusion); StyleGAN2 comes later."""

@@ -1,0 +1,1 @@
+"""Identity and variation samplers, and the hypersphere utilities they share."""
