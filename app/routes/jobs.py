@@ -199,7 +199,7 @@ def job_artifacts(job_id: str, svc: Svc, team: Team,
     if job["status"] != "succeeded":
         raise Conflict(f"job {job_id} is {job['status']}; artifacts exist once it has succeeded",
                        code="job_not_succeeded")
-    keys = JobKeys(svc.settings.s3_prefix, job_id)
+    keys = JobKeys.for_job(svc.settings.s3_prefix, job_id)
     manifest = json.loads(svc.storage.get_bytes(keys.manifest))
     ttl = svc.settings.presign_expiry_s
     files = manifest.get("files", [])
@@ -213,7 +213,7 @@ def job_artifacts(job_id: str, svc: Svc, team: Team,
         "expires_in": ttl,
         "manifest_url": svc.storage.presign_get(keys.manifest, ttl),
         "manifest": {k: v for k, v in manifest.items() if k != "files"},
-        "files": [{**f, "url": svc.storage.presign_get(f"{keys.root}/{f['path']}", ttl)}
+        "files": [{**f, "url": svc.storage.presign_get(keys.key(f["path"]), ttl)}
                   for f in page],
         "has_more": more,
         "next": page[-1]["path"] if more and page else None,

@@ -1,0 +1,234 @@
+"""The `idforge` command line: run the service, submit and follow jobs, generate locally."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from app.client import ApiError, Client
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str, key: str | None) -> Client:
+    key = key or os.environ.get("IDFORGE_API_KEY")
+    if not key:
+        raise click.UsageError("give --api-key or set IDFORGE_API_KEY")
+    return Client(url, key)
+
+
+@click.group()
+def main() -> None:
+    """idforge: synthetic face-recognition datasets on demand."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.settings import Settings
+
+    uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info",
+                access_log=False)
+
+
+@main.command()
+@click.option("--queues", default="gpu,cpu", show_default=True, help="queues to consume")
+@click.option("--concurrency", default=1, show_default=True, help="processes (one per GPU)")
+@click.option("--name", default=None, help="worker node name")
+def worker(queues: str, concurrency: int, name: str | None) -> None:
+    """Run a Celery worker (models load once per process, after the fork)."""
+    from workers.celery_app import create_celery
+
+    app = create_celery()
+    argv = ["worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if name:
+        argv += ["-n", name]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".idforge"),
+              show_default=True, help="Redis data, storage and models")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--redis-port", default=0, help="0 = a free port")
+def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
+    """Everything on one machine: Redis, a Celery worker and the API, with local storage."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.servers import RedisServer
+    from app.settings import Settings
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = _embedded_env(data_dir, host, port)
+    redis_srv = RedisServer(data_dir / "redis", redis_port or None).start()
+    env["IDFORGE_REDIS_URL"] = redis_srv.url
+    os.environ.update(env)
+    worker_log = open(data_dir / "worker.log", "ab")
+    worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(),
+                                   stdout=worker_log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    key = env["IDFORGE_API_KEYS"].split(",")[0].partition(":")[2]
+    url = env["IDFORGE_PUBLIC_URL"]
+    click.echo(f"idforge is up at {url}\n  API key: {key}\n  data:    {data_dir}\n"
+               f"  worker log: {data_dir / 'worker.log'}\n"
+               f"  try: curl -X POST {url}/v1/jobs -H 'Authorization: Bearer {key}' "
+               "-H 'Content-Type: application/json' -d '{\"identities\": 4, "
+               "\"images_per_identity\": 2}'", err=False)
+    sys.stdout.flush()
+    try:
+        uvicorn.run(create_app(Settings()), host=host, port=port, log_level="warning")
+    finally:
+        os.killpg(worker_proc.pid, signal.SIGTERM)
+        try:
+            worker_proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker_proc.pid, signal.SIGKILL)
+        redis_srv.stop()
+
+
+def _embedded_env(data_dir: Path, host: str, port: int) -> dict[str, str]:
+    """Settings for the embedded default; the API key and signing secret persist in data_dir."""
+    def persisted(name: str, make: Any) -> str:
+        p = data_dir / name
+        if not p.exists():
+            p.write_text(make())
+            p.chmod(0o600)
+        return p.read_text().strip()
+
+    keys = os.environ.get("IDFORGE_API_KEYS") or persisted(
+        "api_keys", lambda: f"local:idf_{secrets.token_urlsafe(24)}")
+    return {
+        "IDFORGE_API_KEYS": keys,
+        "IDFORGE_SECRET_KEY": persisted("secret_key", lambda: secrets.token_hex(32)),
+        "IDFORGE_STORAGE": "local",
+        "IDFORGE_STORAGE_DIR": str(data_dir / "storage"),
+        "IDFORGE_MODEL_DIR": os.environ.get("IDFORGE_MODEL_DIR", str(data_dir / "models")),
+        "IDFORGE_PUBLIC_URL": f"http://{host}:{port}",
+    }
+
+
+def _load_spec(path: str) -> dict[str, Any]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        return json.loads(text)  # type: ignore[no-any-return]
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{path} is not valid JSON: {e}") from e
+
+
+@main.command()
+@click.argument("spec_file")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--idempotency-key", default=None)
+@click.option("--wait/--no-wait", default=False, help="follow the job until it ends")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait")
+def submit(spec_file: str, url: str, api_key: str | None, idempotency_key: str | None, wait: bool,
+           timeout: float) -> None:
+    """Submit a job spec (a JSON file, or - for stdin). With --wait: exit 0 iff it succeeded."""
+    c = _client(url, api_key)
+    try:
+        job = c.submit(_load_spec(spec_file), idempotency_key=idempotency_key)
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+    click.echo(job["id"])
+    if not wait:
+        return
+    sys.exit(_follow(c, job["id"], timeout))
+
+
+def _follow(c: Client, job_id: str, timeout: float) -> int:
+    def show(job: dict[str, Any]) -> None:
+        p = job["progress"]
+        total = max(p["images_total"], 1)
+        width = 30
+        fill = int(width * p["images_done"] / total)
+        click.echo(f"\r[{'#' * fill}{'.' * (width - fill)}] {p['images_done']}/{p['images_total']}"
+                   f" images  {job['status']}:{job.get('stage') or '-':<20}", nl=False, err=True)
+
+    try:
+        job = c.wait(job_id, timeout=timeout, on_update=show)
+    except TimeoutError as e:
+        click.echo(f"\n{e}", err=True)
+        return 124
+    click.echo("", err=True)
+    if job["status"] != "succeeded":
+        click.echo(f"job {job_id} {job['status']}: {json.dumps(job.get('error'))}", err=True)
+        return 1
+    click.echo(json.dumps(job["result"], indent=1))
+    return 0
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+def status(job_id: str, url: str, api_key: str | None) -> None:
+    """Print a job as JSON."""
+    try:
+        click.echo(json.dumps(_client(url, api_key).job(job_id), indent=1))
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("job_id")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+def download(job_id: str, out_dir: Path, url: str, api_key: str | None) -> None:
+    """Download a succeeded job's manifest and files (checksums verified)."""
+    try:
+        n = _client(url, api_key).download(job_id, out_dir)
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+    click.echo(f"{n} files and manifest.json in {out_dir}")
+
+
+@main.command()
+@click.argument("spec_file")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def generate(spec_file: str, out_dir: Path) -> None:
+    """Run a spec in-process into OUT_DIR (no Redis, no broker, no API)."""
+    from pydantic import ValidationError
+
+    from app.spec import JobSpec, SpecError
+    from workers.local import generate as run
+
+    try:
+        spec = JobSpec.model_validate(_load_spec(spec_file))
+    except ValidationError as e:
+        raise click.BadParameter(str(e)) from e
+    t0 = time.perf_counter()
+    try:
+        manifest = run(spec, out_dir, on_progress=lambda d, t: click.echo(
+            f"\r{d}/{t} images", nl=False, err=True))
+    except SpecError as e:
+        raise click.BadParameter(f"{e.field}: {e.message}") from e
+    click.echo("", err=True)
+    click.echo(f"{manifest['counts']['images']} images in {out_dir} "
+               f"({time.perf_counter() - t0:.1f} s); manifest: {out_dir / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

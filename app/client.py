@@ -1,0 +1,88 @@
+"""A small HTTP client for the idforge API, used by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+class ApiError(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        try:
+            self.problem = response.json()
+        except ValueError:
+            self.problem = {"detail": response.text}
+        super().__init__(f"HTTP {self.status}: {self.problem.get('detail', self.problem)}")
+
+
+class Client:
+    def __init__(self, url: str, api_key: str, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, transport=transport,
+                                 headers={"Authorization": f"Bearer {api_key}"})
+
+    def _ok(self, r: httpx.Response) -> Any:
+        if r.status_code >= 400:
+            raise ApiError(r)
+        return r.json()
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._ok(self.http.post("/v1/jobs", json=spec, headers=headers))  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._ok(self.http.get(f"/v1/jobs/{job_id}"))  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._ok(self.http.post(f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
+
+    def artifacts(self, job_id: str, **params: Any) -> dict[str, Any]:
+        return self._ok(self.http.get(f"/v1/jobs/{job_id}/artifacts", params=params))  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, *, timeout: float = 600, interval: float = 0.5,
+             on_update: Callable[[dict[str, Any]], None] = lambda job: None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def download(self, job_id: str, out: Path, *, page: int = 1000) -> int:
+        """Fetch the manifest and every file through the presigned URLs; check each sha256."""
+        import hashlib
+
+        out.mkdir(parents=True, exist_ok=True)
+        n, after = 0, None
+        plain = httpx.Client(timeout=60)
+        while True:
+            params: dict[str, Any] = {"limit": page}
+            if after:
+                params["after"] = after
+            art = self.artifacts(job_id, **params)
+            if n == 0:
+                r = plain.get(art["manifest_url"])
+                r.raise_for_status()
+                (out / "manifest.json").write_bytes(r.content)
+            for f in art["files"]:
+                r = plain.get(f["url"])
+                r.raise_for_status()
+                if hashlib.sha256(r.content).hexdigest() != f["sha256"]:
+                    raise IOError(f"{f['path']}: checksum mismatch")
+                dest = out / f["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(r.content)
+                n += 1
+            if not art["has_more"]:
+                return n
+            after = art["next"]

@@ -1,0 +1,1 @@
+"""The compute side of idforge: the Celery app, thin named tasks, and the pipeline they call."""

@@ -1,0 +1,135 @@
+"""Job orchestration: what each Celery task does, against the job store and storage.
+
+Each function loads the job by id, checks it is still live, runs one pipeline step, records
+progress and moves the job on. All are safe to run twice: outputs have deterministic keys,
+finished shards are skipped, and status changes are compare-and-set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from app import queue as q
+from app.errors import StorageKeyMissing
+from app.spec import JobSpec
+from app.storage import JobKeys
+from app.store import TERMINAL
+from models import registry
+from workers import pipeline
+from workers.runtime import Runtime
+
+log = logging.getLogger("idforge.worker")
+
+
+class JobGone(Exception):
+    """The job is terminal, canceled or missing: nothing to do."""
+
+
+def _live(rt: Runtime, job_id: str) -> tuple[dict[str, Any], JobSpec, JobKeys]:
+    job = rt.store.get(job_id)
+    if job is None:
+        log.warning("job %s: no record; dropping the task", job_id)
+        raise JobGone()
+    if job["status"] in TERMINAL:
+        raise JobGone()
+    if job["status"] == "canceling":
+        finish_cancel(rt, job_id)
+        raise JobGone()
+    return job, JobSpec.model_validate(job["spec"]), JobKeys.for_job(rt.settings.s3_prefix, job_id)
+
+
+def _should_stop(rt: Runtime, job_id: str) -> Any:
+    return lambda: rt.store.status(job_id) in ("canceling", "canceled", "failed")
+
+
+def finish_cancel(rt: Runtime, job_id: str) -> None:
+    """Mark partial outputs and move `canceling` to `canceled`."""
+    keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
+    rt.storage.put_bytes(keys.key("CANCELED"), b"this job was canceled; outputs are partial\n",
+                         "text/plain")
+    if rt.store.transition(job_id, "canceled")[0]:
+        log.info("job %s canceled", job_id)
+
+
+def fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
+    stage = (rt.store.get(job_id) or {}).get("stage")
+    if rt.store.transition(job_id, "failed", error={"code": code, "message": message,
+                                                    "stage": stage})[0]:
+        log.error("job %s failed at %s: %s", job_id, stage, message)
+
+
+def sample_identities(rt: Runtime, job_id: str) -> None:
+    job, spec, keys = _live(rt, job_id)
+    rt.store.transition(job_id, "running")
+    rt.store.set_stage(job_id, "sampling_identities")
+    t0 = time.perf_counter()
+    rt.storage.put_bytes(keys.spec, pipeline.json.dumps(spec.normalized(), indent=1).encode(),
+                         "application/json")
+    if not rt.storage.exists(keys.identities):  # a redelivered task resumes from the saved set
+        emb = pipeline.sample_identities(
+            spec, should_stop=_should_stop(rt, job_id),
+            on_progress=lambda n: rt.store.set_progress(job_id, "sampling", identities=n, images=0))
+        pipeline.save_identities(rt.storage, keys, emb)
+    shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
+    rt.store.set_totals(job_id, shards_total=len(shards))
+    rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
+                       shards=len(shards), seconds=round(time.perf_counter() - t0, 3))
+    rt.store.set_stage(job_id, "rendering")
+    for k in range(len(shards)):
+        rt.queue.send(q.RENDER_SHARD, job_id, k)
+
+
+def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
+    job, spec, keys = _live(rt, job_id)
+    shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
+    if not 0 <= shard < len(shards):
+        raise ValueError(f"shard {shard} out of range 0..{len(shards) - 1}")
+    ids = shards[shard]
+    part = f"shard{shard}"
+    if not rt.storage.exists(keys.shard_done(shard)):
+        refs = pipeline.load_identities(rt.storage, keys)[ids.start:ids.stop]  # [n, D]
+        pipeline.render_shard(
+            spec, shard, ids, refs, rt.generator(spec.models.generator),
+            rt.embedder(spec.models.embedder), rt.storage, keys,
+            should_stop=_should_stop(rt, job_id),
+            on_progress=lambda i, m: rt.store.set_progress(job_id, part, identities=i, images=m))
+    rt.store.set_progress(job_id, part, identities=len(ids),
+                          images=len(ids) * spec.images_per_identity)
+    if rt.store.shard_done(job_id, shard) == len(shards):
+        rt.queue.send(q.FINALIZE, job_id)
+
+
+def finalize(rt: Runtime, job_id: str) -> None:
+    job, spec, keys = _live(rt, job_id)
+    n_shards = len(pipeline.plan_shards(spec.identities, rt.settings.shard_identities))
+    try:
+        shards = [pipeline.load_shard(rt.storage, keys, k) for k in range(n_shards)]
+    except StorageKeyMissing as e:  # finalize raced a redelivered shard: that shard resends it
+        log.warning("job %s: finalize before every shard is done (%s)", job_id, e.detail)
+        return
+    t0 = time.perf_counter()
+    rt.store.set_stage(job_id, "evaluating")
+    quality = pipeline.quality_summary(rt.storage, keys, shards) if spec.quality.report else {}
+    t_eval = time.perf_counter() - t0
+    rt.store.set_stage(job_id, "packaging")
+    models = {
+        role: {"name": name, "license": registry.REGISTRY[name].license,
+               "sha256": registry.weights_sha256(name, rt.settings.model_dir)}
+        for role, name in (("generator", spec.models.generator),
+                           ("embedder", spec.models.embedder))
+    }
+    render_s = sum(s["seconds"] for s in shards)
+    manifest = pipeline.build_manifest(
+        job_id=job_id, spec=spec, shards=shards, models=models, quality=quality,
+        timings={"render_shards_sum": render_s, "evaluating": t_eval})
+    expected = spec.identities * spec.images_per_identity
+    if manifest["counts"]["images"] != expected:
+        fail(rt, job_id, "incomplete", f"{manifest['counts']['images']} images for {expected} expected")
+        return
+    pipeline.write_manifest(rt.storage, keys, manifest)
+    result = {"manifest": keys.manifest, "images": expected, "identities": spec.identities,
+              "quality": quality}
+    rt.store.transition(job_id, "succeeded", result=result)
+    rt.store.add_event(job_id, "completed", images=expected)

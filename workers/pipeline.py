@@ -1,0 +1,244 @@
+"""The job pipeline, shard by shard, with no broker or job store in sight.
+
+Celery tasks (workers/jobs.py) and the in-process `idforge generate` (workers/local.py) both call
+these functions; they report progress and check for cancellation through callbacks.
+
+Every image is addressable by (job seed, identity, sample):
+  identity i's reference  <- derive_seed(seed, "identity", i)      (random sampler)
+  sample (i, s)'s embedding <- derive_seed(seed, "variation", i, s)
+  sample (i, s)'s diffusion noise <- derive_seed(seed, "render", i, s)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app import __version__, catalog
+from app.spec import JobSpec
+from app.storage import JobKeys, Storage, sha256_hex
+from models import align
+from models.sampling import random as random_sampler
+from models.sampling.sphere import normalize
+from models.sampling.variations import EmbeddingNoiseConfig, embedding_noise
+from models.seeding import derive_seed
+
+SEED_DERIVATION = {
+    "function": "derive_seed(*parts) = int(sha256('\\x1f'.join(map(str, parts)))[:16 hex]) & (2**63-1)",
+    "identity": "derive_seed(seed, 'identity', i)",
+    "variation": "derive_seed(seed, 'variation', i, s)",
+    "render": "derive_seed(seed, 'render', i, s)",
+}
+IMAGE_EXT = {"jpeg": "jpg", "png": "png"}
+CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+class Canceled(Exception):
+    """The job was canceled; raised between batches."""
+
+
+class Generator(Protocol):
+    embedding_dim: int
+
+    def render(self, embeddings: torch.Tensor, seeds: Sequence[int], *, steps: int,
+               guidance_scale: float) -> torch.Tensor: ...
+
+
+class Embedder(Protocol):
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def plan_shards(identities: int, shard_identities: int) -> list[range]:
+    """Identity ranges of at most `shard_identities`, covering [0, identities) with no gap."""
+    if identities < 1 or shard_identities < 1:
+        raise ValueError(f"identities={identities} and shard_identities={shard_identities} must be >= 1")
+    n = math.ceil(identities / shard_identities)
+    return [range(k * shard_identities, min(identities, (k + 1) * shard_identities)) for k in range(n)]
+
+
+# ---- identities ------------------------------------------------------------------------------
+
+def sample_identities(spec: JobSpec, *, chunk: int = 4096,
+                      on_progress: Callable[[int], None] = lambda done: None,
+                      should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    """Reference embeddings [N, D] for the job's sampler."""
+    dim = catalog.CATALOG[spec.models.generator].embedding_dim or 512
+    if spec.sampler.method != "random":
+        raise ValueError(f"sampler {spec.sampler.method!r} is not implemented by this worker")
+    parts = []
+    for lo in range(0, spec.identities, chunk):
+        if should_stop():
+            raise Canceled()
+        n = min(chunk, spec.identities - lo)
+        parts.append(random_sampler.sample_identities(spec.seed, lo, n, dim))  # [n, D]
+        on_progress(lo + n)
+    return torch.cat(parts)  # [N, D]
+
+
+def save_identities(storage: Storage, keys: JobKeys, embeddings: torch.Tensor) -> None:
+    blob = st_save({"embeddings": embeddings.contiguous().float().cpu()},
+                   metadata={"format": "idforge.identities/1"})
+    storage.put_bytes(keys.identities, blob, "application/octet-stream")
+
+
+def load_identities(storage: Storage, keys: JobKeys) -> torch.Tensor:
+    return st_load(storage.get_bytes(keys.identities))["embeddings"]  # [N, D]
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+@dataclass
+class ShardResult:
+    shard: int
+    identities: list[int]
+    files: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps({"shard": self.shard, "identities": self.identities,
+                           "files": self.files, "seconds": round(self.seconds, 3)},
+                          sort_keys=True).encode()
+
+
+def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
+                 generator: Generator, embedder: Embedder, storage: Storage, keys: JobKeys, *,
+                 on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
+                 should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
+    """Render identities `ids` (references [len(ids), D]) and write their images.
+
+    Writes every image under deterministic keys, then the shard's done marker, and returns the
+    shard's file list with each image's cosine to its identity centre in the job embedder's space.
+    """
+    if references.shape[0] != len(ids):
+        raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
+    t0 = time.perf_counter()
+    a = spec.images_per_identity
+    variations = embedding_noise(references, list(ids), a, spec.seed,
+                                 EmbeddingNoiseConfig(scale=spec.variations.scale))  # [n, A, D]
+    items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
+    ext, fmt = IMAGE_EXT[spec.output.image_format], spec.output.image_format
+    result = ShardResult(shard=shard, identities=list(ids))
+    feats: torch.Tensor | None = None  # [n, A, E] embedder features of every image
+    bs = spec.render.batch_size
+    for b0 in range(0, len(items), bs):
+        if should_stop():
+            raise Canceled()
+        batch = items[b0:b0 + bs]
+        emb = torch.stack([variations[k, s] for k, _, s in batch])  # [B, D]
+        seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
+        images = generator.render(emb, seeds, steps=spec.render.steps,
+                                  guidance_scale=spec.render.guidance_scale)  # [B, H, W, 3] u8
+        aligned = align.center_crop_resize(images, spec.output.image_size)  # [B, 112, 112, 3]
+        f = embedder.embed_images(aligned).float().cpu()  # [B, E]
+        if feats is None:
+            feats = torch.zeros(len(ids), a, f.shape[1])
+        for j, (k, i, s) in enumerate(batch):
+            feats[k, s] = f[j]
+            data = align.encode_image(aligned[j], fmt, quality=spec.output.jpeg_quality)
+            key = keys.image(i, s, ext)
+            storage.put_bytes(key, data, CONTENT_TYPE[fmt])
+            result.files.append({"path": keys.relative(key), "identity": i, "sample": s,
+                                 "seed": seeds[j], "size": len(data), "sha256": sha256_hex(data)})
+        done_imgs = b0 + len(batch)
+        on_progress(done_imgs // a, done_imgs)
+    assert feats is not None
+    centres = normalize(feats.mean(dim=1))  # [n, E]
+    cos = torch.einsum("nae,ne->na", feats, centres)  # [n, A]
+    for rec in result.files:
+        k = rec["identity"] - ids.start
+        rec["centre_cosine"] = round(float(cos[k, rec["sample"]]), 6)
+    result.seconds = time.perf_counter() - t0
+    buf = io.BytesIO()
+    buf.write(st_save({"centres": centres.contiguous()}))
+    storage.put_bytes(keys.key(f"shards/{shard:05d}/centres.safetensors"), buf.getvalue())
+    storage.put_bytes(keys.shard_done(shard), result.to_json(), "application/json")
+    return result
+
+
+def load_shard(storage: Storage, keys: JobKeys, shard: int) -> dict[str, Any]:
+    return json.loads(storage.get_bytes(keys.shard_done(shard)))
+
+
+# ---- evaluating and packaging ----------------------------------------------------------------
+
+def quality_summary(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Intra-class consistency and separation of identity centres in the job embedder's space."""
+    centres = torch.cat([
+        st_load(storage.get_bytes(keys.key(f"shards/{s['shard']:05d}/centres.safetensors")))["centres"]
+        for s in shards
+    ])  # [N, E]
+    genuine = torch.tensor([f["centre_cosine"] for s in shards for f in s["files"]])
+    nearest = _nearest_other_cosine(centres)  # [N]
+    return {
+        "embedder_space": "job embedder",
+        "images": int(genuine.numel()),
+        "genuine_centre_cosine": {"mean": _r(genuine.mean()), "min": _r(genuine.min())},
+        "nearest_centre_cosine": {"mean": _r(nearest.mean()), "max": _r(nearest.max())}
+        if nearest.numel() else None,
+    }
+
+
+def _nearest_other_cosine(centres: torch.Tensor, tile: int = 4096) -> torch.Tensor:
+    """For each row, the largest cosine to any other row, tiled: never an N x N matrix."""
+    n = centres.shape[0]
+    if n < 2:
+        return torch.empty(0)
+    best = torch.full((n,), -2.0)
+    for r0 in range(0, n, tile):
+        rows = centres[r0:r0 + tile]  # [T, E]
+        for c0 in range(0, n, tile):
+            sims = rows @ centres[c0:c0 + tile].T  # [T, T']
+            if r0 == c0:
+                sims.fill_diagonal_(-2.0)
+            best[r0:r0 + tile] = torch.maximum(best[r0:r0 + tile], sims.max(dim=1).values)
+    return best
+
+
+def _r(x: torch.Tensor) -> float:
+    return round(float(x), 6)
+
+
+def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]],
+                   models: dict[str, dict[str, Any]], quality: dict[str, Any],
+                   timings: dict[str, float]) -> dict[str, Any]:
+    files = sorted((f for s in shards for f in s["files"]),
+                   key=lambda f: (f["identity"], f["sample"]))
+    return {
+        "format": "idforge.manifest/1",
+        "job_id": job_id,
+        "code_version": __version__,
+        "spec": spec.normalized(),
+        "spec_hash": spec.spec_hash(),
+        "seed": spec.seed,
+        "seed_derivation": SEED_DERIVATION,
+        "models": models,
+        "licenses": sorted({m["license"] for m in models.values() if m.get("license")}),
+        "counts": {
+            "identities": spec.identities,
+            "images_per_identity": spec.images_per_identity,
+            "images_requested": spec.identities * spec.images_per_identity,
+            "images": len(files),
+            "shards": len(shards),
+        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "quality": quality,
+        "layout": {"imagefolder": "dataset/imagefolder/{identity:06d}/{sample:03d}."
+                   + IMAGE_EXT[spec.output.image_format],
+                   "identities": "identities/embeddings.safetensors"},
+        "files": files,
+    }
+
+
+def write_manifest(storage: Storage, keys: JobKeys, manifest: dict[str, Any]) -> None:
+    """Written last: the dataset exists iff the manifest exists."""
+    storage.put_bytes(keys.manifest, json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                      "application/json")
