@@ -65,7 +65,7 @@ class TaskQueue:
         try:
             self.app.send_task(task, args=list(args), retry=True,
                                retry_policy={"max_retries": 3, "interval_start": 0.2,
-                                             "interval_step": 0.5, "timeout": 5})
+                                             "interval_step": 0.5, "interval_max": 2})
         except Exception as e:  # kombu raises many types for an unreachable broker
             raise QueueUnavailable(f"cannot enqueue {task}: {e}") from e
 

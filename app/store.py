@@ -87,9 +87,15 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_last_us = 0
+
+
 def new_job_id() -> str:
-    """Sortable id: 12 hex digits of milliseconds, then 10 random hex digits."""
-    return f"j{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+    """Sortable id: 14 hex digits of microseconds (strictly increasing within a process), then 8
+    random hex digits."""
+    global _last_us
+    _last_us = max(time.time_ns() // 1000, _last_us + 1)
+    return f"j{_last_us:014x}{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)

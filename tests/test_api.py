@@ -1,0 +1,194 @@
+"""The HTTP edge in-process (FastAPI TestClient) against a real Redis; tasks land on the real
+broker lists, with no worker consuming them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.servers import RedisServer
+from app.settings import Settings
+from app.store import JobStore
+from tests.conftest import TEAM_KEYS
+
+A = {"Authorization": "Bearer key-alpha"}
+B = {"Authorization": "Bearer key-beta"}
+SPEC: dict[str, Any] = {"identities": 3, "images_per_identity": 2, "seed": 1}
+
+
+@pytest.fixture
+def api(redis_server: RedisServer, store: JobStore, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(redis_url=redis_server.url, api_keys=TEAM_KEYS,
+                        storage_dir=tmp_path / "storage", max_identities=1000,
+                        max_images_per_identity=64, max_total_images=10_000,
+                        public_url="http://testserver")
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def problem(r: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["type"].endswith(body["code"]) and body["detail"]
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
+    return body  # type: ignore[no-any-return]
+
+
+def test_submit_returns_202_location_and_enqueues(api: TestClient, store: JobStore) -> None:
+    r = api.post("/v1/jobs", json=SPEC, headers=A)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"http://testserver/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["progress"]["images_total"] == 6
+    assert job["spec"]["sampler"] == {"method": "random"}  # normalised, defaults filled in
+    assert r.headers["retry-after"]
+    assert store.r.llen("gpu") == 1  # the sampling task is on the gpu queue
+    g = api.get(f"/v1/jobs/{job['id']}", headers=A)
+    assert g.status_code == 200 and g.json()["id"] == job["id"] and g.headers["etag"]
+    assert api.get(f"/v1/jobs/{job['id']}", headers={**A, "If-None-Match": g.headers["etag"]}
+                   ).status_code == 304
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "code"),
+    [
+        ({"images_per_identity": 2}, "identities", "invalid_spec"),
+        ({**SPEC, "identities": 0}, "identities", "invalid_spec"),
+        ({**SPEC, "identities": 1001}, "identities", "over_limit"),
+        ({**SPEC, "images_per_identity": 65}, "images_per_identity", "over_limit"),
+        ({**SPEC, "identities": 1000, "images_per_identity": 11}, "images_per_identity",
+         "over_limit"),
+        ({**SPEC, "sampler": {"method": "annealing"}}, "sampler", "invalid_spec"),
+        ({**SPEC, "sampler": {"method": "hyperface", "alpha": -1}}, "sampler.hyperface.alpha",
+         "invalid_spec"),
+        ({**SPEC, "models": {"generator": "no-such-model"}}, "models.generator", "unknown_model"),
+        ({**SPEC, "models": {"embedder": "arc2face-tiny"}}, "models.embedder", "unknown_model"),
+        ({**SPEC, "variations": {"method": "dispersion"}}, "variations.method",
+         "incompatible_models"),
+        ({**SPEC, "sampler": {"method": "langevin"}}, "sampler.method", "incompatible_models"),
+        ({**SPEC, "sampler": {"method": "hyperface"}}, "sampler.method", "method_unavailable"),
+        ({**SPEC, "render": {"steps": 0}}, "render.steps", "invalid_spec"),
+        ({**SPEC, "output": {"image_format": "gif"}}, "output.image_format", "invalid_spec"),
+        ({**SPEC, "unknown_field": 1}, "unknown_field", "invalid_spec"),
+        ({**SPEC, "webhook": {"url": "not a url"}}, "webhook.url", "invalid_spec"),
+    ],
+)
+def test_bad_specs_are_422_naming_the_field(api: TestClient, store: JobStore, body: Any,
+                                            field: str, code: str) -> None:
+    p = problem(api.post("/v1/jobs", json=body, headers=A), 422, field)
+    assert p["code"] == code
+    assert store.r.llen("gpu") == 0 and store.list("alpha")[0] == []  # nothing recorded
+
+
+def test_incompatible_pair_message_names_the_valid_pairs(api: TestClient) -> None:
+    p = problem(api.post("/v1/jobs", json={**SPEC, "variations": {"method": "disco"}},
+                         headers=A), 422, "variations.method")
+    assert "embedding_noise" in p["detail"] and "arc2face-tiny" in p["detail"]
+
+
+def test_malformed_json_wrong_type_and_oversized_bodies(api: TestClient) -> None:
+    p = problem(api.post("/v1/jobs", content=b'{"identities": 3,', headers={
+        **A, "Content-Type": "application/json"}), 400)
+    assert p["code"] == "malformed_json"
+    problem(api.post("/v1/jobs", content=b"[1, 2]", headers={
+        **A, "Content-Type": "application/json"}), 422, "(body)")
+    problem(api.post("/v1/jobs", content=b"identities=3", headers={
+        **A, "Content-Type": "application/x-www-form-urlencoded"}), 415)
+    big = {**SPEC, "metadata": {f"k{i}": "x" * 4000 for i in range(20)}}
+    problem(api.post("/v1/jobs", json=big, headers=A), 413)
+
+
+def test_auth_missing_wrong_and_other_team(api: TestClient) -> None:
+    p = problem(api.post("/v1/jobs", json=SPEC), 401)
+    assert p["code"] == "unauthorized"
+    problem(api.get("/v1/jobs", headers={"Authorization": "Bearer nope"}), 401)
+    problem(api.get("/v1/jobs", headers={"Authorization": "Basic a2V5"}), 401)
+    jid = api.post("/v1/jobs", json=SPEC, headers=A).json()["id"]
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/events"),
+                         ("GET", "/artifacts")):
+        problem(api.request(method, f"/v1/jobs/{jid}{path}", headers=B), 404)
+    assert api.get("/v1/jobs", headers=B).json()["jobs"] == []
+    problem(api.get("/v1/jobs/j..%2Fetc", headers=A), 404)
+
+
+def test_idempotency_same_body_one_job_other_body_422(api: TestClient, store: JobStore) -> None:
+    h = {**A, "Idempotency-Key": "ci-run-42"}
+    first = api.post("/v1/jobs", json=SPEC, headers=h)
+    second = api.post("/v1/jobs", json=dict(reversed(list(SPEC.items()))), headers=h)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert second.headers["idempotent-replayed"] == "true"
+    p = problem(api.post("/v1/jobs", json={**SPEC, "seed": 2}, headers=h), 422, "Idempotency-Key")
+    assert p["code"] == "idempotency_key_reused"
+    assert len(api.get("/v1/jobs", headers=A).json()["jobs"]) == 1
+    assert store.r.llen("gpu") == 1
+
+
+def test_idempotency_key_in_flight_is_409(api: TestClient, store: JobStore) -> None:
+    from app.spec import JobSpec
+
+    spec = JobSpec.model_validate(SPEC)
+    store.create("alpha", spec.normalized(), spec.spec_hash(), identities=3, images=6,
+                 idempotency_key="busy", body_hash=spec.spec_hash())
+    p = problem(api.post("/v1/jobs", json=SPEC, headers={**A, "Idempotency-Key": "busy"}), 409)
+    assert p["code"] == "idempotency_key_in_flight"
+
+
+def test_list_pagination_and_status_filter(api: TestClient) -> None:
+    ids = [api.post("/v1/jobs", json={**SPEC, "seed": i}, headers=A).json()["id"] for i in range(5)]
+    page = api.get("/v1/jobs?limit=2", headers=A).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2] and page["has_more"]
+    rest = api.get(f"/v1/jobs?limit=10&after={page['next']}", headers=A).json()
+    assert [j["id"] for j in rest["jobs"]] == ids[::-1][2:] and not rest["has_more"]
+    api.post(f"/v1/jobs/{ids[0]}/cancel", headers=A)
+    canceled = api.get("/v1/jobs?status=canceled", headers=A).json()["jobs"]
+    assert [j["id"] for j in canceled] == [ids[0]]
+    problem(api.get("/v1/jobs?status=done", headers=A), 422, "query.status")
+    problem(api.get("/v1/jobs?limit=0", headers=A), 422, "query.limit")
+
+
+def test_cancel_queued_job_events_and_artifacts_conflict(api: TestClient) -> None:
+    jid = api.post("/v1/jobs", json=SPEC, headers=A).json()["id"]
+    r = api.post(f"/v1/jobs/{jid}/cancel", headers=A)
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert "retry-after" not in r.headers  # terminal
+    assert api.post(f"/v1/jobs/{jid}/cancel", headers=A).json()["status"] == "canceled"
+    events = api.get(f"/v1/jobs/{jid}/events", headers=A).json()["events"]
+    assert [e["to"] for e in events] == ["queued", "canceled"]
+    p = problem(api.get(f"/v1/jobs/{jid}/artifacts", headers=A), 409)
+    assert p["code"] == "job_not_succeeded"
+
+
+def test_models_health_and_readiness(api: TestClient) -> None:
+    models = {m["name"]: m for m in api.get("/v1/models", headers=A).json()["models"]}
+    assert models["arc2face-tiny"]["kind"] == "generator"
+    assert models["iresnet-tiny"]["available"] is None  # no worker has checked yet
+    assert api.get("/healthz").json()["status"] == "ok"
+    ready = api.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"redis": "ok", "storage": "ok", "broker": "ok"}
+
+
+def test_readiness_fails_when_redis_is_down(tmp_path: Path) -> None:
+    from app.servers import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(redis_url=dead, api_keys=TEAM_KEYS, storage_dir=tmp_path)
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["redis"] != "ok"
+        problem(c.get("/v1/jobs", headers=A), 503)
+        problem(c.post("/v1/jobs", json=SPEC, headers=A), 503)
+
+
+def test_openapi_documents_the_job_spec(api: TestClient) -> None:
+    doc = api.get("/openapi.json").json()
+    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert "identities" in str(body) or "JobSpec" in str(doc["components"])
