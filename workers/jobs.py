@@ -115,7 +115,7 @@ def finalize(rt: Runtime, job_id: str) -> None:
     t_eval = time.perf_counter() - t0
     rt.store.set_stage(job_id, "packaging")
     models = {
-        role: {"name": name, "license": registry.REGISTRY[name].license,
+        role: {"name": name, "license": registry.get_spec(name).license,
                "sha256": registry.weights_sha256(name, rt.settings.model_dir)}
         for role, name in (("generator", spec.models.generator),
                            ("embedder", spec.models.embedder))

@@ -38,7 +38,7 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
         done += len(res.files)
         shards.append(pipeline.load_shard(storage, keys, k))
     quality = pipeline.quality_summary(storage, keys, shards) if spec.quality.report else {}
-    models = {role: {"name": n, "license": registry.REGISTRY[n].license,
+    models = {role: {"name": n, "license": registry.get_spec(n).license,
                      "sha256": registry.weights_sha256(n, s.model_dir)}
               for role, n in (("generator", spec.models.generator),
                               ("embedder", spec.models.embedder))}

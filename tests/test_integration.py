@@ -1,0 +1,165 @@
+"""The whole service, all real: redis-server and SeaweedFS S3 (SigV4) on free loopback ports,
+a Celery worker subprocess, and the API under uvicorn."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from app.client import Client
+from app.servers import RedisServer, free_port
+from tests.conftest import TEAM_KEYS
+from tests.servers import S3_KEY, S3_SECRET, Proc, SeaweedS3, wait_http
+
+pytestmark = pytest.mark.integration
+
+
+class Service:
+    def __init__(self, url: str, redis: RedisServer, s3: SeaweedS3, worker: Proc) -> None:
+        self.url, self.redis, self.s3, self.worker = url, redis, s3, worker
+        self.alpha = Client(url, "key-alpha")
+        self.beta = Client(url, "key-beta")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("service")
+    redis = RedisServer(root / "redis").start()
+    s3 = SeaweedS3(root / "s3").start(bucket="idforge-it")
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "IDFORGE_REDIS_URL": redis.url,
+        "IDFORGE_API_KEYS": TEAM_KEYS,
+        "IDFORGE_SECRET_KEY": "integration-secret",
+        "IDFORGE_STORAGE": "s3",
+        "IDFORGE_S3_ENDPOINT_URL": s3.endpoint,
+        "IDFORGE_S3_BUCKET": "idforge-it",
+        "IDFORGE_S3_ACCESS_KEY_ID": S3_KEY,
+        "IDFORGE_S3_SECRET_ACCESS_KEY": S3_SECRET,
+        "IDFORGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "IDFORGE_MODEL_DIR": str(model_dir),
+        "IDFORGE_SHARD_IDENTITIES": "3",
+        "IDFORGE_PRESIGN_EXPIRY_S": "600",
+    }
+    worker = Proc(["worker", "--queues", "gpu,cpu", "--concurrency", "1"], env,
+                  root / "worker.log")
+    api = Proc(["serve", "--port", str(port)], env, root / "api.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=api)
+        yield Service(f"http://127.0.0.1:{port}", redis, s3, worker)
+    finally:
+        api.stop()
+        worker.stop()
+        s3.stop()
+        redis.stop()
+
+
+def test_job_end_to_end_through_presigned_urls(service: Service) -> None:
+    spec = {"identities": 5, "images_per_identity": 3, "seed": 11,
+            "render": {"steps": 4, "batch_size": 4}, "metadata": {"ci_run": "it-1"}}
+    r = httpx.post(f"{service.url}/v1/jobs", json=spec,
+                   headers={"Authorization": "Bearer key-alpha"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.headers["location"].endswith(f"/v1/jobs/{job_id}")
+    stages: set[str] = set()
+    job = service.alpha.wait(job_id, timeout=240, interval=0.2,
+                             on_update=lambda j: stages.add(j.get("stage") or ""))
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["images_done"] == job["progress"]["images_total"] == 15
+    assert {"rendering", "packaging"} <= stages | {"packaging"}
+    assert job["result"]["images"] == 15
+
+    art = service.alpha.artifacts(job_id, limit=6)
+    files = list(art["files"])
+    while art["has_more"]:
+        art = service.alpha.artifacts(job_id, limit=6, after=art["next"])
+        files += art["files"]
+    manifest = httpx.get(art["manifest_url"]).json()
+    assert manifest["counts"]["images"] == 5 * 3 == len(files)
+    assert manifest["spec"]["metadata"] == {"ci_run": "it-1"}
+    assert set(manifest["models"]) == {"generator", "embedder"}
+    assert all(len(h) == 64 for h in manifest["models"]["generator"]["sha256"].values())
+    pairs = set()
+    for f in files:
+        assert f["url"].startswith(service.s3.endpoint) and "X-Amz-Signature" in f["url"]
+        data = httpx.get(f["url"]).content
+        assert hashlib.sha256(data).hexdigest() == f["sha256"]
+        img = Image.open(io.BytesIO(data))
+        assert (img.format, img.size, img.mode) == ("JPEG", (112, 112), "RGB")
+        pairs.add((f["identity"], f["sample"]))
+        assert f["path"] == f"dataset/imagefolder/{f['identity']:06d}/{f['sample']:03d}.jpg"
+    assert pairs == {(i, s) for i in range(5) for s in range(3)}  # no duplicate, no gap
+    # A tampered presigned URL is refused by the S3 server itself (SigV4).
+    bad = files[0]["url"].replace("X-Amz-Signature=", "X-Amz-Signature=0")
+    assert httpx.get(bad).status_code == 403
+    # The event log tells the story.
+    events = httpx.get(f"{service.url}/v1/jobs/{job_id}/events",
+                       headers={"Authorization": "Bearer key-alpha"}).json()["events"]
+    assert [e["to"] for e in events if e["type"] == "status"] == ["queued", "running", "succeeded"]
+    # Workers reported the models they verified.
+    models = httpx.get(f"{service.url}/v1/models",
+                       headers={"Authorization": "Bearer key-alpha"}).json()["models"]
+    assert all(m["available"] is True for m in models), models
+
+
+def test_same_idempotency_key_twice_gives_one_job(service: Service) -> None:
+    spec = {"identities": 2, "images_per_identity": 1, "render": {"steps": 2}}
+    a = service.alpha.submit(spec, idempotency_key="it-idem")
+    b = service.alpha.submit(spec, idempotency_key="it-idem")
+    assert a["id"] == b["id"]
+    assert service.alpha.wait(a["id"], timeout=120)["status"] == "succeeded"
+    listed = httpx.get(f"{service.url}/v1/jobs?limit=100",
+                       headers={"Authorization": "Bearer key-alpha"}).json()["jobs"]
+    assert sum(1 for j in listed if j["spec"] == a["spec"]) == 1
+
+
+def test_cancel_mid_job_ends_canceled(service: Service) -> None:
+    spec = {"identities": 30, "images_per_identity": 8, "render": {"steps": 8, "batch_size": 2}}
+    job_id = service.alpha.submit(spec)["id"]
+    deadline = time.monotonic() + 120
+    while True:
+        job = service.alpha.job(job_id)
+        if job["progress"]["images_done"] > 0:
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert service.alpha.cancel(job_id)["status"] in ("canceling", "canceled")
+    job = service.alpha.wait(job_id, timeout=60, interval=0.2)
+    assert job["status"] == "canceled"
+    assert job["progress"]["images_done"] < 240  # it stopped, it did not run to the end
+    assert service.alpha.cancel(job_id)["status"] == "canceled"  # idempotent
+
+
+def test_teams_are_isolated_and_bad_keys_refused(service: Service) -> None:
+    job_id = service.alpha.submit({"identities": 1, "images_per_identity": 1,
+                                   "render": {"steps": 1}})["id"]
+    other = httpx.get(f"{service.url}/v1/jobs/{job_id}",
+                      headers={"Authorization": "Bearer key-beta"})
+    assert other.status_code == 404 and other.json()["code"] == "not_found"
+    wrong = httpx.get(f"{service.url}/v1/jobs/{job_id}",
+                      headers={"Authorization": "Bearer key-gamma"})
+    assert wrong.status_code == 401
+    assert wrong.headers["content-type"].startswith("application/problem+json")
+    assert service.alpha.wait(job_id, timeout=120)["status"] == "succeeded"
+    art = httpx.get(f"{service.url}/v1/jobs/{job_id}/artifacts",
+                    headers={"Authorization": "Bearer key-beta"})
+    assert art.status_code == 404
+
+
+def test_readiness_reports_all_backends(service: Service) -> None:
+    r = httpx.get(f"{service.url}/readyz")
+    body: dict[str, Any] = r.json()
+    assert r.status_code == 200 and body["checks"] == {"redis": "ok", "storage": "ok",
+                                                        "broker": "ok"}
