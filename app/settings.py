@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     s3_prefix: str = "jobs"
     # Endpoint override for S3-compatible servers (MinIO, SeaweedFS); empty = AWS.
     s3_endpoint_url: str = ""
+    # Endpoint that clients download from, when it differs from the one the service reaches
+    # (e.g. `http://minio:9000` inside compose vs `http://localhost:9000` outside); empty = same.
+    s3_public_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     s3_access_key_id: str = ""
     s3_secret_access_key: SecretStr = SecretStr("")

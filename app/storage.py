@@ -144,25 +144,32 @@ class LocalStorage:
 class S3Storage:
     """An S3 bucket through boto3; `client` is injected (tests pass one bound to moto or SeaweedFS)."""
 
-    def __init__(self, bucket: str, *, client: Any) -> None:
+    def __init__(self, bucket: str, *, client: Any, presign_client: Any = None) -> None:
         self.bucket = bucket
         self.client = client
+        # Signs download URLs; a separate client when clients reach S3 at another address.
+        self.presign_client = presign_client or client
 
     @classmethod
     def from_settings(cls, s: Any) -> "S3Storage":
         import boto3
         from botocore.config import Config
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=s.s3_endpoint_url or None,
-            region_name=s.s3_region,
-            aws_access_key_id=s.s3_access_key_id or None,
-            aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
-            config=Config(signature_version="s3v4", retries={"max_attempts": 8, "mode": "standard"},
-                          s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
-        )
-        return cls(s.s3_bucket, client=client)
+        def client(endpoint: str) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint or None,
+                region_name=s.s3_region,
+                aws_access_key_id=s.s3_access_key_id or None,
+                aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
+                config=Config(signature_version="s3v4",
+                              retries={"max_attempts": 8, "mode": "standard"},
+                              s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
+            )
+
+        public = s.s3_public_endpoint_url
+        return cls(s.s3_bucket, client=client(s.s3_endpoint_url),
+                   presign_client=client(public) if public else None)
 
     def _call(self, what: str, key: str, fn: Any, **kw: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -214,7 +221,7 @@ class S3Storage:
         return len(keys)
 
     def presign_get(self, key: str, expires_s: int) -> str:
-        return self.client.generate_presigned_url(
+        return self.presign_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
 
