@@ -1,0 +1,1 @@
+"""Benchmarks that print side-by-side ratios: `python -m bench` runs them all."""
