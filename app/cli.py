@@ -94,7 +94,8 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
                "\"images_per_identity\": 2}'", err=False)
     sys.stdout.flush()
     try:
-        uvicorn.run(create_app(Settings()), host=host, port=port, log_level="warning")
+        _serve_until_signal(uvicorn.Config(create_app(Settings()), host=host, port=port,
+                                           log_level="warning"))
     finally:
         os.killpg(worker_proc.pid, signal.SIGTERM)
         try:
@@ -102,6 +103,28 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(worker_proc.pid, signal.SIGKILL)
         redis_srv.stop()
+
+
+def _serve_until_signal(config: Any) -> None:
+    """Run uvicorn, but let SIGTERM/SIGINT end `serve()` normally (uvicorn would re-raise the
+    signal after shutting down, killing this process before it stops the worker and Redis)."""
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    server = Server(config)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run()
 
 
 def _embedded_env(data_dir: Path, host: str, port: int) -> dict[str, str]:
