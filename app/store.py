@@ -266,9 +266,11 @@ class JobStore:
         with _translate():
             return int(self._shard_done(keys=[P + f"job:{job_id}:shards_done"], args=[shard]))
 
-    def incr_attempt(self, job_id: str, task_key: str) -> int:
+    def incr_attempt(self, job_id: str, task_key: str, by: int = 1) -> int:
+        """Count deliveries of one task of a job (our own counter: Celery's redelivery after a
+        worker crash does not count as a retry)."""
         with _translate():
-            return int(self.r.hincrby(P + f"job:{job_id}:attempts", task_key, 1))
+            return int(self.r.hincrby(P + f"job:{job_id}:attempts", task_key, by))
 
     # ---- model status published by workers ----------------------------------------------
 

@@ -192,3 +192,19 @@ def test_openapi_documents_the_job_spec(api: TestClient) -> None:
     doc = api.get("/openapi.json").json()
     body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert "identities" in str(body) or "JobSpec" in str(doc["components"])
+
+
+def test_events_stream_as_server_sent_events(api: TestClient) -> None:
+    jid = api.post("/v1/jobs", json=SPEC, headers=A).json()["id"]
+    api.post(f"/v1/jobs/{jid}/cancel", headers=A)
+    with api.stream("GET", f"/v1/jobs/{jid}/events",
+                    headers={**A, "Accept": "text/event-stream"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())  # ends by itself: the job is terminal
+    blocks = [b for b in text.split("\n\n") if b.startswith("id: ")]
+    assert [b.splitlines()[1] for b in blocks] == ["event: status", "event: status"]
+    assert '"to": "canceled"' in blocks[-1]
+    # Resuming after the first event gives only the rest.
+    first_id = blocks[0].splitlines()[0].removeprefix("id: ")
+    rest = api.get(f"/v1/jobs/{jid}/events?after={first_id}", headers=A).json()["events"]
+    assert [e["to"] for e in rest] == ["canceled"]

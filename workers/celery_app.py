@@ -14,7 +14,7 @@ from app.errors import JobStoreUnavailable, QueueUnavailable, StorageError, Stor
 from app.settings import Settings
 from workers import jobs
 from workers.pipeline import Canceled
-from workers.runtime import get_runtime, reset_runtime
+from workers.runtime import get_runtime, quiet_libraries, reset_runtime
 
 log = logging.getLogger("idforge.worker")
 
@@ -41,7 +41,7 @@ def _run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
             jobs.fail(rt, job_id, e.code, f"{key}: {e.detail}")
             return
         log.warning("job %s %s: transient error, retrying: %s", job_id, key, e.detail)
-        rt.store.r.hincrby(f"idf:job:{job_id}:attempts", key, -1)  # a retry is not a crash
+        rt.store.incr_attempt(job_id, key, by=-1)  # a retry is not a crash
         raise task.retry(countdown=min(30, 2 ** task.request.retries), exc=e) from e
     except Exception as e:
         log.exception("job %s %s failed", job_id, key)
@@ -50,6 +50,7 @@ def _run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
+    quiet_libraries()
     app = Celery("idforge", set_as_current=True)
     app.conf.update(q.celery_config(settings))
 

@@ -12,13 +12,14 @@ from app.spec import JobSpec, check_models
 from app.storage import JobKeys, LocalStorage
 from models import registry
 from workers import pipeline
-from workers.runtime import pick_device
+from workers.runtime import pick_device, quiet_libraries
 
 
 def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
              on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Render the dataset of `spec` into `out_dir`; returns the manifest."""
     check_models(spec)
+    quiet_libraries()
     s = settings or Settings()
     device = pick_device(s.device)
     storage, keys = LocalStorage(out_dir), JobKeys("")

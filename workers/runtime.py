@@ -20,6 +20,18 @@ from models import registry
 log = logging.getLogger("idforge.worker")
 
 
+def quiet_libraries() -> None:
+    """No download/loading progress bars in worker logs (nothing is downloaded anyway)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+
+
 def pick_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
