@@ -41,7 +41,9 @@ def render_batched(gen: Arc2FaceGenerator, emb: torch.Tensor, seeds: list[int]) 
 
 
 def render_one_at_a_time(gen: Arc2FaceGenerator, emb: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    images = [gen.render(emb[i : i + 1], [s], steps=STEPS, guidance_scale=GUIDANCE) for i, s in enumerate(seeds)]
+    images = [
+        gen.render(emb[i : i + 1], [s], steps=STEPS, guidance_scale=GUIDANCE) for i, s in enumerate(seeds)
+    ]
     return torch.cat(images)  # [IMAGES, H, W, 3]
 
 

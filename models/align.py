@@ -18,7 +18,10 @@ PNG_COMPRESS_LEVEL = 6  # zlib level for PNG; fixed so the bytes are reproducibl
 
 
 def center_crop_resize(images: torch.Tensor, size: int = 112) -> torch.Tensor:
-    """Square centre crop, then antialiased bilinear resize: uint8 [B, H, W, 3] -> uint8 [B, size, size, 3]."""
+    """Square centre crop, then antialiased bilinear resize.
+
+    uint8 [B, H, W, 3] -> uint8 [B, size, size, 3].
+    """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
     if size < 1:
@@ -30,7 +33,9 @@ def center_crop_resize(images: torch.Tensor, size: int = 112) -> torch.Tensor:
     if side == size:
         return crop.contiguous()
     x = crop.permute(0, 3, 1, 2).float()  # [B, 3, side, side]
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = torch.nn.functional.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )  # [B, 3, size, size]
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # [B, size, size, 3]
 
 

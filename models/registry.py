@@ -73,7 +73,9 @@ SPECS: dict[str, ModelSpec] = {
                 "arc2face/diffusion_pytorch_model.safetensors": (
                     "704734e67e21aae6c9c95c938bcaf8f28b3bb93db73fe8692f3626076b0b3366"
                 ),
-                "encoder/model.safetensors": "397544864e028d3eb8c7fff8392e5ce74aeb0d303160bb7331a1859151ebef98",
+                "encoder/model.safetensors": (
+                    "397544864e028d3eb8c7fff8392e5ce74aeb0d303160bb7331a1859151ebef98"
+                ),
                 "vae/diffusion_pytorch_model.safetensors": (
                     "c0dcb8483cb91c9c8135e9af868ebb5a3159e19db3c22715f316d01a7770d84d"
                 ),

@@ -27,7 +27,8 @@ BN_EPS = 1e-5  # BatchNorm epsilon, as in arcface_torch
 
 @dataclass(frozen=True)
 class IResNetConfig:
-    layers: tuple[int, ...] = (2, 2, 2, 2)  # IBasicBlocks per stage: r18 (2,2,2,2), r34 (3,4,6,3), r50 (3,4,14,3), r100 (3,13,30,3)
+    # IBasicBlocks per stage: r18 (2,2,2,2), r34 (3,4,6,3), r50 (3,4,14,3), r100 (3,13,30,3)
+    layers: tuple[int, ...] = (2, 2, 2, 2)
     base_width: int = 64  # channels of stage 1; stages have 1x, 2x, 4x, 8x this (64 in the published nets)
     embedding_dim: int = 512  # output features
     input_size: int = 112  # input height = width in pixels; a multiple of 16 (four stride-2 stages)
@@ -39,7 +40,9 @@ class IResNetConfig:
         if self.input_size % 16:
             raise ValueError(f"input_size: must be a multiple of 16, got {self.input_size}")
         if self.base_width < 1 or self.embedding_dim < 1:
-            raise ValueError(f"base_width, embedding_dim: must be >= 1, got {self.base_width}, {self.embedding_dim}")
+            raise ValueError(
+                f"base_width, embedding_dim: must be >= 1, got {self.base_width}, {self.embedding_dim}"
+            )
 
 
 TINY_CONFIG = IResNetConfig(layers=(1, 1, 1, 1), base_width=8)  # the iresnet-tiny preset
@@ -48,7 +51,9 @@ TINY_CONFIG = IResNetConfig(layers=(1, 1, 1, 1), base_width=8)  # the iresnet-ti
 class IBasicBlock(nn.Module):
     """Pre-activation residual block: BN, 3x3 conv, BN, PReLU, 3x3 conv (strided), BN, + shortcut."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes, eps=BN_EPS)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=1, padding=1, bias=False)
@@ -121,7 +126,9 @@ class IResNetEmbedder(nn.Module):
         """Unit-norm embeddings of uint8 RGB images [B, S, S, 3]: [B, D] float32 on the CPU."""
         s = self.config.input_size
         if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
-            raise ValueError(f"images: expected uint8 [B, {s}, {s}, 3], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images: expected uint8 [B, {s}, {s}, 3], got {images.dtype} {tuple(images.shape)}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         was_training = self.training

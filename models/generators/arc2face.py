@@ -147,7 +147,9 @@ class Arc2FaceGenerator:
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         """One latent per seed, each from its own CPU generator (device-independent): [B, C, h, w]."""
         c, s = self.unet.config.in_channels, self.unet.config.sample_size
-        latents = [torch.randn(c, s, s, generator=make_generator(seed), dtype=torch.float32) for seed in seeds]
+        latents = [  # B x [C, h, w]
+            torch.randn(c, s, s, generator=make_generator(seed), dtype=torch.float32) for seed in seeds
+        ]
         return torch.stack(latents).to(self.device, self.dtype)  # [B, C, h, w]
 
     @torch.no_grad()
@@ -178,8 +180,8 @@ class Arc2FaceGenerator:
         guided = guidance_scale != 1.0
         context = self.encode_identities(embeddings)  # [B, L, H]
         if guided:
-            uncond = self.encode_identities(torch.zeros_like(embeddings))  # [B, L, H]
-            context = torch.cat([uncond, context])  # [2B, L, H]
+            uncond = self.encode_identities(torch.zeros_like(embeddings[:1]))  # [1, L, H], the same for all
+            context = torch.cat([uncond.expand(b, -1, -1), context])  # [2B, L, H]
         context = context.to(self.dtype)
         scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)

@@ -19,7 +19,9 @@ from models.seeding import derive_seed, make_generator
 
 @dataclass(frozen=True)
 class EmbeddingNoiseConfig:
-    scale: float = 0.05  # sigma of the Gaussian added to the unit reference before re-normalising; 0 = no variation
+    # sigma (per coordinate) of the Gaussian added to the unit reference before re-normalising;
+    # 0 = no variation, every sample is the reference
+    scale: float = 0.05
 
 
 def embedding_noise(

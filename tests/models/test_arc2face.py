@@ -15,7 +15,8 @@ def identities():
 def test_prompt_tokenises_with_one_id_token(generator):
     tok = generator.tokenizer
     tokens = tok.convert_ids_to_tokens(generator.prompt_ids.tolist())
-    assert tokens[:7] == ["<|startoftext|>", "photo</w>", "of</w>", "a</w>", "id</w>", "person</w>", "<|endoftext|>"]
+    words = ["photo</w>", "of</w>", "a</w>", "id</w>", "person</w>"]
+    assert tokens[:7] == ["<|startoftext|>", *words, "<|endoftext|>"]
     assert len(tokens) == tok.model_max_length == 77
     assert generator.id_position == 4 and PROMPT.split()[3] == "id"
 
@@ -63,7 +64,8 @@ def test_render_depends_on_seed_and_embedding(generator, identities):
 def test_render_independent_of_batch_neighbours(generator, identities):
     seeds = [21, 22, 23, 24]
     batch = generator.render(identities, seeds, steps=STEPS).int()
-    singles = torch.cat([generator.render(identities[b : b + 1], [s], steps=STEPS) for b, s in enumerate(seeds)]).int()
+    singles = [generator.render(identities[b : b + 1], [s], steps=STEPS) for b, s in enumerate(seeds)]
+    singles = torch.cat(singles).int()
     assert (batch - singles).abs().max() <= 2
     assert (batch - singles).abs().float().mean() < 0.05
     shuffled = generator.render(identities[[2, 0]], [23, 21], steps=STEPS).int()

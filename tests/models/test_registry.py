@@ -8,7 +8,14 @@ import torch
 from app.catalog import CATALOG
 from models import registry
 from models.generators import arc2face
-from models.registry import ModelUnavailable, ensure_model, load_embedder, load_generator, verify, weights_sha256
+from models.registry import (
+    ModelUnavailable,
+    ensure_model,
+    load_embedder,
+    load_generator,
+    verify,
+    weights_sha256,
+)
 
 
 def test_registry_matches_the_public_catalogue():
