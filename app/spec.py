@@ -92,7 +92,7 @@ class RenderSpec(_Strict):
 
 class OutputSpec(_Strict):
     formats: list[Literal["imagefolder"]] = Field(
-        default_factory=lambda: ["imagefolder"], min_length=1, description="dataset layouts"
+        default=["imagefolder"], min_length=1, description="dataset layouts"
     )
     image_size: Literal[112] = Field(112, description="aligned crop size, pixels (ArcFace template)")
     image_format: Literal["jpeg", "png"] = "jpeg"
@@ -107,7 +107,7 @@ class QualitySpec(_Strict):
 class WebhookSpec(_Strict):
     url: AnyHttpUrl
     events: list[Literal["completed", "failed", "canceled", "stage"]] = Field(
-        default_factory=lambda: ["completed"], min_length=1
+        default=["completed"], min_length=1
     )
 
 

@@ -190,7 +190,8 @@ class S3Storage:
     def get_bytes(self, key: str) -> bytes:
         body = self._call("get", key, self.client.get_object, Key=key)["Body"]
         try:
-            return body.read()
+            data: bytes = body.read()
+            return data
         finally:
             body.close()
 
@@ -221,9 +222,10 @@ class S3Storage:
         return len(keys)
 
     def presign_get(self, key: str, expires_s: int) -> str:
-        return self.presign_client.generate_presigned_url(
+        url: str = self.presign_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
+        return url
 
     def ping(self) -> None:
         self._call("head bucket", "", self.client.head_bucket)

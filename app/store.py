@@ -119,8 +119,9 @@ def _translate() -> Iterator[None]:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
+    def __init__(self, client: "redis.Redis") -> None:
+        # redis-py's annotations do not model decode_responses=True (str, not bytes): Any here.
+        self.r: Any = client
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._shard_done = client.register_script(_SHARD_DONE)
@@ -181,9 +182,10 @@ class JobStore:
 
     def status(self, job_id: str) -> str | None:
         with _translate():
-            return self.r.hget(P + f"job:{job_id}", "status")
+            status: str | None = self.r.hget(P + f"job:{job_id}", "status")
+        return status
 
-    def list(self, owner: str, *, status: str | None = None, limit: int = 20,
+    def list_jobs(self, owner: str, *, status: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """The team's jobs, newest first; `after` is the last id of the previous page."""
         index = P + (f"team:{owner}:status:{status}" if status else f"team:{owner}:jobs")

@@ -84,7 +84,7 @@ def test_bad_specs_are_422_naming_the_field(api: TestClient, store: JobStore, bo
                                             field: str, code: str) -> None:
     p = problem(api.post("/v1/jobs", json=body, headers=A), 422, field)
     assert p["code"] == code
-    assert store.r.llen("gpu") == 0 and store.list("alpha")[0] == []  # nothing recorded
+    assert store.r.llen("gpu") == 0 and store.list_jobs("alpha")[0] == []  # nothing recorded
 
 
 def test_incompatible_pair_message_names_the_valid_pairs(api: TestClient) -> None:

@@ -76,16 +76,16 @@ def test_team_index_newest_first_with_cursor_and_status_filter(store: JobStore) 
     ids = [make(store) for _ in range(5)]
     other = make(store, owner="beta")
     store.transition(ids[1], "running")
-    page1, nxt = store.list("alpha", limit=2)
+    page1, nxt = store.list_jobs("alpha", limit=2)
     assert [j["id"] for j in page1] == ids[::-1][:2] and nxt == ids[3]
-    page2, nxt2 = store.list("alpha", limit=2, after=nxt)
-    page3, nxt3 = store.list("alpha", limit=2, after=nxt2)
+    page2, nxt2 = store.list_jobs("alpha", limit=2, after=nxt)
+    page3, nxt3 = store.list_jobs("alpha", limit=2, after=nxt2)
     assert [j["id"] for j in page2 + page3] == ids[::-1][2:] and nxt3 is None
-    running, _ = store.list("alpha", status="running")
+    running, _ = store.list_jobs("alpha", status="running")
     assert [j["id"] for j in running] == [ids[1]]
-    queued, _ = store.list("alpha", status="queued")
+    queued, _ = store.list_jobs("alpha", status="queued")
     assert ids[1] not in [j["id"] for j in queued] and len(queued) == 4
-    assert other not in [j["id"] for j in store.list("alpha", limit=100)[0]]
+    assert other not in [j["id"] for j in store.list_jobs("alpha", limit=100)[0]]
 
 
 def test_progress_is_set_per_part_so_redelivery_cannot_double_count(store: JobStore) -> None:
@@ -116,7 +116,7 @@ def test_idempotency_key_same_body_other_body_and_ttl(store: JobStore) -> None:
                         body_hash="h1").created
     ttl = store.r.ttl(store._idem_key("alpha", "k"))
     assert 0 < ttl <= 100
-    assert len(store.list("alpha")[0]) == 1
+    assert len(store.list_jobs("alpha")[0]) == 1
 
 
 def test_shard_completion_counts_distinct_shards(store: JobStore) -> None:

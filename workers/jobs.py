@@ -7,6 +7,7 @@ finished shards are skipped, and status changes are compare-and-set.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -65,7 +66,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     rt.store.transition(job_id, "running")
     rt.store.set_stage(job_id, "sampling_identities")
     t0 = time.perf_counter()
-    rt.storage.put_bytes(keys.spec, pipeline.json.dumps(spec.normalized(), indent=1).encode(),
+    rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
     if not rt.storage.exists(keys.identities):  # a redelivered task resumes from the saved set
         emb = pipeline.sample_identities(

@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app import __version__, catalog
-from app.spec import JobSpec
+from app.spec import EmbeddingNoise, JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models import align
 from models.sampling import random as random_sampler
@@ -122,6 +122,8 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
         raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
     t0 = time.perf_counter()
     a = spec.images_per_identity
+    if not isinstance(spec.variations, EmbeddingNoise):
+        raise ValueError(f"variations {spec.variations.method!r} are not implemented by this worker")
     variations = embedding_noise(references, list(ids), a, spec.seed,
                                  EmbeddingNoiseConfig(scale=spec.variations.scale))  # [n, A, D]
     items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
@@ -165,7 +167,8 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
 
 
 def load_shard(storage: Storage, keys: JobKeys, shard: int) -> dict[str, Any]:
-    return json.loads(storage.get_bytes(keys.shard_done(shard)))
+    marker: dict[str, Any] = json.loads(storage.get_bytes(keys.shard_done(shard)))
+    return marker
 
 
 # ---- evaluating and packaging ----------------------------------------------------------------

@@ -26,8 +26,8 @@ def quiet_libraries() -> None:
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()  # type: ignore[no-untyped-call]
+    tlog.set_verbosity_error()  # type: ignore[no-untyped-call]
     dlog.disable_progress_bar()
     dlog.set_verbosity_error()
 

@@ -140,7 +140,7 @@ def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None
               ) -> dict[str, Any]:
-    jobs, nxt = svc.store.list(team, status=status, limit=limit, after=after)
+    jobs, nxt = svc.store.list_jobs(team, status=status, limit=limit, after=after)
     base = svc.settings.public_url.rstrip("/")
     return {"jobs": [job_view(j, base) for j in jobs], "has_more": nxt is not None, "next": nxt}
 
