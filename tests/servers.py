@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from app.servers import free_port
+from app.servers import free_port, stop_group
 
 S3_KEY, S3_SECRET = "idforge-test", "idforge-test-secret"
 
@@ -78,12 +77,8 @@ class SeaweedS3:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            stop_group(self.proc, timeout=15)
 
 
 class Proc:
@@ -96,13 +91,7 @@ class Proc:
                                      start_new_session=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, sig, timeout)
 
 
 def wait_http(url: str, timeout: float = 60, proc: Proc | None = None) -> None:

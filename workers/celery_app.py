@@ -10,7 +10,12 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 
 from app import queue as q
-from app.errors import JobStoreUnavailable, QueueUnavailable, StorageError, StorageKeyMissing
+from app.errors import (
+    JobStoreUnavailable,
+    QueueUnavailable,
+    StorageError,
+    StorageKeyMissing,
+)
 from app.settings import Settings
 from workers import jobs
 from workers.pipeline import Canceled

@@ -14,8 +14,15 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Services, Svc, Team
-from app.errors import (BadRequest, Conflict, InvalidSpec, NotFound, PayloadTooLarge,
-                        ServiceError, UnsupportedMediaType)
+from app.errors import (
+    BadRequest,
+    Conflict,
+    InvalidSpec,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from app.problems import field_errors
 from app.queue import SAMPLE_IDENTITIES
 from app.spec import JobSpec, SpecError, check_limits, check_models
