@@ -1,11 +1,18 @@
-"""`python -m bench` (what `make bench` runs): every benchmark, one summary line each."""
+"""`python -m bench` (what `make bench` runs): every benchmark, one summary line each.
+
+`--threads N` sets torch's intra-op threads (default: torch's own choice). On a small machine
+shared with other busy processes, 2 spinning threads can slow every variant several-fold and
+distort the ratios; `--threads 1` gives steadier numbers there. Each line prints the load average.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build tiny presets; nothing is downloaded
 
+import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
@@ -14,11 +21,19 @@ from bench import render  # noqa: E402
 BENCHMARKS = {"render": render.run}  # name -> callable returning its summary line
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()  # keep the output to the summary lines
     transformers_logging.disable_progress_bar()
-    for name, run in BENCHMARKS.items():
-        print(run(), flush=True)
+    for name in args.only or BENCHMARKS:
+        print(BENCHMARKS[name](), flush=True)
 
 
 if __name__ == "__main__":
