@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--threads: must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()  # keep the output to the summary lines
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     for name in args.only or BENCHMARKS:
         print(BENCHMARKS[name](), flush=True)
 
