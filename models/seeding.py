@@ -15,6 +15,11 @@ from contextlib import contextmanager
 import torch
 
 SEED_BITS = 63  # derived seeds lie in [0, 2**63): they fit a signed int64 everywhere
+# How derive_seed works, in words, for manifests that must let others reproduce a dataset.
+DERIVE_SEED_SCHEME = (
+    "derive_seed(*parts) = int.from_bytes(sha256(json.dumps(list(parts), separators=(',', ':'))"
+    ".encode()).digest()[:8], 'big') >> 1"
+)
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -1,13 +1,22 @@
 import pytest
 import torch
 
-from models.seeding import derive_seed, make_generator, seeded_construction
+from models.seeding import DERIVE_SEED_SCHEME, derive_seed, make_generator, seeded_construction
 
 
 def test_derive_seed_is_pinned_sha256():
     # sha256 of the JSON list '[7,"identity",0]', first 8 bytes big-endian, shifted to 63 bits
     assert derive_seed(7, "identity", 0) == 7665334890336327403
     assert derive_seed(7, "sample", 3, 5) == 8272019248498476894
+
+
+def test_derive_seed_scheme_describes_the_function():
+    import hashlib
+    import json
+
+    scheme = DERIVE_SEED_SCHEME.split(" = ", 1)[1]
+    namespace = {"sha256": hashlib.sha256, "json": json, "parts": (7, "sample", 3, 5)}
+    assert eval(scheme, namespace) == derive_seed(7, "sample", 3, 5)
 
 
 def test_derive_seed_range_and_separation():
