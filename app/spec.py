@@ -56,7 +56,10 @@ class EmbeddingNoise(_Strict):
     """Samples are normalise(reference + scale * xi): for embedding-conditioned generators."""
 
     method: Literal["embedding_noise"] = "embedding_noise"
-    scale: float = Field(0.05, ge=0, le=10, description="sigma of the Gaussian before re-normalising")
+    scale: float = Field(
+        0.05, ge=0, le=10,
+        description="sigma per coordinate of the Gaussian added before re-normalising; in 512-d "
+        "the mean cosine to the reference is about 1/sqrt(1 + 512 sigma^2) (0.05 -> 0.66)")
 
 
 class Dispersion(_Strict):

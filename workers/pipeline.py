@@ -30,10 +30,10 @@ from models import align
 from models.sampling import random as random_sampler
 from models.sampling.sphere import normalize
 from models.sampling.variations import EmbeddingNoiseConfig, embedding_noise
-from models.seeding import derive_seed
+from models.seeding import DERIVE_SEED_SCHEME, derive_seed
 
 SEED_DERIVATION = {
-    "function": "derive_seed(*parts) = int(sha256('\\x1f'.join(map(str, parts)))[:16 hex]) & (2**63-1)",
+    "function": DERIVE_SEED_SCHEME,
     "identity": "derive_seed(seed, 'identity', i)",
     "variation": "derive_seed(seed, 'variation', i, s)",
     "render": "derive_seed(seed, 'render', i, s)",
