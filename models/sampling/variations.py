@@ -8,6 +8,7 @@ reference is about 1 / sqrt(1 + scale**2 * D): 0.66 for scale 0.05 and D = 512.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,3 +67,47 @@ def mean_cosine(references: torch.Tensor, samples: torch.Tensor) -> torch.Tensor
         )
     cos = (normalize(samples) * normalize(references)[:, None, :]).sum(-1)  # [N, A]
     return cos.mean(dim=1)  # [N]
+
+
+def _expected_cosine(scale: float, dim: int) -> float:
+    """E[cos(normalize(x + scale * xi), x)] for a unit x in R^dim, xi ~ N(0, I), by 2-d quadrature.
+
+    With a = <xi, x> ~ N(0, 1) and r = |xi - a x| ~ chi(dim - 1), the cosine is
+    (1 + scale a) / sqrt((1 + scale a)^2 + scale^2 r^2); the expectation is integrated on a grid.
+    """
+    if dim == 1:  # the cosine is the sign of 1 + scale * a
+        return math.erf(1 / (scale * math.sqrt(2))) if scale > 0 else 1.0
+    a = torch.linspace(-10, 10, 801, dtype=torch.float64)  # [A]
+    wa = torch.exp(-a**2 / 2)
+    k = dim - 1
+    mu = math.sqrt(max(k - 0.5, 0.0))
+    r = torch.linspace(max(mu - 12, 0.0), mu + 12, 801, dtype=torch.float64)  # [R]
+    log_wr = (k - 1) * torch.log(r.clamp_min(1e-300)) - r**2 / 2
+    wr = torch.exp(log_wr - log_wr.max())
+    u = 1 + scale * a[:, None]  # [A, 1]
+    cos = u / torch.sqrt(u**2 + (scale * r[None, :]) ** 2).clamp_min(1e-300)  # [A, R]
+    w = wa[:, None] * wr[None, :]
+    return float((cos * w).sum() / w.sum())
+
+
+def scale_for_mean_cosine(target: float, dim: int) -> float:
+    """The per-coordinate sigma for which `embedding_noise` realises a mean cosine `target` in `dim` dims.
+
+    Solves E[cos(normalize(x + sigma xi), x)] = target for unit x by bisection on log sigma (the
+    expectation falls monotonically from 1 at sigma = 0 towards 0). For large dim it is close to
+    sqrt(1 / target**2 - 1) / sqrt(dim). target = 1 gives 0.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim: must be an int >= 1, got {dim!r}")
+    if not 0 < target <= 1:
+        raise ValueError(f"target: must lie in (0, 1], got {target}")
+    if target == 1:
+        return 0.0
+    lo, hi = -20.0, 20.0  # log sigma bracket: cos(e^-20) ~ 1, cos(e^20) ~ 0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if _expected_cosine(math.exp(mid), dim) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
