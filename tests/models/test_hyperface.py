@@ -1,0 +1,268 @@
+import math
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.sampling import hyperface
+from models.sampling.hyperface import HyperFaceConfig, HyperFaceState, init_from_gallery, optimize
+from models.sampling.metrics import min_angle, nearest_neighbour_angles
+from models.sampling.sphere import normalize, uniform_sphere
+from models.seeding import make_generator
+
+ROOT = Path(__file__).resolve().parents[2]
+# Pure packing (alpha = 0) toward the max-min code: the schedule the known-optimum cases use.
+PACKING = HyperFaceConfig(
+    iterations=800, learning_rate=0.01, alpha=0.0, temperature=0.05, temperature_final=1e-4,
+    separation="max", stats_every=None,
+)
+
+
+def deg(radians: float) -> float:
+    return math.degrees(radians)
+
+
+# --- the analytic tiled gradient ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separation", ["mean", "max"])
+@pytest.mark.parametrize("tile", [2, 5, 64])
+def test_full_pass_gradient_equals_autograd(separation, tile):
+    x = uniform_sphere(37, 6, make_generator(0))
+    t = 0.07
+    g, soft, hard = hyperface._full_pass(x, x, t, tile, separation)
+    xx = x.double().requires_grad_()
+    s = (xx @ xx.T).masked_fill(torch.eye(37, dtype=torch.bool), -math.inf)
+    rows = t * torch.logsumexp(s / t, dim=1)
+    loss = rows.mean() if separation == "mean" else t * torch.logsumexp(rows / t, dim=0)
+    (37 * loss).backward()  # the pass returns the gradient of N·L_sep
+    assert torch.allclose(g.double(), xx.grad, atol=2e-6)
+    assert torch.allclose(soft.double(), rows.detach(), atol=1e-6)
+    assert torch.allclose(hard.double(), s.max(dim=1).values.detach(), atol=1e-6)
+    assert hyperface.separation_loss(soft, t, separation) == pytest.approx(float(loss.detach()), abs=1e-6)
+
+
+def test_batch_pass_gradient_equals_autograd_with_others_detached():
+    x = uniform_sphere(40, 6, make_generator(0))
+    rows = torch.tensor([3, 17, 39, 0, 8])
+    t = 0.05
+    g, soft, _ = hyperface._batch_pass(x, x, rows, t, 7, "mean")
+    q = x[rows].double().requires_grad_()
+    s = q @ x.double().T
+    s[torch.arange(5), rows] = -math.inf
+    (t * torch.logsumexp(s / t, dim=1)).sum().backward()
+    assert torch.allclose(g.double(), q.grad, atol=2e-6)
+    assert torch.allclose(soft.double(), t * torch.logsumexp(s.detach() / t, dim=1), atol=1e-6)
+
+
+# --- known optima (alpha = 0) -------------------------------------------------------------------
+
+KNOWN = {  # name: (points, dims, optimal minimum angle in degrees)
+    "cross-polytope 6-d": (12, 6, 90.0),
+    "simplex 7-d": (8, 7, deg(math.acos(-1 / 7))),
+    "Tammes 5": (5, 3, 90.0),
+    "Tammes 6 (octahedron)": (6, 3, 90.0),
+    "Tammes 12 (icosahedron)": (12, 3, 63.4349),
+    "Tammes 24 (snub cube)": (24, 3, 43.6908),
+}
+
+
+@pytest.mark.parametrize("name", KNOWN)
+def test_packing_reaches_known_optimum(name):
+    n, d, optimum = KNOWN[name]
+    result = optimize(uniform_sphere(n, d, make_generator(0)), None, PACKING)
+    assert deg(min_angle(result.embeddings)) == pytest.approx(optimum, abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["cross-polytope 6-d", "simplex 7-d", "Tammes 12 (icosahedron)", "Tammes 24 (snub cube)"])
+def test_paper_objective_reaches_known_optimum(name):
+    # the paper's L_sep (mean over rows of the max) has the same optimum on these symmetric codes
+    n, d, optimum = KNOWN[name]
+    result = optimize(uniform_sphere(n, d, make_generator(0)), None, replace(PACKING, separation="mean"))
+    assert deg(min_angle(result.embeddings)) == pytest.approx(optimum, abs=0.05)
+
+
+def test_e8_root_system_with_restarts():
+    # 240 points in 8-d: the E8 roots, 60°. A larger learning rate explores enough to find it from
+    # about half the random starts; the first seeds that do are within a few restarts.
+    config = replace(PACKING, iterations=1000, learning_rate=0.03, temperature=0.1, temperature_final=1e-3)
+    best = 0.0
+    for seed in range(6):
+        best = max(best, deg(min_angle(optimize(uniform_sphere(240, 8, make_generator(seed)), None, config).embeddings)))
+        if best > 59.5:
+            break
+    assert best == pytest.approx(60.0, abs=0.5)
+
+
+def test_d4_root_system_local_optimum():
+    # 24 points in 4-d: the 24-cell (D4 roots) has 60°. From random starts the optimiser settles in
+    # other local optima, 58.1-58.9° (0 of 30 seeds found the 24-cell); started near it, it returns
+    # to 60°. Known gap: the bound below is what random starts reach, not the optimum.
+    found = deg(min_angle(optimize(uniform_sphere(24, 4, make_generator(0)), None, PACKING).embeddings))
+    assert found > 58.0
+    roots = torch.tensor([[1.0, 1, 0, 0], [1, -1, 0, 0], [-1, 1, 0, 0], [-1, -1, 0, 0]])
+    cell = normalize(torch.cat([roots[:, p] for p in ([0, 1, 2, 3], [0, 2, 1, 3], [0, 2, 3, 1], [2, 0, 1, 3], [2, 0, 3, 1], [2, 3, 0, 1])]))
+    assert deg(min_angle(cell)) == pytest.approx(60.0, abs=1e-4)
+    near = normalize(cell + 0.1 * torch.randn(24, 4, generator=make_generator(1)))
+    assert deg(min_angle(optimize(near, None, PACKING).embeddings)) == pytest.approx(60.0, abs=0.05)
+
+
+# --- properties on a realistic shape ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gallery() -> torch.Tensor:
+    # a clustered "face manifold": points near 20 centres in 32-d
+    g = make_generator(3)
+    centres = uniform_sphere(20, 32, g)
+    return normalize(centres[torch.randint(0, 20, (400,), generator=g)] + 0.3 * torch.randn(400, 32, generator=g))
+
+
+def test_properties_norms_angle_loss(gallery):
+    init = init_from_gallery(gallery, 300, make_generator(4))
+    config = HyperFaceConfig(iterations=60, alpha=0.1, tile=64, stats_every=20)
+    result = optimize(init, gallery, config)
+    assert result.embeddings.shape == (300, 32)
+    assert torch.allclose(result.embeddings.norm(dim=1), torch.ones(300), atol=1e-5)
+    assert min_angle(result.embeddings) > min_angle(init) + math.radians(10)
+    h = result.history
+    assert [s.step for s in h] == list(range(1, 61)) and [s.exact for s in h].count(True) == 3
+    assert h[-1].loss < h[0].loss
+    assert h[-1].exact and h[-1].min_angle == pytest.approx(min_angle(result.embeddings), abs=1e-6)
+    assert result.state.step == 60 and result.config == config
+
+
+def mean_gallery_distance(x: torch.Tensor, gallery: torch.Tensor) -> float:
+    return float(torch.cdist(x, gallery).min(dim=1).values.mean())
+
+
+def test_gallery_term_pulls_toward_gallery(gallery):
+    init = init_from_gallery(gallery, 300, make_generator(4))
+    free = optimize(init, gallery, HyperFaceConfig(iterations=60, alpha=0.0, stats_every=None))
+    pulled = optimize(init, gallery, HyperFaceConfig(iterations=60, alpha=1.0, stats_every=None))
+    assert mean_gallery_distance(pulled.embeddings, gallery) < 0.7 * mean_gallery_distance(free.embeddings, gallery)
+    assert min_angle(pulled.embeddings) > min_angle(init)
+
+
+def test_stochastic_variant_improves_and_is_seeded(gallery):
+    init = init_from_gallery(gallery, 300, make_generator(4))
+    config = HyperFaceConfig(iterations=80, alpha=0.1, batch_size=64, tile=100, stats_every=None)
+    a = optimize(init, gallery, config, generator=make_generator(5))
+    assert min_angle(a.embeddings) > min_angle(init) + math.radians(5)
+    assert torch.allclose(a.embeddings.norm(dim=1), torch.ones(300), atol=1e-5)
+    assert torch.equal(a.embeddings, optimize(init, gallery, config, generator=make_generator(5)).embeddings)
+    assert not torch.equal(a.embeddings, optimize(init, gallery, config, generator=make_generator(6)).embeddings)
+    assert int(a.state.row_steps.sum()) == 80 * 64  # lazy Adam: each step moves exactly its batch
+
+
+def test_full_batch_deterministic(gallery):
+    init = init_from_gallery(gallery, 200, make_generator(4))
+    config = HyperFaceConfig(iterations=20, alpha=0.5, tile=64)
+    assert torch.equal(optimize(init, gallery, config).embeddings, optimize(init, gallery, config).embeddings)
+
+
+@pytest.mark.parametrize("batch_size", [None, 50])
+def test_resume_is_bit_identical(gallery, tmp_path, batch_size):
+    init = init_from_gallery(gallery, 200, make_generator(4))
+    config = HyperFaceConfig(iterations=100, alpha=0.5, batch_size=batch_size, gallery_refresh=7, tile=64)
+    whole = optimize(init, gallery, config, generator=make_generator(9))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_50(stats, state):
+        if stats.step == 50:
+            save_file(state.to_tensors(), tmp_path / "ckpt.safetensors")  # metadata-free
+            raise Interrupted  # the worker is killed here
+
+    with pytest.raises(Interrupted):
+        optimize(init, gallery, config, generator=make_generator(9), on_step=stop_at_50)
+    saved = HyperFaceState.from_tensors(load_file(tmp_path / "ckpt.safetensors"))
+    assert saved.step == 50
+    # a fresh generator: the saved rng state continues the batch stream
+    resumed = optimize(init, gallery, config, generator=make_generator(0), state=saved)
+    assert torch.equal(resumed.embeddings, whole.embeddings)
+    assert [s.step for s in resumed.history] == list(range(51, 101))
+    assert resumed.history == whole.history[50:]
+
+
+def test_bf16_precision_polishes_in_float32(gallery):
+    init = init_from_gallery(gallery, 200, make_generator(4))
+    config = HyperFaceConfig(iterations=40, alpha=0.1, precision="bf16", polish_iterations=10, tile=64)
+    exact = optimize(init, gallery, replace(config, precision="float32"))
+    fast = optimize(init, gallery, config)
+    assert torch.allclose(fast.embeddings.norm(dim=1), torch.ones(200), atol=1e-5)
+    assert deg(min_angle(fast.embeddings)) == pytest.approx(deg(min_angle(exact.embeddings)), abs=2.0)
+
+
+def test_init_from_gallery(gallery):
+    x = init_from_gallery(gallery, 50, make_generator(0))
+    members = (x @ gallery.T).max(dim=1).values
+    assert torch.allclose(members, torch.ones(50), atol=1e-5) and len(set(map(tuple, x.tolist()))) == 50
+    y = init_from_gallery(gallery, 500, make_generator(0), copy_cosine=0.9)
+    assert y.shape == (500, 32) and torch.allclose(y.norm(dim=1), torch.ones(500), atol=1e-5)
+    assert torch.allclose((y[:400] @ gallery.T).max(dim=1).values, torch.ones(400), atol=1e-5)
+    copies = (y[400:] @ gallery.T).max(dim=1).values
+    assert 0.85 < float(copies.mean()) < 1.0 and float(copies.max()) < 0.9999
+    assert torch.equal(y, init_from_gallery(gallery, 500, make_generator(0)))
+
+
+def test_on_step_sees_every_step_and_its_exceptions_propagate():
+    init = uniform_sphere(20, 4, make_generator(0))
+    seen = []
+    optimize(init, None, replace(PACKING, iterations=5), on_step=lambda s, st: seen.append((s.step, st.step)))
+    assert seen == [(i, i) for i in range(1, 6)]
+
+    def cancel(stats, state):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize(init, None, PACKING, on_step=cancel)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"init": torch.ones(5)}, "init"),
+        ({"init": torch.zeros(4, 3)}, "init"),
+        ({"gallery": torch.ones(5, 4)}, "gallery"),
+        ({"config": HyperFaceConfig(alpha=0.5)}, "gallery"),
+        ({"config": replace(PACKING, batch_size=4)}, "generator"),
+        ({"config": replace(PACKING, batch_size=99)}, "config.batch_size"),
+        ({"config": replace(PACKING, precision="fp8")}, "config.precision"),
+        ({"config": replace(PACKING, tile=1)}, "config.tile"),
+        ({"config": replace(PACKING, separation="sum")}, "config.separation"),
+        ({"config": replace(PACKING, temperature_final=0.0)}, "config.temperature_final"),
+    ],
+)
+def test_optimize_rejects_bad_arguments(kwargs, name):
+    args = {"init": uniform_sphere(10, 3, make_generator(0)), "gallery": None, "config": PACKING} | kwargs
+    with pytest.raises(ValueError, match=name):
+        optimize(args.pop("init"), args.pop("gallery"), args.pop("config"))
+
+
+def test_tiled_run_never_allocates_n_by_n():
+    # N = 6000: an N x N float32 matrix is 137 MiB; with tile 256 a step's working set is a few MiB.
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        from models.sampling.hyperface import HyperFaceConfig, optimize
+        from models.sampling.sphere import uniform_sphere
+        from models.seeding import make_generator
+        torch.set_num_threads(1)
+        x = uniform_sphere(6000, 8, make_generator(0))
+        config = HyperFaceConfig(iterations=2, alpha=0.0, tile=256, stats_every=1)
+        optimize(x[:300], None, config)  # warm-up: allocator and kernels
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        optimize(x, None, config)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    growth_mib = int(out.stdout.split()[-1]) / 1024
+    assert growth_mib < 40, f"peak RSS grew by {growth_mib:.0f} MiB; an N x N float32 is 137 MiB"
