@@ -63,7 +63,7 @@ VARIATION_CONDITIONING: dict[str, frozenset[str]] = {
     "disco": frozenset({"latent"}),
 }
 # Methods the workers of this version implement; the others are refused with 422 until they land.
-IMPLEMENTED_SAMPLERS = frozenset({"random"})
+IMPLEMENTED_SAMPLERS = frozenset({"random", "hyperface"})
 IMPLEMENTED_VARIATIONS = frozenset({"embedding_noise"})
 
 

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # --- Workers.
     # Identities per render shard: size shards to minutes, well below visibility_timeout_s.
     shard_identities: int = Field(64, ge=1)
+    # Identity-sampling optimisers save a resumable checkpoint every this many steps.
+    checkpoint_steps: int = Field(50, ge=1)
+    # Gallery images rendered per saved chunk (a redelivered task resumes chunk by chunk).
+    gallery_chunk: int = Field(256, ge=1)
     # Where model weights live; tiny presets are built here when missing.
     model_dir: Path = Path(".idforge/models")
     # torch device for workers: "auto" = cuda when available, else cpu.

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app import catalog
 
@@ -32,7 +32,14 @@ class HyperFaceSampler(_Strict):
     iterations: int = Field(2000, ge=1, le=100_000, description="optimisation steps")
     learning_rate: float = Field(0.01, gt=0, le=1, description="Adam step size")
     alpha: float = Field(0.5, ge=0, description="gallery regulariser weight; 0 = pure packing")
-    gallery_size: int = Field(10_000, ge=1, le=1_000_000, description="gallery images rendered")
+    gallery_size: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="images rendered by the gallery generator and embedded by the job embedder: "
+        "the manifold of real-looking face embeddings that points start from and stay near")
+    batch_size: int | None = Field(
+        None, ge=2, description="None = full batch; else the stochastic variant's rows per step")
+    gallery_refresh: int = Field(
+        10, ge=1, description="steps between recomputing each point's nearest gallery point")
 
 
 class LangevinSampler(_Strict):
@@ -47,8 +54,17 @@ class LangevinSampler(_Strict):
     tau: float = Field(-0.3, description="< 0: adaptive time step with |tau|; > 0: fixed dt")
 
 
+def _method_or(default: str) -> Any:
+    """Discriminate on `method`, which may be left out: then it is `default`."""
+    def pick(v: Any) -> Any:
+        return v.get("method", default) if isinstance(v, dict) else getattr(v, "method", None)
+    return Discriminator(pick)
+
+
 Sampler = Annotated[
-    Union[RandomSampler, HyperFaceSampler, LangevinSampler], Field(discriminator="method")
+    Union[Annotated[RandomSampler, Tag("random")], Annotated[HyperFaceSampler, Tag("hyperface")],
+          Annotated[LangevinSampler, Tag("langevin")]],
+    _method_or("random"),
 ]
 
 
@@ -60,6 +76,10 @@ class EmbeddingNoise(_Strict):
         0.05, ge=0, le=10,
         description="sigma per coordinate of the Gaussian added before re-normalising; in 512-d "
         "the mean cosine to the reference is about 1/sqrt(1 + 512 sigma^2) (0.05 -> 0.66)")
+    target_cosine: float | None = Field(
+        None, gt=0, le=1,
+        description="instead of scale: the mean cosine of samples to their reference; the "
+        "worker solves for the scale and reports the realised cosines")
 
 
 class Dispersion(_Strict):
@@ -76,7 +96,11 @@ class DisCo(_Strict):
     iterations: int = Field(20, ge=1, le=1000)
 
 
-Variations = Annotated[Union[EmbeddingNoise, Dispersion, DisCo], Field(discriminator="method")]
+Variations = Annotated[
+    Union[Annotated[EmbeddingNoise, Tag("embedding_noise")], Annotated[Dispersion, Tag("dispersion")],
+          Annotated[DisCo, Tag("disco")]],
+    _method_or("embedding_noise"),
+]
 
 
 class ModelsSpec(_Strict):
@@ -179,7 +203,13 @@ def check_models(spec: JobSpec) -> None:
             raise SpecError(
                 field, f"unknown {kind} {name!r}; available: {valid}", code="unknown_model"
             )
-    cond = catalog.CATALOG[m.generator].conditioning
+    gen, emb = catalog.CATALOG[m.generator], catalog.CATALOG[m.embedder]
+    if spec.sampler.method == "hyperface" and gen.embedding_dim != emb.embedding_dim:
+        raise SpecError("models.embedder", f"hyperface places identities in the embedder's space "
+                        f"({emb.embedding_dim}-d) and conditions {m.generator!r} on them "
+                        f"({gen.embedding_dim}-d): the dimensions must match",
+                        code="incompatible_models")
+    cond = gen.conditioning
     sm, vm = spec.sampler.method, spec.variations.method
     if cond not in catalog.SAMPLER_CONDITIONING[sm]:
         raise SpecError(

@@ -236,6 +236,13 @@ class JobStore:
         with _translate():
             self.r.hset(P + f"job:{job_id}", mapping={f"{k}": v for k, v in totals.items()})
 
+    def set_stage_progress(self, job_id: str, done: int, total: int, unit: str) -> None:
+        """Progress within the current stage (optimiser steps, gallery images...)."""
+        with _translate():
+            self.r.hset(P + f"job:{job_id}", mapping={
+                "stage_done": done, "stage_total": total, "stage_unit": unit,
+                "updated_at": now_iso()})
+
     def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
         """Progress of one part (a shard, or sampling): set, not added, so redelivery can't
         double-count."""
@@ -309,6 +316,7 @@ def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
         "identities_total": job.get("identities_total", 0),
         "images_done": done["images"],
         "images_total": job.get("images_total", 0),
-        "sampling_done": int(progress.get("sampling:identities", 0)),
+        "stage": {"done": int(job.pop("stage_done", 0)), "total": int(job.pop("stage_total", 0)),
+                  "unit": job.pop("stage_unit", None)},
     }
     return job

@@ -51,6 +51,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         "IDFORGE_MODEL_DIR": str(model_dir),
         "IDFORGE_SHARD_IDENTITIES": "3",
         "IDFORGE_PRESIGN_EXPIRY_S": "600",
+        "IDFORGE_CHECKPOINT_STEPS": "5",
     }
     worker = Proc(["worker", "--queues", "gpu,cpu", "--concurrency", "1"], env,
                   root / "worker.log")
@@ -163,3 +164,38 @@ def test_readiness_reports_all_backends(service: Service) -> None:
     body: dict[str, Any] = r.json()
     assert r.status_code == 200 and body["checks"] == {"redis": "ok", "storage": "ok",
                                                         "broker": "ok"}
+
+
+def _pool_children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_worker_killed_mid_sampling_resumes_from_checkpoint(service: Service) -> None:
+    import signal
+
+    spec = {"identities": 24, "images_per_identity": 1, "seed": 5,
+            "sampler": {"method": "hyperface", "iterations": 4000, "gallery_size": 32,
+                        "alpha": 0.1},
+            "render": {"steps": 1, "batch_size": 16}}
+    job_id = service.alpha.submit(spec)["id"]
+    deadline = time.monotonic() + 120
+    while True:  # wait until the optimiser is past a checkpoint
+        job = service.alpha.job(job_id)
+        st = job["progress"]["stage"]
+        if st["unit"] == "optimiser steps" and st["done"] >= 12:
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.05)
+    children = _pool_children(service.worker.proc.pid)
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)  # the pool process dies mid-task, as on OOM
+    job = service.alpha.wait(job_id, timeout=240, interval=0.2)
+    assert job["status"] == "succeeded", job
+    events = httpx.get(f"{service.url}/v1/jobs/{job_id}/events",
+                       headers={"Authorization": "Bearer key-alpha"}).json()["events"]
+    resumed = [int(e["step"]) for e in events if e["type"] == "resumed"]
+    assert resumed and resumed[0] >= 10, events  # from its checkpoint, not from scratch
+    assert job["result"]["images"] == 24

@@ -17,7 +17,7 @@ from app.storage import JobKeys, LocalStorage
 from app.store import JobStore
 from workers import jobs, pipeline
 from workers.local import generate
-from workers.runtime import Runtime
+from workers.runtime import ModelCache, Runtime
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
                         "render": {"steps": 3, "batch_size": 3}}
@@ -72,7 +72,7 @@ def rt(redis_server: RedisServer, store: JobStore, tmp_path: Path, model_dir: Pa
     s = Settings(redis_url=redis_server.url, storage_dir=tmp_path / "storage",
                  model_dir=model_dir, shard_identities=2)
     return Runtime(settings=s, store=store, storage=LocalStorage(s.storage_dir),
-                   queue=TaskQueue.from_settings(s), device="cpu")
+                   queue=TaskQueue.from_settings(s), models=ModelCache(model_dir, "cpu"))
 
 
 def _submit(rt: Runtime, body: dict[str, Any]) -> tuple[str, JobSpec]:
@@ -142,8 +142,8 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
     refs = pipeline.load_identities(rt.storage, keys)[0:2]
     with pytest.raises(pipeline.Canceled):
-        pipeline.render_shard(spec, 0, range(0, 2), refs, rt.generator("arc2face-tiny"),
-                              rt.embedder("iresnet-tiny"), rt.storage, keys,
+        pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
+                              rt.models.embedder("iresnet-tiny"), rt.storage, keys,
                               should_stop=stop_after_two)
     written = list(rt.storage.list_keys(keys.key("dataset")))
     assert len(written) == 2  # two batches of one image, then it stopped

@@ -17,8 +17,7 @@ from app.errors import StorageKeyMissing
 from app.spec import JobSpec
 from app.storage import JobKeys
 from app.store import TERMINAL
-from models import registry
-from workers import pipeline
+from workers import identities, pipeline
 from workers.runtime import Runtime
 
 log = logging.getLogger("idforge.worker")
@@ -69,10 +68,14 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
     if not rt.storage.exists(keys.identities):  # a redelivered task resumes from the saved set
-        emb = pipeline.sample_identities(
-            spec, should_stop=_should_stop(rt, job_id),
-            on_progress=lambda n: rt.store.set_progress(job_id, "sampling", identities=n, images=0))
-        pipeline.save_identities(rt.storage, keys, emb)
+        hooks = identities.Hooks(
+            progress=lambda done, total, unit: rt.store.set_stage_progress(job_id, done, total, unit),
+            event=lambda type_, **data: rt.store.add_event(job_id, type_, **data),
+            should_stop=_should_stop(rt, job_id))
+        got = identities.sample(spec, rt.models, rt.storage, keys,
+                                checkpoint_steps=rt.settings.checkpoint_steps,
+                                gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
+        pipeline.save_identities(rt.storage, keys, got.embeddings, got.stats)
     shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
@@ -92,8 +95,8 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     if not rt.storage.exists(keys.shard_done(shard)):
         refs = pipeline.load_identities(rt.storage, keys)[ids.start:ids.stop]  # [n, D]
         pipeline.render_shard(
-            spec, shard, ids, refs, rt.generator(spec.models.generator),
-            rt.embedder(spec.models.embedder), rt.storage, keys,
+            spec, shard, ids, refs, rt.models.generator(spec.models.generator),
+            rt.models.embedder(spec.models.embedder), rt.storage, keys,
             should_stop=_should_stop(rt, job_id),
             on_progress=lambda i, m: rt.store.set_progress(job_id, part, identities=i, images=m))
     rt.store.set_progress(job_id, part, identities=len(ids),
@@ -115,15 +118,11 @@ def finalize(rt: Runtime, job_id: str) -> None:
     quality = pipeline.quality_summary(rt.storage, keys, shards) if spec.quality.report else {}
     t_eval = time.perf_counter() - t0
     rt.store.set_stage(job_id, "packaging")
-    models = {
-        role: {"name": name, "license": registry.get_spec(name).license,
-               "sha256": registry.weights_sha256(name, rt.settings.model_dir)}
-        for role, name in (("generator", spec.models.generator),
-                           ("embedder", spec.models.embedder))
-    }
+    models = pipeline.models_used(spec, rt.models)
     render_s = sum(s["seconds"] for s in shards)
     manifest = pipeline.build_manifest(
         job_id=job_id, spec=spec, shards=shards, models=models, quality=quality,
+        sampling=pipeline.identities_stats(rt.storage, keys),
         timings={"render_shards_sum": render_s, "evaluating": t_eval})
     expected = spec.identities * spec.images_per_identity
     if manifest["counts"]["images"] != expected:

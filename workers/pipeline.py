@@ -23,13 +23,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from app import __version__, catalog
+from app import __version__
 from app.spec import EmbeddingNoise, JobSpec
+from app.errors import StorageKeyMissing
 from app.storage import JobKeys, Storage, sha256_hex
 from models import align
-from models.sampling import random as random_sampler
 from models.sampling.sphere import normalize
-from models.sampling.variations import EmbeddingNoiseConfig, embedding_noise
+from models.sampling.variations import (EmbeddingNoiseConfig, embedding_noise, mean_cosine,
+                                        scale_for_mean_cosine)
 from models.seeding import DERIVE_SEED_SCHEME, derive_seed
 
 SEED_DERIVATION = {
@@ -67,27 +68,30 @@ def plan_shards(identities: int, shard_identities: int) -> list[range]:
 
 # ---- identities ------------------------------------------------------------------------------
 
-def sample_identities(spec: JobSpec, *, chunk: int = 4096,
-                      on_progress: Callable[[int], None] = lambda done: None,
-                      should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
-    """Reference embeddings [N, D] for the job's sampler."""
-    dim = catalog.CATALOG[spec.models.generator].embedding_dim or 512
-    if spec.sampler.method != "random":
-        raise ValueError(f"sampler {spec.sampler.method!r} is not implemented by this worker")
-    parts = []
-    for lo in range(0, spec.identities, chunk):
-        if should_stop():
-            raise Canceled()
-        n = min(chunk, spec.identities - lo)
-        parts.append(random_sampler.sample_identities(spec.seed, lo, n, dim))  # [n, D]
-        on_progress(lo + n)
-    return torch.cat(parts)  # [N, D]
-
-
-def save_identities(storage: Storage, keys: JobKeys, embeddings: torch.Tensor) -> None:
+def save_identities(storage: Storage, keys: JobKeys, embeddings: torch.Tensor,
+                    stats: dict[str, Any] | None = None) -> None:
+    """The reference embeddings [N, D], and what the sampler reports about them (JSON)."""
     blob = st_save({"embeddings": embeddings.contiguous().float().cpu()},
                    metadata={"format": "idforge.identities/1"})
+    storage.put_bytes(keys.key("identities/stats.json"),
+                      json.dumps(stats or {}, sort_keys=True).encode(), "application/json")
     storage.put_bytes(keys.identities, blob, "application/octet-stream")
+
+
+def identities_stats(storage: Storage, keys: JobKeys) -> dict[str, Any]:
+    try:
+        stats: dict[str, Any] = json.loads(storage.get_bytes(keys.key("identities/stats.json")))
+    except StorageKeyMissing:
+        return {}
+    return stats
+
+
+def models_used(spec: JobSpec, models: Any) -> dict[str, dict[str, Any]]:
+    """Each model the job used, by role, with its licence notes and weight sha256."""
+    roles = [("generator", spec.models.generator), ("embedder", spec.models.embedder)]
+    if spec.sampler.method == "hyperface":
+        roles.append(("gallery_generator", spec.models.gallery_generator or spec.models.generator))
+    return {role: models.weights(name) for role, name in roles}
 
 
 def load_identities(storage: Storage, keys: JobKeys) -> torch.Tensor:
@@ -102,11 +106,23 @@ class ShardResult:
     identities: list[int]
     files: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    noise_scale: float = 0.0  # the embedding-noise sigma used
+    # Per identity: realised mean cosine of its sample embeddings to its reference.
+    reference_cosine: list[float] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps({"shard": self.shard, "identities": self.identities,
-                           "files": self.files, "seconds": round(self.seconds, 3)},
-                          sort_keys=True).encode()
+                           "files": self.files, "seconds": round(self.seconds, 3),
+                           "noise_scale": self.noise_scale,
+                           "reference_cosine": self.reference_cosine}, sort_keys=True).encode()
+
+
+def noise_scale(spec: JobSpec, dim: int) -> float:
+    """The embedding-noise sigma: given, or solved from the target mean cosine."""
+    v = spec.variations
+    if not isinstance(v, EmbeddingNoise):
+        raise ValueError(f"variations {v.method!r} are not implemented by this worker")
+    return v.scale if v.target_cosine is None else scale_for_mean_cosine(v.target_cosine, dim)
 
 
 def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
@@ -122,13 +138,14 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
         raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
     t0 = time.perf_counter()
     a = spec.images_per_identity
-    if not isinstance(spec.variations, EmbeddingNoise):
-        raise ValueError(f"variations {spec.variations.method!r} are not implemented by this worker")
+    scale = noise_scale(spec, references.shape[1])
     variations = embedding_noise(references, list(ids), a, spec.seed,
-                                 EmbeddingNoiseConfig(scale=spec.variations.scale))  # [n, A, D]
+                                 EmbeddingNoiseConfig(scale=scale))  # [n, A, D]
+    realised = mean_cosine(references, variations)  # [n] mean cosine of samples to reference
     items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
     ext, fmt = IMAGE_EXT[spec.output.image_format], spec.output.image_format
-    result = ShardResult(shard=shard, identities=list(ids))
+    result = ShardResult(shard=shard, identities=list(ids), noise_scale=scale,
+                         reference_cosine=[round(float(c), 6) for c in realised])
     feats: torch.Tensor | None = None  # [n, A, E] embedder features of every image
     bs = spec.render.batch_size
     for b0 in range(0, len(items), bs):
@@ -180,10 +197,15 @@ def quality_summary(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]
         for s in shards
     ])  # [N, E]
     genuine = torch.tensor([f["centre_cosine"] for s in shards for f in s["files"]])
+    ref_cos = torch.tensor([c for s in shards for c in s.get("reference_cosine", [])])
     nearest = _nearest_other_cosine(centres)  # [N]
     return {
         "embedder_space": "job embedder",
         "images": int(genuine.numel()),
+        # Conditioning: realised mean cosine of each identity's sample embeddings to its reference.
+        "variation_reference_cosine": {"mean": _r(ref_cos.mean()), "min": _r(ref_cos.min()),
+                                       "noise_scale": shards[0].get("noise_scale")}
+        if ref_cos.numel() else None,
         "genuine_centre_cosine": {"mean": _r(genuine.mean()), "min": _r(genuine.min())},
         "nearest_centre_cosine": {"mean": _r(nearest.mean()), "max": _r(nearest.max())}
         if nearest.numel() else None,
@@ -212,7 +234,7 @@ def _r(x: torch.Tensor) -> float:
 
 def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]],
                    models: dict[str, dict[str, Any]], quality: dict[str, Any],
-                   timings: dict[str, float]) -> dict[str, Any]:
+                   sampling: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     files = sorted((f for s in shards for f in s["files"]),
                    key=lambda f: (f["identity"], f["sample"]))
     return {
@@ -234,6 +256,7 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]],
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "quality": quality,
+        "sampling": sampling,
         "layout": {"imagefolder": "dataset/imagefolder/{identity:06d}/{sample:03d}."
                    + IMAGE_EXT[spec.output.image_format],
                    "identities": "identities/embeddings.safetensors"},

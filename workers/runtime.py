@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,31 +40,44 @@ def pick_device(setting: str) -> str:
 
 
 @dataclass
+class ModelCache:
+    """Models loaded once per process, by catalogue name, from verified weights."""
+
+    model_dir: Path
+    device: str
+    _models: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, name: str) -> Any:
+        if name not in self._models:
+            registry.ensure_model(name, self.model_dir)
+            self._models[name] = registry.load_generator(name, self.model_dir, self.device)
+        return self._models[name]
+
+    def embedder(self, name: str) -> Any:
+        if name not in self._models:
+            registry.ensure_model(name, self.model_dir)
+            self._models[name] = registry.load_embedder(name, self.model_dir, self.device)
+        return self._models[name]
+
+    def weights(self, name: str) -> dict[str, Any]:
+        """What the manifest records of a model: name, licence notes and weight sha256."""
+        return {"name": name, "license": registry.get_spec(name).license,
+                "sha256": registry.weights_sha256(name, self.model_dir)}
+
+
+@dataclass
 class Runtime:
     settings: Settings
     store: JobStore
     storage: Storage
     queue: TaskQueue
-    device: str
-    _models: dict[str, Any] = field(default_factory=dict)
+    models: ModelCache
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Runtime":
         return cls(settings=s, store=JobStore.from_url(s.redis_url),
                    storage=storage_from_settings(s), queue=TaskQueue.from_settings(s),
-                   device=pick_device(s.device))
-
-    def generator(self, name: str) -> Any:
-        if name not in self._models:
-            registry.ensure_model(name, self.settings.model_dir)
-            self._models[name] = registry.load_generator(name, self.settings.model_dir, self.device)
-        return self._models[name]
-
-    def embedder(self, name: str) -> Any:
-        if name not in self._models:
-            registry.ensure_model(name, self.settings.model_dir)
-            self._models[name] = registry.load_embedder(name, self.settings.model_dir, self.device)
-        return self._models[name]
+                   models=ModelCache(s.model_dir, pick_device(s.device)))
 
     def check_models(self) -> dict[str, dict[str, Any]]:
         """Verify every catalogue model's weights against the registry's pins; publish the result
