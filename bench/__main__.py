@@ -16,9 +16,9 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from bench import render  # noqa: E402
+from bench import hyperface, render  # noqa: E402
 
-BENCHMARKS = {"render": render.run}  # name -> callable returning its summary line
+BENCHMARKS = {"render": render.run, "hyperface": hyperface.run}  # name -> callable returning its summary line
 
 
 def main(argv: list[str] | None = None) -> None:
