@@ -33,6 +33,12 @@ DIM = 512  # ArcFace embedding size
 SEED = 0  # seeds the initial points and batches
 
 
+def _rss_mib() -> float:
+    """Current resident set size of this process (Linux /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -79,10 +85,12 @@ def worker(spec: dict) -> dict:
     config = HyperFaceConfig(
         iterations=iters, alpha=0.0, batch_size=spec.get("batch"), tile=spec["tile"], stats_every=None,
         precision=spec.get("precision", "float32"), polish_iterations=0,
+        **({"neighbours": spec["neighbours"]} if "neighbours" in spec else {}),
     )
     warm = HyperFaceConfig(**{**config.__dict__, "iterations": 1})
     kind = spec["variant"]
-    base = _peak_mib(device)
+    # memory baseline: CUDA allocated bytes, or the CPU RSS now (after imports and the data)
+    base = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mib()
     gen = make_generator(SEED + 1, device) if config.batch_size else None
     if kind == "naive":
         naive_run(x, warm)
@@ -119,22 +127,30 @@ def measure(spec: dict) -> dict:
 
 
 def bench_a(sizes: list[int], iters: int, device: str, threads: int | None, tile: int) -> list[str]:
-    lines = []
+    mem = "CUDA max allocated - allocated before" if device.startswith("cuda") else "peak RSS - RSS after imports+data"
+    lines = [f"(a) memory = growth ({mem}), same method for every variant, each in its own subprocess, "
+             "default glibc malloc settings for all"]
+    default = HyperFaceConfig()
     for n in sizes:
         common = {"n": n, "iterations": iters, "device": device, "threads": threads, "tile": tile}
-        ours = measure({**common, "variant": "ours"})
         other = "gram" if device == "cuda" else "naive"
         ref = measure({**common, "variant": other})
-        if "error" in ours or "error" in ref:
-            lines.append(f"(a) N={n}: ours {ours} | {other} {ref}")
-            continue
-        grow_o, grow_r = ours["peak_mib"] - ours["base_mib"], ref["peak_mib"] - ref["base_mib"]
-        lines.append(
-            f"(a) N={n} D={DIM} {device}: ours {ours['s_per_iter']:.3f} s/it, peak {ours['peak_mib']:.0f} MiB "
-            f"(+{grow_o:.0f}) | {other} {ref['s_per_iter']:.3f} s/it, peak {ref['peak_mib']:.0f} MiB "
-            f"(+{grow_r:.0f}) | time ratio {ours['s_per_iter'] / ref['s_per_iter']:.2f}, "
-            f"peak ratio {ours['peak_mib'] / ref['peak_mib']:.2f}, growth ratio {grow_o / max(grow_r, 1e-9):.3f}"
-        )
+        sparse = default.neighbours is not None and n >= default.sparse_from
+        variants = [("ours default" + (f" (top-{default.neighbours})" if sparse else " (exact)"), {})]
+        if sparse:
+            variants.append(("ours exact", {"neighbours": None}))
+        for name, extra in variants:
+            ours = measure({**common, "variant": "ours", **extra})
+            if "error" in ours or "error" in ref:
+                lines.append(f"(a) N={n}: {name} {ours} | {other} {ref}")
+                continue
+            grow_o, grow_r = ours["peak_mib"] - ours["base_mib"], ref["peak_mib"] - ref["base_mib"]
+            lines.append(
+                f"(a) N={n} D={DIM} {device}: {name} {ours['s_per_iter']:.3f} s/it, +{grow_o:.0f} MiB "
+                f"(peak {ours['peak_mib']:.0f}) | {other} {ref['s_per_iter']:.3f} s/it, +{grow_r:.0f} MiB "
+                f"(peak {ref['peak_mib']:.0f}) | time ratio {ours['s_per_iter'] / ref['s_per_iter']:.2f}, "
+                f"memory (growth) ratio {grow_o / max(grow_r, 1e-9):.3f}"
+            )
     return lines
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from models.sampling.metrics import gram_tiles, nearest_neighbour_angles
-from models.sampling.sphere import normalize
+from models.sampling.sphere import EPS, normalize
 from models.sampling.variations import scale_for_mean_cosine
 
 PRECISIONS = ("float32", "tf32", "bf16")  # config.precision values
@@ -63,6 +63,15 @@ class HyperFaceConfig:
     # float32) or "bf16"; the last `polish_iterations` steps always run in float32
     polish_iterations: int = 100  # float32 steps at the end when precision is not "float32"
     tile: int = 2048  # rows/columns per Gram tile: memory ~ 4 tile² floats (64 MiB at 2048)
+    neighbours: int | None = 32  # full batch: None = the exact gradient (two tiled passes, ~2 N²D);
+    # k = a sparse gradient from one tiled pass (~N²D/2 + O(N k D)): each row keeps its k nearest
+    # points and g_i = sum over kept pairs of (p_ij + p_ji) x_j, p from the EXACT normaliser (all
+    # pairs). Exact when k >= N - 1; at the annealed low temperatures the dropped weights are
+    # negligible (cosine to the exact gradient > 0.99), at high temperature it is an approximation.
+    sparse_from: int = 4096  # the sparse gradient runs only when N >= this (and neighbours is set):
+    # below it the exact pass is cheap and the sparse one's per-tile top-k and sparse product cost
+    # more than they save (N = 2k: about break-even on 2 CPU cores); 0 = always sparse
+    # Default None (exact) here; `auto_neighbours(n)` is the recommended choice for large N.
     stats_every: int | None = 10  # exact stats (a full pass over the new points) every this many steps
     # and at the last step; other steps report the values their own pass saw; None = never exact
 
@@ -152,11 +161,15 @@ def temperature_at(config: HyperFaceConfig, t: int) -> float:
 # --- tiled passes -------------------------------------------------------------------------------
 
 
-def _online_lse(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, dim: int) -> None:
-    """Fold tile `a` (logits, already / T) into running max m and rescaled sum s along `dim`."""
+def _online_lse(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, dim: int, scratch: torch.Tensor) -> None:
+    """Fold tile `a` (logits, already / T) into running max m and rescaled sum s along `dim`.
+
+    scratch: a buffer of a's size, overwritten (no tile-sized allocation per call).
+    """
     new = torch.maximum(m, a.amax(dim=dim))
     s.mul_(torch.exp(m - new).nan_to_num_(0.0))  # -inf - -inf: a row with nothing seen yet
-    s.add_(torch.exp(a - new.unsqueeze(dim)).sum(dim=dim))  # tile >= 2: every row has seen a finite logit
+    torch.sub(a, new.unsqueeze(dim), out=scratch)
+    s.add_(scratch.exp_().sum(dim=dim))  # tile >= 2: every row has seen a finite logit
     m.copy_(new)
 
 
@@ -174,6 +187,28 @@ def separation_loss(soft: torch.Tensor, temperature: float, separation: str) -> 
     return float(temperature * torch.logsumexp(soft.double() / temperature, dim=0))
 
 
+class _TileBuffers:
+    """Reused tile-sized buffers: views of flat storage, so edge tiles need no new allocation."""
+
+    def __init__(self, tile: int, device: torch.device, count: int, floor: int = 0) -> None:
+        self.flat = [torch.empty(max(tile * tile, floor), device=device) for _ in range(count)]
+
+    def get(self, k: int, rows: int, cols: int) -> torch.Tensor:
+        return self.flat[k][: rows * cols].view(rows, cols)
+
+
+def _logits(xm: torch.Tensor, i0: int, i1: int, j0: int, j1: int, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """Tile of <xi, xj> / T into `out` (float32), the diagonal -inf on a diagonal tile."""
+    if xm.dtype == torch.float32:
+        torch.matmul(xm[i0:i1], xm[j0:j1].T, out=out)
+    else:
+        out.copy_(xm[i0:i1] @ xm[j0:j1].T)
+    out.mul_(inv_t)
+    if i0 == j0:
+        out.fill_diagonal_(-math.inf)
+    return out
+
+
 def _full_pass(
     x: torch.Tensor, xm: torch.Tensor, temperature: float, tile: int, separation: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,28 +218,77 @@ def _full_pass(
     """
     n = x.shape[0]
     inv_t = 1.0 / temperature
+    buf = _TileBuffers(min(tile, n), x.device, 2)
     m = torch.full((n,), -math.inf, device=x.device)  # [N] running max of <xi, xj> / T
     s = torch.zeros(n, device=x.device)  # [N] sum of exp(<xi, xj> / T - m)
     for i0, i1, j0, j1 in gram_tiles(n, tile):  # pass 1: row log-sum-exp
-        a = (xm[i0:i1] @ xm[j0:j1].T).float().mul_(inv_t)  # [ti, tj]
-        if i0 == j0:
-            a.fill_diagonal_(-math.inf)
-        _online_lse(m[i0:i1], s[i0:i1], a, 1)
+        a = _logits(xm, i0, i1, j0, j1, inv_t, buf.get(0, i1 - i0, j1 - j0))  # [ti, tj]
+        scratch = buf.get(1, i1 - i0, j1 - j0)
+        _online_lse(m[i0:i1], s[i0:i1], a, 1, scratch)
         if i0 != j0:
-            _online_lse(m[j0:j1], s[j0:j1], a, 0)
+            _online_lse(m[j0:j1], s[j0:j1], a, 0, scratch)
     lse = m + torch.log(s)  # [N]
     shift = _row_shift(lse, separation)  # [N]
     g = torch.zeros_like(x)  # [N, D]
     for i0, i1, j0, j1 in gram_tiles(n, tile):  # pass 2: g_i = sum_j (p_ij + p_ji) x_j
-        a = (xm[i0:i1] @ xm[j0:j1].T).float().mul_(inv_t)  # [ti, tj]
-        if i0 == j0:
-            a.fill_diagonal_(-math.inf)
-        q = torch.exp(a - shift[i0:i1, None])  # [ti, tj] N w_i p_ij
+        a = _logits(xm, i0, i1, j0, j1, inv_t, buf.get(0, i1 - i0, j1 - j0))  # [ti, tj]
+        q = torch.sub(a, shift[i0:i1, None], out=buf.get(1, i1 - i0, j1 - j0)).exp_()  # [ti, tj] N w_i p_ij
         q.add_(a.sub_(shift[None, j0:j1]).exp_())  # + N w_j p_ji
         qm = q.to(xm.dtype)
         g[i0:i1] += (qm @ xm[j0:j1]).float()
         if i0 != j0:
             g[j0:j1] += (qm.T @ xm[i0:i1]).float()
+    return g, lse * temperature, m * temperature
+
+
+def _merge_topk(
+    vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of a running [R, k] buffer and a tile's candidates [R, c]."""
+    v = torch.cat([vals, new_vals], dim=1)
+    i = torch.cat([idx, new_idx], dim=1)
+    top, where = v.topk(vals.shape[1], dim=1)
+    return top, i.gather(1, where)
+
+
+def _neighbour_pass(
+    x: torch.Tensor, xm: torch.Tensor, temperature: float, tile: int, separation: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse variant of `_full_pass` (same returns): one tiled pass for the exact row log-sum-exp
+    that also keeps each row's k largest logits; the gradient uses only those pairs:
+      g = (P + Pᵀ) x,   P_ij = exp(<xi, xj> / T - shift_i) for j among row i's k nearest, else 0.
+    """
+    n = x.shape[0]
+    k = min(k, n - 1)
+    inv_t = 1.0 / temperature
+    buf = _TileBuffers(min(tile, n), x.device, 2, k * x.shape[1])  # also holds >= one row's [k, D]
+    m = torch.full((n,), -math.inf, device=x.device)  # [N]
+    s = torch.zeros(n, device=x.device)  # [N]
+    top = torch.full((n, k), -math.inf, device=x.device)  # [N, k] largest logits seen per row
+    nbr = torch.zeros(n, k, dtype=torch.long, device=x.device)  # [N, k] their columns
+    for i0, i1, j0, j1 in gram_tiles(n, tile):
+        a = _logits(xm, i0, i1, j0, j1, inv_t, buf.get(0, i1 - i0, j1 - j0))  # [ti, tj]
+        scratch = buf.get(1, i1 - i0, j1 - j0)
+        _online_lse(m[i0:i1], s[i0:i1], a, 1, scratch)
+        v, c = a.topk(min(k, j1 - j0), dim=1)  # [ti, c]
+        top[i0:i1], nbr[i0:i1] = _merge_topk(top[i0:i1], nbr[i0:i1], v, c + j0)
+        if i0 != j0:
+            _online_lse(m[j0:j1], s[j0:j1], a, 0, scratch)
+            v, c = a.topk(min(k, i1 - i0), dim=0)  # [c, tj]
+            top[j0:j1], nbr[j0:j1] = _merge_topk(top[j0:j1], nbr[j0:j1], v.T, c.T + i0)
+    lse = m + torch.log(s)  # [N]
+    shift = _row_shift(lse, separation)  # [N]
+    p = top.sub_(shift[:, None]).exp_()  # [N, k] N w_i p_ij of the kept pairs
+    g = torch.zeros_like(x)  # [N, D]
+    d = x.shape[1]
+    chunk = max(1, buf.flat[0].numel() // (k * d))  # rows whose [rows, k, D] fits a tile buffer
+    for r0 in range(0, n, chunk):  # g = P x + Pᵀ x in row chunks, inside the tile buffers
+        r1 = min(r0 + chunk, n)
+        idx = nbr[r0:r1].flatten()  # [c k]
+        near = torch.index_select(x, 0, idx, out=buf.flat[0][: idx.numel() * d].view(-1, d)).view(r1 - r0, k, d)
+        g[r0:r1] += torch.bmm(p[r0:r1, None, :], near).squeeze(1)  # row terms: sum_j P_ij x_j
+        terms = torch.mul(p[r0:r1, :, None], x[r0:r1, None, :], out=buf.flat[1][: idx.numel() * d].view(r1 - r0, k, d))
+        g.index_add_(0, idx, terms.view(-1, d))  # column terms: P_ij x_i into row j
     return g, lse * temperature, m * temperature
 
 
@@ -290,6 +374,8 @@ def _check_config(config: HyperFaceConfig, n: int) -> None:
         ("precision", config.precision in PRECISIONS),
         ("polish_iterations", config.polish_iterations >= 0),
         ("tile", config.tile >= 2),
+        ("neighbours", config.neighbours is None or config.neighbours >= 1),
+        ("sparse_from", config.sparse_from >= 0),
         ("stats_every", config.stats_every is None or config.stats_every >= 1),
     ]
     for name, ok in checks:
@@ -391,7 +477,10 @@ def optimize(
                 xr = x[rows]  # [B, D]
             else:
                 rows = None
-                g, soft, hard = _full_pass(x, xm, temperature, config.tile, config.separation)  # [N, D], [N], [N]
+                if config.neighbours is None or n < config.sparse_from:
+                    g, soft, hard = _full_pass(x, xm, temperature, config.tile, config.separation)  # [N, D], [N], [N]
+                else:
+                    g, soft, hard = _neighbour_pass(x, xm, temperature, config.tile, config.separation, config.neighbours)
                 xr = x
         loss = separation_loss(soft, temperature, config.separation)
         if config.alpha > 0:
@@ -405,8 +494,9 @@ def optimize(
                 target = gallery[nearest]  # [N, D]
             diff = xr - target  # [B or N, D]
             loss += config.alpha * float((diff * diff).sum(dim=1).mean())
-            g = g + 2 * config.alpha * diff
-        g = g - (g * xr).sum(dim=1, keepdim=True) * xr  # tangent to the sphere at each point
+            g.add_(diff, alpha=2 * config.alpha)
+            del diff
+        g.sub_((g * xr).sum(dim=1, keepdim=True) * xr)  # tangent to the sphere at each point
         if stochastic:  # lazy Adam: only the batch's rows and their own step counts move
             k = row_steps[rows] + 1  # [B]
             mb = b1 * m1[rows] + (1 - b1) * g
@@ -416,11 +506,13 @@ def optimize(
             xb = normalize(xr - lr * (mb / c1) / ((vb / c2).sqrt() + config.eps))
             m1[rows], m2[rows], row_steps[rows], x[rows] = mb, vb, k, xb
         else:
-            k = t + 1
-            m1 = b1 * m1 + (1 - b1) * g
-            m2 = b2 * m2 + (1 - b2) * g * g
-            update = (m1 / (1 - b1**k)) / ((m2 / (1 - b2**k)).sqrt() + config.eps)
-            x = normalize(x - lr * update)
+            k = t + 1  # in place: the [N, D] temporaries are what bounds memory besides the tiles
+            m1.mul_(b1).add_(g, alpha=1 - b1)
+            m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+            update = torch.div(m2, 1 - b2**k, out=g).sqrt_().add_(config.eps)  # g is spent: reuse it
+            update = torch.div(m1, 1 - b1**k).div_(update).mul_(-lr).add_(x)
+            del g
+            x = update.div_(update.norm(dim=1, keepdim=True).clamp_min(EPS))  # normalize(x - lr·step)
             row_steps = torch.full_like(row_steps, k)
         exact = config.stats_every is not None and ((t + 1) % config.stats_every == 0 or t + 1 == config.iterations)
         if exact:

@@ -60,6 +60,37 @@ def test_batch_pass_gradient_equals_autograd_with_others_detached():
     assert torch.allclose(soft.double(), t * torch.logsumexp(s.detach() / t, dim=1), atol=1e-6)
 
 
+@pytest.mark.parametrize("separation", ["mean", "max"])
+def test_neighbour_pass_is_exact_when_it_keeps_every_pair(separation):
+    x = uniform_sphere(37, 6, make_generator(0))
+    exact = hyperface._full_pass(x, x, 0.07, 5, separation)
+    sparse = hyperface._neighbour_pass(x, x, 0.07, 5, separation, 36)  # k = N - 1 (and above)
+    for a, b in zip(exact, sparse):
+        assert torch.allclose(a, b, atol=2e-6)
+    assert torch.allclose(hyperface._neighbour_pass(x, x, 0.07, 64, separation, 99)[0], exact[0], atol=2e-6)
+
+
+@pytest.mark.parametrize("separation", ["mean", "max"])
+def test_neighbour_pass_approximates_exact_gradient_at_low_temperature(separation):
+    x = uniform_sphere(600, 16, make_generator(1))
+    t = 0.01
+    g, soft, hard = hyperface._full_pass(x, x, t, 128, separation)
+    gk, softk, hardk = hyperface._neighbour_pass(x, x, t, 128, separation, 16)
+    assert torch.allclose(soft, softk, atol=1e-5) and torch.equal(hard, hardk)  # exact normaliser
+    cos = torch.nn.functional.cosine_similarity(g.flatten(), gk.flatten(), dim=0)
+    assert float(cos) > 0.99
+    rows = torch.nn.functional.cosine_similarity(g, gk, dim=1)
+    assert float(rows.median()) > 0.99
+
+
+def test_sparse_default_runs_at_sparse_from():
+    # the default config switches to the top-k gradient at N >= sparse_from; forcing it on a known
+    # optimum still reaches it, and a resumed sparse run is bit-identical
+    config = replace(PACKING, neighbours=4, sparse_from=0)
+    result = optimize(uniform_sphere(12, 3, make_generator(0)), None, config)
+    assert deg(min_angle(result.embeddings)) == pytest.approx(63.4349, abs=0.05)
+
+
 # --- known optima (alpha = 0) -------------------------------------------------------------------
 
 KNOWN = {  # name: (points, dims, optimal minimum angle in degrees)
@@ -166,10 +197,12 @@ def test_full_batch_deterministic(gallery):
     assert torch.equal(optimize(init, gallery, config).embeddings, optimize(init, gallery, config).embeddings)
 
 
-@pytest.mark.parametrize("batch_size", [None, 50])
-def test_resume_is_bit_identical(gallery, tmp_path, batch_size):
+@pytest.mark.parametrize("batch_size, neighbours", [(None, None), (50, None), (None, 8)])
+def test_resume_is_bit_identical(gallery, tmp_path, batch_size, neighbours):
     init = init_from_gallery(gallery, 200, make_generator(4))
-    config = HyperFaceConfig(iterations=100, alpha=0.5, batch_size=batch_size, gallery_refresh=7, tile=64)
+    config = HyperFaceConfig(
+        iterations=100, alpha=0.5, batch_size=batch_size, gallery_refresh=7, tile=64, neighbours=neighbours, sparse_from=0
+    )
     whole = optimize(init, gallery, config, generator=make_generator(9))
 
     class Interrupted(Exception):
@@ -236,6 +269,7 @@ def test_on_step_sees_every_step_and_its_exceptions_propagate():
         ({"config": replace(PACKING, batch_size=99)}, "config.batch_size"),
         ({"config": replace(PACKING, precision="fp8")}, "config.precision"),
         ({"config": replace(PACKING, tile=1)}, "config.tile"),
+        ({"config": replace(PACKING, neighbours=0)}, "config.neighbours"),
         ({"config": replace(PACKING, separation="sum")}, "config.separation"),
         ({"config": replace(PACKING, temperature_final=0.0)}, "config.temperature_final"),
     ],
