@@ -16,6 +16,12 @@ recomputes the tile and collects the analytic gradient of N·L_sep,
   g_i = sum_j (p_ij + p_ji) x_j,   p_ij = exp(<x_i, x_j> / T - lse_i),
 both the row and the column terms. Memory is O(N·D + tile²); time O(N²·D) with ~2 N²D
 multiply-adds, against ~3 N²D and N² floats for autograd through a full Gram.
+With `config.neighbours` = k (the default from N >= `sparse_from`), one pass does it: the same
+symmetric tiles give the exact log-sum-exp and each row's k largest logits (per-tile top-k merged
+into a running [N, k] buffer), and the gradient keeps only those pairs, with p from the exact
+normaliser: ~N²D/2 + O(N k D). Tile buffers are allocated once per pass and reused, and Adam runs
+in place, so a step's memory beyond the state is a few tile² floats and O(N·D).
+`optimize_with_restarts` adds basin hopping (perturb the best packing, re-anneal, keep if better).
 The stochastic variant takes a random batch of rows per step against all points (the others
 detached): one pass over [B, tile] tiles with an online soft-max that accumulates the gradient as it
 goes (flash-attention style), and lazy Adam that touches only the batch's rows.
@@ -529,6 +535,42 @@ def optimize(
         if on_step is not None:
             on_step(stats, state)
     return HyperFaceResult(embeddings=x, history=history, state=state, config=config)
+
+
+def optimize_with_restarts(
+    init: torch.Tensor,
+    gallery: torch.Tensor | None,
+    config: HyperFaceConfig,
+    *,
+    restarts: int,
+    perturbation: float,
+    generator: torch.Generator,
+    target: float | None = None,
+    tile: int = 2048,
+) -> tuple[torch.Tensor, float]:
+    """Basin hopping on the full-batch optimiser: (best points [N, D], their minimum angle in radians).
+
+    One run from `init`, then up to `restarts` more, each from the best points so far perturbed by
+    `perturbation` x a standard Gaussian (drawn from `generator`) and re-projected, re-annealed with
+    the full schedule of `config`; a run is kept when its hard minimum angle is larger. Stops early
+    once the best reaches `target` (radians). For hard packings whose random starts stall in local
+    optima (e.g. the 24-cell: 58.1-58.9° from random starts, 60° after a few hops at 0.3).
+    """
+    if config.batch_size is not None:
+        raise ValueError("config.batch_size: optimize_with_restarts runs the full-batch variant")
+    if restarts < 0 or perturbation < 0:
+        raise ValueError(f"restarts, perturbation: must be >= 0, got {restarts}, {perturbation}")
+    best = optimize(init, gallery, config).embeddings
+    best_angle = float(nearest_neighbour_angles(best, tile).min())
+    for _ in range(restarts):
+        if target is not None and best_angle >= target:
+            break
+        noise = torch.randn(best.shape, generator=generator, device=generator.device).to(best.device)
+        x = optimize(normalize(best + perturbation * noise), gallery, config).embeddings
+        angle = float(nearest_neighbour_angles(x, tile).min())
+        if angle > best_angle:
+            best, best_angle = x, angle
+    return best, best_angle
 
 
 def init_from_gallery(
