@@ -11,7 +11,6 @@ Every image is addressable by (job seed, identity, sample):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -176,9 +175,8 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
         k = rec["identity"] - ids.start
         rec["centre_cosine"] = round(float(cos[k, rec["sample"]]), 6)
     result.seconds = time.perf_counter() - t0
-    buf = io.BytesIO()
-    buf.write(st_save({"centres": centres.contiguous()}))
-    storage.put_bytes(keys.key(f"shards/{shard:05d}/centres.safetensors"), buf.getvalue())
+    storage.put_bytes(keys.key(f"shards/{shard:05d}/centres.safetensors"),
+                      st_save({"centres": centres.contiguous()}))
     storage.put_bytes(keys.shard_done(shard), result.to_json(), "application/json")
     return result
 
