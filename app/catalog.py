@@ -26,9 +26,35 @@ class CatalogEntry:
     description: str
 
 
+def _arcface(arch: str) -> CatalogEntry:
+    return CatalogEntry(
+        name=f"arcface-{arch}", kind="embedder", family="iresnet", conditioning=None, embedding_dim=512,
+        tiny=False, description=f"ArcFace iResNet-{arch[1:]} (insightface arcface_torch backbone.pth), "
+        "112x112 aligned input, 512-d output; differentiable",
+    )
+
+
+def _legacy(depth: int) -> CatalogEntry:
+    return CatalogEntry(
+        name=f"iresnet{depth}-legacy", kind="embedder", family="iresnet", conditioning=None,
+        embedding_dim=512, tiny=False, description=f"iResNet-{depth} in the older pytorch-insightface "
+        "port's checkpoint layout, 112x112 aligned input, 512-d output; differentiable",
+    )
+
+
 CATALOG: dict[str, CatalogEntry] = {
     e.name: e
     for e in (
+        CatalogEntry(
+            name="arc2face",
+            kind="generator",
+            family="arc2face",
+            conditioning="embedding",
+            embedding_dim=512,
+            tiny=False,
+            description="Arc2Face (Stable Diffusion 1.5 conditioned on ArcFace embeddings), 512 px, "
+            "DPM-Solver++ 25 steps with guidance 3.0; an LCM-LoRA fast mode when its weights are there",
+        ),
         CatalogEntry(
             name="arc2face-tiny",
             kind="generator",
@@ -38,6 +64,54 @@ CATALOG: dict[str, CatalogEntry] = {
             tiny=True,
             description="Arc2Face-style diffusers pipeline (UNet, VAE, CLIP text encoder with the "
             "'id' token replaced by the embedding), tiny config; images are not faces",
+        ),
+        CatalogEntry(
+            name="stylegan2-ffhq-256",
+            kind="generator",
+            family="stylegan2",
+            conditioning="latent",
+            embedding_dim=None,
+            tiny=False,
+            description="StyleGAN2 trained on FFHQ at 256 px (rosinality checkpoint layout)",
+        ),
+        CatalogEntry(
+            name="stylegan2-ffhq-1024",
+            kind="generator",
+            family="stylegan2",
+            conditioning="latent",
+            embedding_dim=None,
+            tiny=False,
+            description="StyleGAN2 config-f trained on FFHQ at 1024 px (rosinality checkpoint layout)",
+        ),
+        CatalogEntry(
+            name="stylegan2-tiny",
+            kind="generator",
+            family="stylegan2",
+            conditioning="latent",
+            embedding_dim=None,
+            tiny=True,
+            description="StyleGAN2 architecture with a 32 px output and a few channels; images are not faces",
+        ),
+        *(_arcface(arch) for arch in ("r18", "r34", "r50", "r100", "r200")),
+        *(_legacy(depth) for depth in (34, 50, 100)),
+        CatalogEntry(
+            name="arcface-onnx",
+            kind="embedder",
+            family="onnx",
+            conditioning=None,
+            embedding_dim=512,
+            tiny=False,
+            description="Arc2Face's arcface.onnx (insightface antelopev2 recogniser) through onnxruntime; "
+            "forward only",
+        ),
+        CatalogEntry(
+            name="arcface-onnx-tiny",
+            kind="embedder",
+            family="onnx",
+            conditioning=None,
+            embedding_dim=512,
+            tiny=True,
+            description="the tiny iResNet exported to ONNX, run through onnxruntime; forward only",
         ),
         CatalogEntry(
             name="iresnet-tiny",

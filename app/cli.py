@@ -249,5 +249,67 @@ def generate(spec_file: str, out_dir: Path) -> None:
                f"({time.perf_counter() - t0:.1f} s); manifest: {out_dir / 'manifest.json'}")
 
 
+@main.group()
+def models() -> None:
+    """Inspect the model registry, verify weights in place, print their pins."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every registered model and whether its files are in place and match their pins."""
+    from app.settings import Settings
+    from workers.runtime import model_registry
+
+    reg = model_registry(Settings())
+    for name in sorted(reg.specs):
+        spec = reg.spec(name)
+        v = reg.verify(name)
+        state = "ok" if v.ok else ("buildable" if spec.build and v.missing else "unavailable")
+        click.echo(f"{name:24} {spec.kind:9} {spec.family:9} {state:11} {reg.root(name)}")
+        if state == "unavailable":
+            click.echo(f"    {v.reason}")
+
+
+@models.command("pin")
+@click.argument("name")
+def models_pin(name: str) -> None:
+    """Print the registry-file entry pinning NAME's files as they are in place now.
+
+    Check the files' provenance first: a pin says "these bytes and no others".
+    """
+    from app.settings import Settings
+    from workers.runtime import model_registry
+
+    reg = model_registry(Settings())
+    try:
+        entry = reg.pin_entry(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    missing = sorted(set(reg.spec(name).required()) - set(entry["models"][name]["sha256"]))
+    if missing:
+        raise click.ClickException(f"{name}: files missing from {reg.root(name)}: {', '.join(missing)}")
+    click.echo(json.dumps(entry, indent=2))
+
+
+@models.command("verify")
+@click.argument("names", nargs=-1)
+def models_verify(names: tuple[str, ...]) -> None:
+    """Fetch or build, then verify NAMES (default: all); exit 1 if any is unavailable."""
+    from app.settings import Settings
+    from models.modelspec import ModelUnavailable
+    from workers.runtime import model_registry
+
+    reg = model_registry(Settings())
+    bad = 0
+    for name in names or tuple(sorted(reg.specs)):
+        try:
+            reg.ensure(name)
+            click.echo(f"{name}: ok")
+        except (ModelUnavailable, ValueError) as e:
+            bad += 1
+            click.echo(f"{name}: {e}", err=True)
+    sys.exit(1 if bad else 0)
+
+
 if __name__ == "__main__":
     main()

@@ -78,7 +78,7 @@ class Client:
                 r = plain.get(f["url"])
                 r.raise_for_status()
                 if hashlib.sha256(r.content).hexdigest() != f["sha256"]:
-                    raise IOError(f"{f['path']}: checksum mismatch")
+                    raise OSError(f"{f['path']}: checksum mismatch")
                 dest = out / f["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(r.content)

@@ -95,7 +95,7 @@ def _progress(job: dict[str, object]) -> None:
     """One line each time the status, stage or image count changes."""
     p = job["progress"]
     assert isinstance(p, dict)
-    line = (f"  {job['status']:<9} {str(job.get('stage') or '-'):<20} "
+    line = (f"  {job['status']:<9} {job.get('stage') or '-'!s:<20} "
             f"{p['images_done']}/{p['images_total']} images")
     if line != _last[0]:
         print(line, flush=True)

@@ -56,7 +56,7 @@ class TaskQueue:
         self.app = app
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "TaskQueue":
+    def from_settings(cls, s: Settings) -> TaskQueue:
         app = Celery("idforge-client", set_as_current=False)
         app.conf.update(celery_config(s))
         return cls(app)

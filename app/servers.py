@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 
-def stop_group(proc: "subprocess.Popen[bytes]", sig: int = signal.SIGTERM,
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
                timeout: float = 30) -> None:
     """Signal the process group of `proc` (started with start_new_session=True), then SIGKILL it
     if it has not exited within `timeout` seconds."""
@@ -64,7 +64,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 15) -> "RedisServer":
+    def start(self, timeout: float = 15) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
                "--dir", str(self.data_dir.resolve()), "--save", "",

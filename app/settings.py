@@ -70,8 +70,12 @@ class Settings(BaseSettings):
     checkpoint_steps: int = Field(50, ge=1)
     # Gallery images rendered per saved chunk (a redelivered task resumes chunk by chunk).
     gallery_chunk: int = Field(256, ge=1)
-    # Where model weights live; tiny presets are built here when missing.
+    # Where model weights live; tiny presets are built here when missing, and models whose
+    # location is an S3 prefix are fetched here (checked against their pins as they arrive).
     model_dir: Path = Path(".idforge/models")
+    # The operator's registry file (YAML or JSON): sha256 pins of published weights and each
+    # model's location (a directory or s3://bucket/prefix). Empty = the built-in table only.
+    model_registry: Path | None = None
     # torch device for workers: "auto" = cuda when available, else cpu.
     device: str = "auto"
 
@@ -85,7 +89,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _refuse_placeholders(self) -> "Settings":
+    def _refuse_placeholders(self) -> Settings:
         if self.environment != "development":
             if self.secret_key.get_secret_value() in PLACEHOLDER_SECRETS:
                 raise ValueError("IDFORGE_SECRET_KEY must be set outside development")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -62,8 +62,7 @@ def _method_or(default: str) -> Any:
 
 
 Sampler = Annotated[
-    Union[Annotated[RandomSampler, Tag("random")], Annotated[HyperFaceSampler, Tag("hyperface")],
-          Annotated[LangevinSampler, Tag("langevin")]],
+    Annotated[RandomSampler, Tag("random")] | Annotated[HyperFaceSampler, Tag("hyperface")] | Annotated[LangevinSampler, Tag("langevin")],
     _method_or("random"),
 ]
 
@@ -97,8 +96,7 @@ class DisCo(_Strict):
 
 
 Variations = Annotated[
-    Union[Annotated[EmbeddingNoise, Tag("embedding_noise")], Annotated[Dispersion, Tag("dispersion")],
-          Annotated[DisCo, Tag("disco")]],
+    Annotated[EmbeddingNoise, Tag("embedding_noise")] | Annotated[Dispersion, Tag("dispersion")] | Annotated[DisCo, Tag("disco")],
     _method_or("embedding_noise"),
 ]
 
@@ -185,6 +183,19 @@ def _pairs() -> str:
             f"and variations {variations}"
         )
     return "; ".join(parts)
+
+
+def check_available(spec: JobSpec, statuses: dict[str, dict[str, Any]]) -> None:
+    """Fail fast: a model the workers last reported unavailable (missing or unpinned weights, a bad
+    checksum) is refused with their reason, which names the files and where they go. A model no
+    worker has checked yet is let through; the worker fails the job with the same reason."""
+    m = spec.models
+    for field, name in (("models.generator", m.generator), ("models.embedder", m.embedder),
+                        ("models.gallery_generator", m.gallery_generator)):
+        status = statuses.get(name) if name else None
+        if status is not None and not status.get("ok"):
+            raise SpecError(field, f"model {name!r} is unavailable on the workers: {status.get('reason')}",
+                            code="model_unavailable")
 
 
 def check_models(spec: JobSpec) -> None:

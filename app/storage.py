@@ -35,7 +35,7 @@ class JobKeys:
         self.root = root.strip("/")
 
     @classmethod
-    def for_job(cls, prefix: str, job_id: str) -> "JobKeys":
+    def for_job(cls, prefix: str, job_id: str) -> JobKeys:
         if not job_id.isalnum():
             raise ValueError(f"job_id must be alphanumeric, got {job_id!r}")
         return cls(f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id)
@@ -151,25 +151,10 @@ class S3Storage:
         self.presign_client = presign_client or client
 
     @classmethod
-    def from_settings(cls, s: Any) -> "S3Storage":
-        import boto3
-        from botocore.config import Config
-
-        def client(endpoint: str) -> Any:
-            return boto3.client(
-                "s3",
-                endpoint_url=endpoint or None,
-                region_name=s.s3_region,
-                aws_access_key_id=s.s3_access_key_id or None,
-                aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
-                config=Config(signature_version="s3v4",
-                              retries={"max_attempts": 8, "mode": "standard"},
-                              s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
-            )
-
+    def from_settings(cls, s: Any) -> S3Storage:
         public = s.s3_public_endpoint_url
-        return cls(s.s3_bucket, client=client(s.s3_endpoint_url),
-                   presign_client=client(public) if public else None)
+        return cls(s.s3_bucket, client=s3_client(s, s.s3_endpoint_url),
+                   presign_client=s3_client(s, public) if public else None)
 
     def _call(self, what: str, key: str, fn: Any, **kw: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -229,6 +214,40 @@ class S3Storage:
 
     def ping(self) -> None:
         self._call("head bucket", "", self.client.head_bucket)
+
+
+def s3_client(s: Any, endpoint: str) -> Any:
+    """A boto3 S3 client for the settings' credentials at `endpoint` (empty = AWS)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=s.s3_region,
+        aws_access_key_id=s.s3_access_key_id or None,
+        aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
+        config=Config(signature_version="s3v4", retries={"max_attempts": 8, "mode": "standard"},
+                      s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
+    )
+
+
+def fetch_s3_object(client: Any, uri: str, dest: Path) -> None:
+    """Copy `s3://bucket/key` to the local file `dest`: FileNotFoundError when there is no such object,
+    StorageError on any other failure."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise ValueError(f"uri: expected s3://bucket/key, got {uri!r}")
+    try:
+        client.download_file(bucket, key, str(dest))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
+            raise FileNotFoundError(uri) from e
+        raise StorageError(f"fetching {uri} failed: {e}") from e
+    except BotoCoreError as e:
+        raise StorageError(f"fetching {uri} failed: {e}") from e
 
 
 def storage_from_settings(s: Any) -> Storage:

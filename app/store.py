@@ -119,7 +119,7 @@ def _translate() -> Iterator[None]:
 
 
 class JobStore:
-    def __init__(self, client: "redis.Redis") -> None:
+    def __init__(self, client: redis.Redis) -> None:
         # redis-py's annotations do not model decode_responses=True (str, not bytes): Any here.
         self.r: Any = client
         self._transition = client.register_script(_TRANSITION)
@@ -127,7 +127,7 @@ class JobStore:
         self._shard_done = client.register_script(_SHARD_DONE)
 
     @classmethod
-    def from_url(cls, url: str) -> "JobStore":
+    def from_url(cls, url: str) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                         socket_connect_timeout=5, health_check_interval=30,
                                         retry_on_timeout=True))

@@ -16,6 +16,7 @@ from app.storage import JobKeys, LocalStorage
 from workers import identities
 from workers.local import generate
 from workers.pipeline import Canceled
+from models.registry import Registry
 from workers.runtime import ModelCache
 
 HF: dict[str, Any] = {
@@ -28,7 +29,7 @@ HF: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def models(model_dir: Path) -> ModelCache:
-    return ModelCache(model_dir, "cpu")
+    return ModelCache(Registry(model_dir), "cpu")
 
 
 def _sample(spec: JobSpec, models: ModelCache, root: Path, hooks: identities.Hooks,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from PIL import Image
 
 from app.client import Client
 from app.servers import RedisServer, free_port
+from models.embedders.onnx import build_tiny as build_onnx_tiny
+from models.registry import file_sha256
 from tests.conftest import TEAM_KEYS
 from tests.servers import S3_KEY, S3_SECRET, Proc, SeaweedS3, wait_http
 
@@ -24,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 
 class Service:
-    def __init__(self, url: str, redis: RedisServer, s3: SeaweedS3, worker: Proc) -> None:
-        self.url, self.redis, self.s3, self.worker = url, redis, s3, worker
+    def __init__(self, url: str, redis: RedisServer, s3: SeaweedS3, worker: Proc, root: Path) -> None:
+        self.url, self.redis, self.s3, self.worker, self.root = url, redis, s3, worker, root
         self.alpha = Client(url, "key-alpha")
         self.beta = Client(url, "key-beta")
 
@@ -36,6 +39,14 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     redis = RedisServer(root / "redis").start()
     s3 = SeaweedS3(root / "s3").start(bucket="idforge-it")
     port = free_port()
+    # The worker's own model directory: the tiny presets, plus a published name (arcface-onnx)
+    # whose file lives under an S3 prefix and is pinned by the operator's registry file.
+    shutil.copytree(model_dir, root / "models")
+    onnx_file = build_onnx_tiny(root / "onnx-build", seed=3) / "model.onnx"
+    s3.client().upload_file(str(onnx_file), "idforge-it", "weights/arcface-onnx/arcface.onnx")
+    (root / "registry.yaml").write_text(
+        "models:\n  arcface-onnx:\n    location: s3://idforge-it/weights/arcface-onnx/\n"
+        f"    sha256:\n      arcface.onnx: {file_sha256(onnx_file)}\n")
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -48,7 +59,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         "IDFORGE_S3_ACCESS_KEY_ID": S3_KEY,
         "IDFORGE_S3_SECRET_ACCESS_KEY": S3_SECRET,
         "IDFORGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "IDFORGE_MODEL_DIR": str(model_dir),
+        "IDFORGE_MODEL_DIR": str(root / "models"),
+        "IDFORGE_MODEL_REGISTRY": str(root / "registry.yaml"),
         "IDFORGE_SHARD_IDENTITIES": "3",
         "IDFORGE_PRESIGN_EXPIRY_S": "600",
         "IDFORGE_CHECKPOINT_STEPS": "5",
@@ -58,7 +70,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     api = Proc(["serve", "--port", str(port)], env, root / "api.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=api)
-        yield Service(f"http://127.0.0.1:{port}", redis, s3, worker)
+        yield Service(f"http://127.0.0.1:{port}", redis, s3, worker, root)
     finally:
         api.stop()
         worker.stop()
@@ -109,10 +121,41 @@ def test_job_end_to_end_through_presigned_urls(service: Service) -> None:
     events = httpx.get(f"{service.url}/v1/jobs/{job_id}/events",
                        headers={"Authorization": "Bearer key-alpha"}).json()["events"]
     assert [e["to"] for e in events if e["type"] == "status"] == ["queued", "running", "succeeded"]
-    # Workers reported the models they verified.
-    models = httpx.get(f"{service.url}/v1/models",
-                       headers={"Authorization": "Bearer key-alpha"}).json()["models"]
-    assert all(m["available"] is True for m in models), models
+
+
+def test_models_come_from_the_registry_and_absent_ones_fail_fast(service: Service) -> None:
+    auth = {"Authorization": "Bearer key-alpha"}
+    deadline = time.monotonic() + 60
+    while True:  # the worker publishes what it verified once its pool process is up
+        models = {m["name"]: m for m in httpx.get(f"{service.url}/v1/models", headers=auth).json()["models"]}
+        if models["arcface-onnx"]["available"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(m["available"] for m in models.values() if m["tiny"]), models
+    # Fetched from the S3 prefix and checked against the operator's pin.
+    assert models["arcface-onnx"]["available"] is True, models["arcface-onnx"]
+    arc2face = models["arc2face"]
+    assert arc2face["available"] is False
+    assert "arc2face/diffusion_pytorch_model.safetensors" in arc2face["reason"]
+
+    # A job naming a model whose weights are absent is refused at once, naming the files.
+    r = httpx.post(f"{service.url}/v1/jobs", headers=auth, json={
+        "identities": 2, "models": {"generator": "arc2face", "embedder": "arcface-onnx"}})
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["code"] == "model_unavailable" and err["errors"][0]["field"] == "models.generator"
+    assert "encoder/pytorch_model.bin" in err["detail"] and "FoivosPar/Arc2Face" in err["detail"]
+
+    # The worker runs a job with the S3-fetched ONNX embedder.
+    job_id = service.alpha.submit({"identities": 3, "images_per_identity": 2, "seed": 2,
+                                   "models": {"embedder": "arcface-onnx"},
+                                   "render": {"steps": 2}})["id"]
+    job = service.alpha.wait(job_id, timeout=120, interval=0.2)
+    assert job["status"] == "succeeded", job
+    manifest = httpx.get(service.alpha.artifacts(job_id)["manifest_url"]).json()
+    embedder = manifest["models"]["embedder"]
+    assert embedder["name"] == "arcface-onnx"
+    assert embedder["sha256"] == {"arcface.onnx": file_sha256(service.root / "onnx-build" / "model.onnx")}
 
 
 def test_same_idempotency_key_twice_gives_one_job(service: Service) -> None:

@@ -17,6 +17,7 @@ from app.storage import JobKeys, LocalStorage
 from app.store import JobStore
 from workers import jobs, pipeline
 from workers.local import generate
+from models.registry import Registry
 from workers.runtime import ModelCache, Runtime
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
@@ -72,7 +73,7 @@ def rt(redis_server: RedisServer, store: JobStore, tmp_path: Path, model_dir: Pa
     s = Settings(redis_url=redis_server.url, storage_dir=tmp_path / "storage",
                  model_dir=model_dir, shard_identities=2)
     return Runtime(settings=s, store=store, storage=LocalStorage(s.storage_dir),
-                   queue=TaskQueue.from_settings(s), models=ModelCache(model_dir, "cpu"))
+                   queue=TaskQueue.from_settings(s), models=ModelCache(Registry(model_dir), "cpu"))
 
 
 def _submit(rt: Runtime, body: dict[str, Any]) -> tuple[str, JobSpec]:

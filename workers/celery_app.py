@@ -17,6 +17,7 @@ from app.errors import (
     StorageKeyMissing,
 )
 from app.settings import Settings
+from models.modelspec import ModelUnavailable
 from workers import jobs
 from workers.pipeline import Canceled
 from workers.runtime import get_runtime, quiet_libraries, reset_runtime
@@ -48,6 +49,8 @@ def _run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
         log.warning("job %s %s: transient error, retrying: %s", job_id, key, e.detail)
         rt.store.incr_attempt(job_id, key, by=-1)  # a retry is not a crash
         raise task.retry(countdown=min(30, 2 ** task.request.retries), exc=e) from e
+    except ModelUnavailable as e:  # not transient: the operator must place or pin the weights
+        jobs.fail(rt, job_id, "model_unavailable", f"{key}: {e}")
     except Exception as e:
         log.exception("job %s %s failed", job_id, key)
         jobs.fail(rt, job_id, "task_error", f"{key}: {type(e).__name__}: {e}")

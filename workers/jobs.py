@@ -62,6 +62,8 @@ def fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
 
 def sample_identities(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
+    m = spec.models
+    rt.models.require(*filter(None, (m.generator, m.embedder, m.gallery_generator)))  # fail fast
     rt.store.transition(job_id, "running")
     rt.store.set_stage(job_id, "sampling_identities")
     t0 = time.perf_counter()

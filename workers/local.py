@@ -11,7 +11,7 @@ from app.settings import Settings
 from app.spec import JobSpec, check_models
 from app.storage import JobKeys, LocalStorage
 from workers import identities, pipeline
-from workers.runtime import ModelCache, pick_device, quiet_libraries
+from workers.runtime import ModelCache, model_registry, pick_device, quiet_libraries
 
 
 def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
@@ -20,7 +20,7 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     check_models(spec)
     quiet_libraries()
     s = settings or Settings()
-    models = ModelCache(s.model_dir, pick_device(s.device))
+    models = ModelCache(model_registry(s), pick_device(s.device))
     storage, keys = LocalStorage(out_dir), JobKeys("")
     gen, emb = models.generator(spec.models.generator), models.embedder(spec.models.embedder)
     t0 = time.perf_counter()

@@ -23,13 +23,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app import __version__
-from app.spec import EmbeddingNoise, JobSpec
 from app.errors import StorageKeyMissing
+from app.spec import EmbeddingNoise, JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models import align
 from models.sampling.sphere import normalize
-from models.sampling.variations import (EmbeddingNoiseConfig, embedding_noise, mean_cosine,
-                                        scale_for_mean_cosine)
+from models.sampling.variations import (
+    EmbeddingNoiseConfig,
+    embedding_noise,
+    mean_cosine,
+    scale_for_mean_cosine,
+)
 from models.seeding import DERIVE_SEED_SCHEME, derive_seed
 
 SEED_DERIVATION = {

@@ -14,9 +14,10 @@ import torch
 from app import catalog
 from app.queue import TaskQueue
 from app.settings import Settings
-from app.storage import Storage, storage_from_settings
+from app.storage import Storage, fetch_s3_object, s3_client, storage_from_settings
 from app.store import JobStore
 from models import registry
+from models.modelspec import ModelKind
 
 log = logging.getLogger("idforge.worker")
 
@@ -39,30 +40,54 @@ def pick_device(setting: str) -> str:
     return setting
 
 
+def model_registry(s: Settings) -> registry.Registry:
+    """The registry over `s.model_dir`, with the operator's registry file applied, fetching models
+    that live under an S3 prefix with the settings' S3 credentials."""
+    specs = registry.load_overrides(s.model_registry) if s.model_registry else registry.SPECS
+    clients: list[Any] = []
+
+    def fetch(uri: str, dest: Path) -> None:
+        if not clients:
+            clients.append(s3_client(s, s.s3_endpoint_url))
+        log.info("fetching %s", uri)
+        fetch_s3_object(clients[0], uri, dest)
+
+    return registry.Registry(s.model_dir, specs, fetch=fetch)
+
+
 @dataclass
 class ModelCache:
     """Models loaded once per process, by catalogue name, from verified weights."""
 
-    model_dir: Path
+    registry: registry.Registry
     device: str
     _models: dict[str, Any] = field(default_factory=dict)
 
-    def generator(self, name: str) -> Any:
+    def _load(self, name: str, kind: ModelKind) -> Any:
         if name not in self._models:
-            registry.ensure_model(name, self.model_dir)
-            self._models[name] = registry.load_generator(name, self.model_dir, self.device)
+            self.registry.ensure(name)
+            self._models[name] = self.registry.load(name, self.device, kind)
         return self._models[name]
 
+    def generator(self, name: str) -> Any:
+        return self._load(name, "generator")
+
     def embedder(self, name: str) -> Any:
-        if name not in self._models:
-            registry.ensure_model(name, self.model_dir)
-            self._models[name] = registry.load_embedder(name, self.model_dir, self.device)
-        return self._models[name]
+        return self._load(name, "embedder")
+
+    def require(self, *names: str) -> None:
+        """Fail fast: every named model is in place and verified (ModelUnavailable otherwise)."""
+        for name in names:
+            self.registry.ensure(name)
+
+    def alignment(self, name: str) -> str:
+        """How the images of generator `name` are cropped for embedding."""
+        return self.registry.spec(name).alignment
 
     def weights(self, name: str) -> dict[str, Any]:
         """What the manifest records of a model: name, licence notes and weight sha256."""
-        return {"name": name, "license": registry.get_spec(name).license,
-                "sha256": registry.weights_sha256(name, self.model_dir)}
+        return {"name": name, "license": self.registry.spec(name).license,
+                "sha256": self.registry.weights_sha256(name)}
 
 
 @dataclass
@@ -74,10 +99,10 @@ class Runtime:
     models: ModelCache
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "Runtime":
+    def from_settings(cls, s: Settings) -> Runtime:
         return cls(settings=s, store=JobStore.from_url(s.redis_url),
                    storage=storage_from_settings(s), queue=TaskQueue.from_settings(s),
-                   models=ModelCache(s.model_dir, pick_device(s.device)))
+                   models=ModelCache(model_registry(s), pick_device(s.device)))
 
     def check_models(self) -> dict[str, dict[str, Any]]:
         """Verify every catalogue model's weights against the registry's pins; publish the result
@@ -85,9 +110,11 @@ class Runtime:
         out: dict[str, dict[str, Any]] = {}
         for name in catalog.CATALOG:
             try:
-                registry.ensure_model(name, self.settings.model_dir)
-                v = registry.verify(name, self.settings.model_dir)
+                self.models.registry.ensure(name)
+                v = self.models.registry.verify(name)
                 out[name] = {"ok": v.ok, "reason": v.reason, "sha256": v.sha256}
+            except registry.ModelUnavailable as e:
+                out[name] = {"ok": False, "reason": e.reason, "sha256": None}
             except Exception as e:  # a broken model must not stop the worker serving the others
                 out[name] = {"ok": False, "reason": f"{type(e).__name__}: {e}", "sha256": None}
             if not out[name]["ok"]:

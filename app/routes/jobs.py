@@ -25,7 +25,7 @@ from app.errors import (
 )
 from app.problems import field_errors
 from app.queue import SAMPLE_IDENTITIES
-from app.spec import JobSpec, SpecError, check_limits, check_models
+from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
 from app.storage import JobKeys
 from app.store import TERMINAL
 from app.views import job_view
@@ -68,6 +68,7 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
         check_limits(spec, max_identities=s.max_identities,
                      max_images_per_identity=s.max_images_per_identity,
                      max_total_images=s.max_total_images)
+        check_available(spec, svc.store.model_statuses())
     except SpecError as e:
         raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
                           errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
