@@ -176,10 +176,10 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-tiny", kind="generator", family="stylegan2", tiny=True,
             license=TINY_LICENSE + "StyleGAN2 architecture (Karras et al., CVPR 2020) in the "
             "rosinality/stylegan2-pytorch layout (MIT)",
-            files={"stylegan2-tiny.pt": WeightFile(
-                "0000000000000000000000000000000000000000000000000000000000000000",
+            files={"stylegan2.pt": WeightFile(
+                "6eaca095a9d1ce75ddd22b8ee72ee6de157068b5b5190ff1d638fd31ba45bd1a",
                 "tiny rosinality-format checkpoint (g_ema, latent_avg)")},
-            config={"config": "TINY_CONFIG", "weights": "stylegan2-tiny.pt"},
+            config={"config": "CONFIG_TINY", "weights": "stylegan2.pt"},
             alignment="center",
             build=_build_stylegan2_tiny,
         ),
@@ -187,19 +187,19 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-ffhq-256", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ weights: NVIDIA Source Code License-NC (non-commercial); "
             "rosinality/stylegan2-pytorch conversion (MIT code)",
-            files=_published(("stylegan2-ffhq-256.pt", "rosinality-format checkpoint (g_ema, latent_avg) "
-                              "of StyleGAN2 trained on FFHQ at 256 px, e.g. rosinality's 550000.pt renamed; "
-                              "see docs/stylegan2.md")),
-            config={"config": "CONFIG_256", "weights": "stylegan2-ffhq-256.pt"},
+            files=_published(("stylegan2.pt", "rosinality-format checkpoint {g_ema, latent_avg} of "
+                              "StyleGAN2 trained on FFHQ at 256 px: rosinality's FFHQ 256 snapshot re-saved "
+                              "offline as docs/stylegan2.md describes")),
+            config={"config": "CONFIG_256", "weights": "stylegan2.pt"},
             alignment="ffhq",
         ),
         ModelSpec(
             name="stylegan2-ffhq-1024", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ config-f weights: NVIDIA Source Code License-NC (non-commercial); "
             "converted offline to the rosinality layout",
-            files=_published(("stylegan2-ffhq-config-f.pt", "NVIDIA's stylegan2-ffhq-config-f converted "
-                              "offline with rosinality's convert_weight.py; see docs/stylegan2.md")),
-            config={"config": "CONFIG_1024", "weights": "stylegan2-ffhq-config-f.pt"},
+            files=_published(("stylegan2.pt", "NVIDIA's stylegan2-ffhq-config-f.pkl converted offline "
+                              "with rosinality's convert_weight.py and renamed; see docs/stylegan2.md")),
+            config={"config": "CONFIG_1024", "weights": "stylegan2.pt"},
             alignment="ffhq",
         ),
         ModelSpec(

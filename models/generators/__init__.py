@@ -1,1 +1,1 @@
-"""Face generators: Arc2Face (embedding-conditioned diffusion); StyleGAN2 comes later."""
+"""Face generators: Arc2Face (embedding-conditioned diffusion) and StyleGAN2 (latent space)."""
