@@ -30,8 +30,8 @@ def _load_iresnet(root: Path, config: Mapping[str, Any], device: Device, present
 
     if "weights" not in config:  # a tiny preset: config.json + model.safetensors
         return IResNetEmbedder.from_pretrained(root, device=device)
-    return IResNetEmbedder.from_checkpoint(root / config["weights"], IResNetConfig.from_arch(config["arch"]),
-                                           device=device)
+    arch = IResNetConfig.from_arch(config["arch"], source=config.get("source", "arcface_torch"))
+    return IResNetEmbedder.from_checkpoint(root / config["weights"], arch, device=device)
 
 
 def _load_onnx(root: Path, config: Mapping[str, Any], device: Device, present: set[str]) -> Any:
@@ -127,7 +127,8 @@ def _legacy(depth: int, file: str) -> ModelSpec:
         "insightface's model zoo, non-commercial research only",
         files=_published((file, f"iResNet-{depth} state dict `{file}` released with "
                           "github.com/nizhib/pytorch-insightface")),
-        config={"arch": f"r{depth}", "weights": file},
+        # same parameter names as arcface_torch, but BatchNorm eps 2e-5 and inputs scaled by 1/128
+        config={"arch": f"r{depth}", "weights": file, "source": "nizhib"},
     )
 
 
@@ -228,8 +229,8 @@ SPECS: dict[str, ModelSpec] = {
             name="arcface-onnx-tiny", kind="embedder", family="onnx", tiny=True,
             license=TINY_LICENSE + "the tiny iResNet exported to ONNX",
             files={"model.onnx": WeightFile(
-                "0000000000000000000000000000000000000000000000000000000000000000",
-                "tiny iResNet exported to ONNX")},
+                "adb22e71e33c11403cdd1e5c04498efc8b32af84140b37f24681fe73fbcea24a",
+                "tiny iResNet as an ONNX graph")},
             config={"weights": "model.onnx"},
             build=_build_onnx_tiny,
         ),

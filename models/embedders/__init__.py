@@ -1,1 +1,1 @@
-"""Face-recognition embedders: iResNet (insightface-compatible weights); ONNX and the evaluator come later."""
+"""Face-recognition embedders: iResNet (insightface-compatible weights) and ONNX (forward-only models)."""

@@ -38,6 +38,8 @@ def test_registry_matches_the_public_catalogue():
 
 def test_tiny_presets_verify_against_the_pins(model_dir):
     for name, spec in registry.SPECS.items():
+        if not spec.tiny:
+            continue
         result = verify(name, model_dir)
         assert result.ok and result.reason is None
         pins = {rel: f.sha256 for rel, f in spec.files.items()}
