@@ -12,13 +12,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build tiny presets; nothing is downloaded
 
-import torch  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
-from bench import hyperface, render  # noqa: E402
+from bench import embedders, hyperface, render, stylegan2
 
-BENCHMARKS = {"render": render.run, "hyperface": hyperface.run}  # name -> callable returning its summary line
+# name -> callable returning its summary line
+BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "embedders": embedders.run,
+              "stylegan2": stylegan2.run}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def run() -> str:
     """`python -m bench` entry: the quick CPU smoke run, as one summary line."""
-    return " || ".join(main(["--quick"]))
+    with contextlib.redirect_stdout(io.StringIO()):  # main() prints its lines; return them instead
+        lines = main(["--quick"])
+    return " || ".join(lines)
 
 
 if __name__ == "__main__":

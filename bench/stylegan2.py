@@ -16,6 +16,8 @@ and one line times forward + backward to W (what Langevin / DisCo steps cost).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import time
 
@@ -142,7 +144,9 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def run() -> str:
     """`python -m bench` entry: the quick subset, as one summary line."""
-    return " || ".join(main(["--quick"]))
+    with contextlib.redirect_stdout(io.StringIO()):  # main() prints its lines; return them instead
+        lines = main(["--quick"])
+    return " || ".join(lines)
 
 
 if __name__ == "__main__":
