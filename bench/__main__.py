@@ -19,8 +19,8 @@ from transformers.utils import logging as transformers_logging
 from bench import embedders, hyperface, render, stylegan2
 
 # name -> callable returning its summary line
-BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "embedders": embedders.run,
-              "stylegan2": stylegan2.run}
+BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,
+              "embedders": embedders.run, "stylegan2": stylegan2.run}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,29 +3,46 @@
 The prompt "photo of a id person" is tokenised; the input embedding of the "id" token is replaced
 by the identity embedding (unit norm, zero-padded to the text encoder's width) and the CLIP text
 encoder runs on those input embeddings. Its output conditions the UNet through cross-attention;
-25 DPM-Solver++ steps with classifier-free guidance 3.0 render the image.
+25 DPM-Solver++ steps with classifier-free guidance 3.0 render the image. With the LCM-LoRA fused
+into a second copy of the UNet, `render(..., fast=True)` takes 4 LCM steps without guidance.
 
-On-disk layout (the published one): `arc2face/` the UNet and `encoder/` the CLIP text encoder
-(`save_pretrained` formats), plus the Stable Diffusion 1.5 parts `vae/`, `tokenizer/` and
-`scheduler/`. The tiny preset (`build_tiny`) uses the same layout with small configs.
+On-disk layout (the published one): `arc2face/` the UNet (config.json and
+diffusion_pytorch_model.safetensors) and `encoder/` the CLIP text encoder (config.json and
+pytorch_model.bin as FoivosPar/Arc2Face publishes it, saved by transformers 4 with `text_model.`
+key prefixes, or model.safetensors), plus the Stable Diffusion 1.5 parts `vae/`, `tokenizer/` and
+`scheduler/`, in the same directory or in a separate `base` directory. The tiny preset
+(`build_tiny`) uses the same layout with small configs.
 
 Unconditional embeddings for guidance: the same prompt with a zero identity embedding. The
 published demo encodes an empty negative prompt instead; the zero identity keeps the prompt's
 text fixed so that guidance pushes along the identity only, and needs no second tokenisation.
+
+GPU use: weights in float16/bfloat16 (`dtype`), optional channels_last memory layout, the
+diffusers default scaled-dot-product attention, the guided and unguided halves in one UNet call,
+and an optional `torch.compile` of the UNet (`compile_unet`); `max_batch` bounds the memory of a
+large render by splitting it into chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import inspect
+import json
+import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
 from models.generators.clip_vocab import write_clip_vocab
+from models.generators.lcm_lora import FAST_GUIDANCE, FAST_STEPS, lcm_scheduler, load_lcm_lora
 from models.seeding import make_generator, seeded_construction
 
 PROMPT = "photo of a id person"  # Arc2Face's fixed prompt; "id" is the placeholder token
@@ -38,6 +55,37 @@ UNET_DIR, ENCODER_DIR, VAE_DIR, TOKENIZER_DIR, SCHEDULER_DIR = (
     "tokenizer",
     "scheduler",
 )
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # weight dtypes from_pretrained accepts
+# Files of each part: (sub-directory, alternative file names, what goes there).
+ARC2FACE_FILES = (
+    (UNET_DIR, ("config.json",), "the Arc2Face UNet config (FoivosPar/Arc2Face)"),
+    (UNET_DIR, ("diffusion_pytorch_model.safetensors",), "the Arc2Face UNet weights (FoivosPar/Arc2Face)"),
+    (ENCODER_DIR, ("config.json",), "the Arc2Face CLIP text encoder config (FoivosPar/Arc2Face)"),
+    (
+        ENCODER_DIR,
+        ("model.safetensors", "pytorch_model.bin"),
+        "the Arc2Face CLIP text encoder weights (FoivosPar/Arc2Face encoder/pytorch_model.bin)",
+    ),
+)
+SD15_FILES = (
+    (VAE_DIR, ("config.json",), "the Stable Diffusion 1.5 VAE config"),
+    (VAE_DIR, ("diffusion_pytorch_model.safetensors",), "the Stable Diffusion 1.5 VAE weights"),
+    (TOKENIZER_DIR, ("vocab.json",), "the Stable Diffusion 1.5 CLIP tokenizer vocabulary"),
+    (TOKENIZER_DIR, ("merges.txt",), "the Stable Diffusion 1.5 CLIP tokenizer merges"),
+    (SCHEDULER_DIR, ("scheduler_config.json",), "the Stable Diffusion 1.5 noise schedule"),
+)
+V4_PREFIX = "text_model."  # transformers 4 saved CLIPTextModel keys under this prefix
+V4_BUFFERS = ("embeddings.position_ids",)  # buffers that transformers < 4.31 also saved
+
+
+@dataclass(frozen=True)
+class Sampling:
+    steps: int  # denoising steps per image
+    guidance_scale: float  # classifier-free guidance scale; 1 = off (one UNet pass per step)
+
+
+STANDARD = Sampling(steps=25, guidance_scale=3.0)  # DPM-Solver++ (2nd order), the published settings
+FAST = Sampling(steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE)  # LCM with the LCM-LoRA
 
 
 @dataclass(frozen=True)
@@ -68,8 +116,81 @@ def encode_prompt_embeds(text_encoder: CLIPTextModel, token_embeds: torch.Tensor
     return text_encoder.final_layer_norm(hidden)  # [B, L, H]
 
 
+def check_layout(path: Path, base: Path) -> None:
+    """Raise FileNotFoundError naming every missing file of the layout and what goes there."""
+    missing = []
+    for root, files in ((path, ARC2FACE_FILES), (base, SD15_FILES)):
+        for sub, names, what in files:
+            if not any((root / sub / n).is_file() for n in names):
+                missing.append(f"{' or '.join(str(root / sub / n) for n in names)}: {what}")
+    if missing:
+        raise FileNotFoundError("Arc2Face model files missing:\n  " + "\n  ".join(missing))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a plain `.bin` state dict (no code-running pickle)."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a plain state dict; refusing a pickle that runs code ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a flat dict of tensors")
+    return state
+
+
+def load_text_encoder(directory: Path, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
+    """The CLIP text encoder of `directory` (config.json + model.safetensors or pytorch_model.bin).
+
+    Reads checkpoints saved by transformers 4 (`text_model.`-prefixed keys, a wrapper class in
+    `architectures`) as well as by transformers 5; every weight must be present, none left over.
+    """
+    raw = json.loads((directory / "config.json").read_text("utf-8"))
+    if raw.get("model_type") != "clip_text_model":
+        raise ValueError(
+            f"{directory / 'config.json'}: model_type {raw.get('model_type')!r}, expected 'clip_text_model'"
+        )
+    skip = {"architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+    config = CLIPTextConfig.from_dict({k: v for k, v in raw.items() if k not in skip})
+    weights = directory / "model.safetensors"
+    state = read_state_dict(weights if weights.is_file() else directory / "pytorch_model.bin")
+    state = {k.removeprefix(V4_PREFIX): v for k, v in state.items()}
+    for k in V4_BUFFERS:
+        state.pop(k, None)
+    with seeded_construction(0):  # every weight is overwritten below; the seed only keeps the RNG untouched
+        model = CLIPTextModel(config)
+    expected = model.state_dict()
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{directory}: text encoder weights missing {missing[:8]}, unexpected {extra[:8]}")
+    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{directory}: text encoder weight shapes differ from config.json for {wrong[:8]}")
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
+
+
+def read_scheduler_config(directory: Path) -> dict[str, Any]:
+    """The noise schedule's config as saved (SD 1.5 publishes a PNDMScheduler config)."""
+    return dict(json.loads((directory / "scheduler_config.json").read_text("utf-8")))
+
+
+def dpm_solver(config: Mapping[str, Any]) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order, multistep) on the noise schedule of any scheduler config."""
+    accepted = set(inspect.signature(DPMSolverMultistepScheduler.__init__).parameters)
+    kept = {k: v for k, v in config.items() if k in accepted}
+    kept.update(algorithm_type="dpmsolver++", solver_order=2)
+    return DPMSolverMultistepScheduler.from_config(kept)
+
+
 class Arc2FaceGenerator:
-    """Renders face images from identity embeddings: `render(embeddings, seeds) -> uint8 images`."""
+    """Renders face images from identity embeddings: `render(embeddings, seeds) -> uint8 images`.
+
+    `fast_unet` (the UNet with the LCM-LoRA fused in) and `fast_scheduler` enable `fast=True`; the
+    standard UNet is kept alongside, so both modes are served by one generator (at twice the UNet
+    memory). `channels_last` stores the UNets and VAE in NHWC; `compile_unet` compiles the UNets.
+    """
 
     def __init__(
         self,
@@ -77,18 +198,34 @@ class Arc2FaceGenerator:
         vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
-        scheduler: DPMSolverMultistepScheduler,
+        scheduler: SchedulerMixin,
         embedding_dim: int = 512,
+        *,
+        fast_unet: UNet2DConditionModel | None = None,
+        fast_scheduler: SchedulerMixin | None = None,
+        channels_last: bool = False,
+        compile_unet: bool = False,
     ) -> None:
         width = text_encoder.config.hidden_size
         if embedding_dim > width:
             raise ValueError(f"embedding_dim: {embedding_dim} exceeds the text encoder width {width}")
+        if (fast_unet is None) != (fast_scheduler is None):
+            raise ValueError("fast_unet, fast_scheduler: give both (fast mode) or neither")
         self.unet = unet.eval().requires_grad_(False)
+        self.fast_unet = fast_unet.eval().requires_grad_(False) if fast_unet is not None else None
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.scheduler = scheduler  # a template: each render works on its own copy
+        self.fast_scheduler = fast_scheduler  # the same for fast mode
         self.embedding_dim = embedding_dim
+        if channels_last:
+            for module in (self.unet, self.fast_unet, self.vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        self._denoisers: dict[bool, Any] = {False: self.unet, True: self.fast_unet}  # fast -> UNet callable
+        if compile_unet:
+            self.compile_unet()
         ids = tokenizer(
             PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
@@ -111,19 +248,65 @@ class Arc2FaceGenerator:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return int(self.unet.config.sample_size) * factor
 
+    @property
+    def has_fast_mode(self) -> bool:
+        return self.fast_unet is not None
+
+    def compile_unet(self, **options: Any) -> None:
+        """Run the UNet(s) through `torch.compile(unet, **options)` (default: inductor, static shapes).
+
+        Each distinct batch size compiles once; keep `max_batch` fixed so chunks reuse one graph.
+        """
+        options = {"dynamic": False, **options}
+        self._denoisers = {
+            fast: torch.compile(unet, **options) if unet is not None else None
+            for fast, unet in ((False, self.unet), (True, self.fast_unet))
+        }
+
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        *,
+        base: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        lcm_lora: str | Path | None = None,
+        channels_last: bool = False,
+        compile_unet: bool = False,
     ) -> Arc2FaceGenerator:
-        """Load the published Arc2Face layout (safetensors weights only) onto `device`."""
+        """Assemble the pipeline from the published layout (see the module docstring) onto `device`.
+
+        `base` is the Stable Diffusion 1.5 directory holding vae/, tokenizer/ and scheduler/ (default:
+        `path` itself). `lcm_lora` is the LCM-LoRA `pytorch_lora_weights.safetensors`, fused into a
+        copy of the UNet for fast mode. The scheduler config (SD 1.5's is PNDM) gives the noise
+        schedule for DPM-Solver++ and LCM. Weights load from safetensors or plain state dicts only.
+        """
         path = Path(path)
+        base_dir = Path(base) if base is not None else path
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        if not path.is_dir():
+            raise FileNotFoundError(f"path: {path} is not a directory (Arc2Face: arc2face/, encoder/)")
+        if not base_dir.is_dir():
+            raise FileNotFoundError(f"base: {base_dir} is not a directory (SD 1.5 vae, tokenizer, scheduler)")
+        check_layout(path, base_dir)
         safe = {"use_safetensors": True, "torch_dtype": dtype, "low_cpu_mem_usage": False}
-        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR, **safe)
-        vae = AutoencoderKL.from_pretrained(path / VAE_DIR, **safe)
-        text_encoder = CLIPTextModel.from_pretrained(path / ENCODER_DIR, use_safetensors=True, dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(path / TOKENIZER_DIR)
-        scheduler = DPMSolverMultistepScheduler.from_pretrained(path / SCHEDULER_DIR)
-        return cls(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, scheduler)
+        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR, **safe).to(device)
+        vae = AutoencoderKL.from_pretrained(base_dir / VAE_DIR, **safe).to(device)
+        text_encoder = load_text_encoder(path / ENCODER_DIR, dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(base_dir / TOKENIZER_DIR)
+        schedule = read_scheduler_config(base_dir / SCHEDULER_DIR)
+        fast_unet, fast_scheduler = None, None
+        if lcm_lora is not None:
+            fast_unet = copy.deepcopy(unet)
+            load_lcm_lora(lcm_lora, fast_unet)
+            fast_scheduler = lcm_scheduler(schedule)
+        return cls(
+            unet, vae, text_encoder, tokenizer, dpm_solver(schedule),
+            fast_unet=fast_unet, fast_scheduler=fast_scheduler,
+            channels_last=channels_last, compile_unet=compile_unet,
+        )  # fmt: skip
 
     @torch.no_grad()
     def encode_identities(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -144,13 +327,23 @@ class Arc2FaceGenerator:
         tokens[:, self.id_position] = emb.to(tokens.dtype)
         return encode_prompt_embeds(self.text_encoder, tokens)  # [B, L, H]
 
+    def _seeded_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial latents [B, C, h, w] and each image's CPU generator, positioned after its latent."""
+        c, s = self.unet.config.in_channels, self.unet.config.sample_size
+        generators = [make_generator(seed) for seed in seeds]
+        latents = [torch.randn(c, s, s, generator=g) for g in generators]  # B x [C, h, w], float32
+        return torch.stack(latents).to(self.device, self.dtype), generators  # [B, C, h, w]
+
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         """One latent per seed, each from its own CPU generator (device-independent): [B, C, h, w]."""
-        c, s = self.unet.config.in_channels, self.unet.config.sample_size
-        latents = [  # B x [C, h, w]
-            torch.randn(c, s, s, generator=make_generator(seed), dtype=torch.float32) for seed in seeds
-        ]
-        return torch.stack(latents).to(self.device, self.dtype)  # [B, C, h, w]
+        return self._seeded_latents(seeds)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> uint8 images [B, H, W, 3] on the CPU."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # [B, 3, H, W] in [-1, 1]
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3]
 
     @torch.no_grad()
     def render(
@@ -158,45 +351,80 @@ class Arc2FaceGenerator:
         embeddings: torch.Tensor,
         seeds: Sequence[int],
         *,
-        steps: int = 25,
-        guidance_scale: float = 3.0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        fast: bool = False,
+        max_batch: int | None = None,
     ) -> torch.Tensor:
         """Images for identity embeddings [B, D] and one seed each: uint8 [B, H, W, 3] on the CPU.
 
-        Image b depends only on (embeddings[b], seeds[b], steps, guidance_scale), not on the rest
-        of the batch (up to float rounding). guidance_scale 1 disables classifier-free guidance.
+        Image b depends only on (embeddings[b], seeds[b], steps, guidance_scale, fast), not on the
+        rest of the batch (up to float rounding). `fast` uses the LCM-LoRA UNet and LCMScheduler
+        (defaults 4 steps, guidance 1); otherwise DPM-Solver++ (defaults 25 steps, guidance 3).
+        guidance_scale 1 disables classifier-free guidance. `max_batch` renders at most that many
+        images at once (the UNet sees twice as many with guidance), in order, to bound memory.
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings: expected [B, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         b = embeddings.shape[0]
         if len(seeds) != b:
             raise ValueError(f"seeds: expected {b} seeds (one per embedding), got {len(seeds)}")
+        if fast and not self.has_fast_mode:
+            raise ValueError("fast: fast mode needs the LCM-LoRA (from_pretrained(..., lcm_lora=path))")
+        defaults = FAST if fast else STANDARD
+        steps = defaults.steps if steps is None else steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
         if not guidance_scale >= 0:
             raise ValueError(f"guidance_scale: must be >= 0, got {guidance_scale}")
+        bad_max_batch = isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        if max_batch is not None and bad_max_batch:
+            raise ValueError(f"max_batch: must be None or an int >= 1, got {max_batch!r}")
         if b == 0:
             return torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
-        guided = guidance_scale != 1.0
-        context = self.encode_identities(embeddings)  # [B, L, H]
-        if guided:
-            uncond = self.encode_identities(torch.zeros_like(embeddings[:1]))  # [1, L, H], the same for all
-            context = torch.cat([uncond.expand(b, -1, -1), context])  # [2B, L, H]
-        context = context.to(self.dtype)
-        scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+        uncond = None  # [1, L, H]: the unconditional context, the same for every image
+        if guidance_scale != 1.0:
+            uncond = self.encode_identities(torch.zeros_like(embeddings[:1])).to(self.dtype)
+        chunk = max_batch or b
+        settings = (steps, guidance_scale, fast, uncond)
+        images = [  # chunks x [n, H, W, 3]
+            self._render_chunk(embeddings[i : i + chunk], seeds[i : i + chunk], *settings)
+            for i in range(0, b, chunk)
+        ]
+        return torch.cat(images)  # [B, H, W, 3]
+
+    def _render_chunk(
+        self,
+        embeddings: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int,
+        guidance_scale: float,
+        fast: bool,
+        uncond: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b = embeddings.shape[0]
+        context = self.encode_identities(embeddings).to(self.dtype)  # [b, L, H]
+        if uncond is not None:
+            context = torch.cat([uncond.expand(b, -1, -1), context])  # [2b, L, H]
+        template = self.fast_scheduler if fast else self.scheduler
+        scheduler = type(template).from_config(template.config)
         scheduler.set_timesteps(steps, device=self.device)
-        latents = self.initial_latents(seeds) * scheduler.init_noise_sigma  # [B, C, h, w]
+        latents, generators = self._seeded_latents(seeds)  # [b, C, h, w]
+        latents = latents * scheduler.init_noise_sigma
+        # LCM re-noises between steps: image i draws that noise from its own generator (CPU, in order).
+        renoises = "generator" in inspect.signature(scheduler.step).parameters
+        noise = {"generator": generators} if renoises else {}
+        denoiser = self._denoisers[fast]
         for t in scheduler.timesteps:
-            x = torch.cat([latents, latents]) if guided else latents  # [2B or B, C, h, w]
+            x = torch.cat([latents, latents]) if uncond is not None else latents  # [2b or b, C, h, w]
             x = scheduler.scale_model_input(x, t)
-            eps = self.unet(x, t, encoder_hidden_states=context).sample  # [2B or B, C, h, w]
-            if guided:
+            eps = denoiser(x, t, encoder_hidden_states=context).sample  # [2b or b, C, h, w]
+            if uncond is not None:
                 eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # [B, C, h, w]
-            latents = scheduler.step(eps, t, latents).prev_sample
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # [B, 3, H, W] in [-1, 1]
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3]
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # [b, C, h, w]
+            latents = scheduler.step(eps, t, latents, **noise).prev_sample  # LCM's last step: the denoised x0
+        return self.decode(latents)  # [b, H, W, 3]
 
 
 def build_tiny(path: str | Path, seed: int = 0, config: TinyArc2FaceConfig = TinyArc2FaceConfig()) -> Path:
