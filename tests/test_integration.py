@@ -140,7 +140,8 @@ def test_models_come_from_the_registry_and_absent_ones_fail_fast(service: Servic
 
     # A job naming a model whose weights are absent is refused at once, naming the files.
     r = httpx.post(f"{service.url}/v1/jobs", headers=auth, json={
-        "identities": 2, "models": {"generator": "arc2face", "embedder": "arcface-onnx"}})
+        "identities": 2, "images_per_identity": 1,
+        "models": {"generator": "arc2face", "embedder": "arcface-onnx"}})
     assert r.status_code == 422, r.text
     err = r.json()
     assert err["code"] == "model_unavailable" and err["errors"][0]["field"] == "models.generator"
