@@ -15,9 +15,10 @@ from app.settings import Settings
 from app.spec import JobSpec
 from app.storage import JobKeys, LocalStorage
 from app.store import JobStore
+from models.cropping import Cropper
+from models.registry import Registry
 from workers import jobs, pipeline
 from workers.local import generate
-from models.registry import Registry
 from workers.runtime import ModelCache, Runtime
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
@@ -188,3 +189,37 @@ def test_manifest_seed_derivation_reproduces_the_seeds(tmp_path: Path, model_dir
 
     for f in m["files"]:
         assert f["seed"] == by_recipe(m["seed"], "render", f["identity"], f["sample"])
+
+
+def test_images_without_a_face_are_flagged_and_counted(rt: Runtime) -> None:
+    job_id, spec = _submit(rt, {**SPEC, "identities": 2, "images_per_identity": 2})
+    jobs.sample_identities(rt, job_id)
+    keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
+    refs = pipeline.load_identities(rt.storage, keys)[0:2]
+    # The tiny generator's images are noise: landmark alignment finds no face in any of them.
+    res = pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
+                                rt.models.embedder("iresnet-tiny"), rt.storage, keys,
+                                crop=Cropper("landmarks"))
+    assert res.alignment == "landmarks" and res.alignment_failures == 4
+    assert [f["aligned"] for f in res.files] == [False] * 4
+    quality = pipeline.quality_summary(rt.storage, keys, [pipeline.load_shard(rt.storage, keys, 0)])
+    assert quality["alignment"] == {"method": "landmarks", "failures": 4, "failure_rate": 1.0}
+
+
+def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
+        rt: Runtime, monkeypatch: Any) -> None:
+    from workers import celery_app, runtime
+
+    monkeypatch.setattr(runtime, "_runtime", rt)
+    job_id, _ = _submit(rt, {**SPEC, "models": {"embedder": "arcface-r50"}})
+
+    class Task:
+        class request:
+            retries = 0
+
+    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    job = rt.store.get(job_id)
+    assert job is not None and job["status"] == "failed"
+    assert job["error"]["code"] == "model_unavailable"
+    assert "backbone.pth" in job["error"]["message"] and "arcface_torch" in job["error"]["message"]
+    assert rt.storage.exists(JobKeys.for_job(rt.settings.s3_prefix, job_id).spec) is False  # nothing ran

@@ -21,7 +21,6 @@ from app import catalog
 from app.errors import StorageKeyMissing
 from app.spec import HyperFaceSampler, JobSpec
 from app.storage import JobKeys, Storage
-from models import align
 from models.sampling import hyperface, metrics
 from models.sampling import random as random_sampler
 from models.sampling.sphere import uniform_sphere
@@ -106,6 +105,7 @@ def build_gallery(spec: JobSpec, models: ModelCache, storage: Storage, keys: Job
 def _render_gallery(spec: JobSpec, models: ModelCache, name: str, ids: range,
                     hooks: Hooks) -> torch.Tensor:
     gen, emb = models.generator(name), models.embedder(spec.models.embedder)
+    crop = models.cropper(name)
     out = []
     bs = spec.render.batch_size
     for b0 in range(ids.start, ids.stop, bs):
@@ -117,8 +117,7 @@ def _render_gallery(spec: JobSpec, models: ModelCache, name: str, ids: range,
         seeds = [derive_seed(spec.seed, "gallery-render", k) for k in batch]
         images = gen.render(cond, seeds, steps=spec.render.steps,
                             guidance_scale=spec.render.guidance_scale)  # [B, H, W, 3]
-        out.append(emb.embed_images(align.center_crop_resize(images, spec.output.image_size))
-                   .float().cpu())  # [B, E]
+        out.append(emb.embed_images(crop(images).crops).float().cpu())  # [B, E]
     return torch.cat(out)
 
 

@@ -99,7 +99,7 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
         pipeline.render_shard(
             spec, shard, ids, refs, rt.models.generator(spec.models.generator),
             rt.models.embedder(spec.models.embedder), rt.storage, keys,
-            should_stop=_should_stop(rt, job_id),
+            crop=rt.models.cropper(spec.models.generator), should_stop=_should_stop(rt, job_id),
             on_progress=lambda i, m: rt.store.set_progress(job_id, part, identities=i, images=m))
     rt.store.set_progress(job_id, part, identities=len(ids),
                           images=len(ids) * spec.images_per_identity)

@@ -32,7 +32,7 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     for k, ids in enumerate(pipeline.plan_shards(spec.identities, s.shard_identities)):
         base = done
         res = pipeline.render_shard(spec, k, ids, got.embeddings[ids.start:ids.stop], gen, emb,
-                                    storage, keys,
+                                    storage, keys, crop=models.cropper(spec.models.generator),
                                     on_progress=lambda i, m: on_progress(base + m, total))
         done += len(res.files)
         shards.append(pipeline.load_shard(storage, keys, k))

@@ -27,6 +27,7 @@ from app.errors import StorageKeyMissing
 from app.spec import EmbeddingNoise, JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models import align
+from models.cropping import Cropper
 from models.sampling.sphere import normalize
 from models.sampling.variations import (
     EmbeddingNoiseConfig,
@@ -112,12 +113,16 @@ class ShardResult:
     noise_scale: float = 0.0  # the embedding-noise sigma used
     # Per identity: realised mean cosine of its sample embeddings to its reference.
     reference_cosine: list[float] = field(default_factory=list)
+    alignment: str = "center"  # how images were cropped: center, ffhq or landmarks
+    alignment_failures: int = 0  # images where no face was found (kept as centre crops, flagged)
 
     def to_json(self) -> bytes:
         return json.dumps({"shard": self.shard, "identities": self.identities,
                            "files": self.files, "seconds": round(self.seconds, 3),
                            "noise_scale": self.noise_scale,
-                           "reference_cosine": self.reference_cosine}, sort_keys=True).encode()
+                           "reference_cosine": self.reference_cosine,
+                           "alignment": self.alignment,
+                           "alignment_failures": self.alignment_failures}, sort_keys=True).encode()
 
 
 def noise_scale(spec: JobSpec, dim: int) -> float:
@@ -130,13 +135,17 @@ def noise_scale(spec: JobSpec, dim: int) -> float:
 
 def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
                  generator: Generator, embedder: Embedder, storage: Storage, keys: JobKeys, *,
+                 crop: Cropper | None = None,
                  on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
                  should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
     """Render identities `ids` (references [len(ids), D]) and write their images.
 
     Writes every image under deterministic keys, then the shard's done marker, and returns the
     shard's file list with each image's cosine to its identity centre in the job embedder's space.
+    `crop` maps rendered images to the 112x112 crops that are saved and embedded (default: centre
+    crop); images it could not align are flagged `aligned: false` and counted.
     """
+    crop = crop or Cropper("center")
     if references.shape[0] != len(ids):
         raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
     t0 = time.perf_counter()
@@ -148,7 +157,8 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
     items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
     ext, fmt = IMAGE_EXT[spec.output.image_format], spec.output.image_format
     result = ShardResult(shard=shard, identities=list(ids), noise_scale=scale,
-                         reference_cosine=[round(float(c), 6) for c in realised])
+                         reference_cosine=[round(float(c), 6) for c in realised],
+                         alignment=crop.alignment)
     feats: torch.Tensor | None = None  # [n, A, E] embedder features of every image
     bs = spec.render.batch_size
     for b0 in range(0, len(items), bs):
@@ -159,7 +169,9 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
         seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
         images = generator.render(emb, seeds, steps=spec.render.steps,
                                   guidance_scale=spec.render.guidance_scale)  # [B, H, W, 3] u8
-        aligned = align.center_crop_resize(images, spec.output.image_size)  # [B, 112, 112, 3]
+        cropped = crop(images)
+        aligned = cropped.crops  # [B, 112, 112, 3]
+        result.alignment_failures += cropped.failures
         f = embedder.embed_images(aligned).float().cpu()  # [B, E]
         if feats is None:
             feats = torch.zeros(len(ids), a, f.shape[1])
@@ -169,7 +181,8 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
             key = keys.image(i, s, ext)
             storage.put_bytes(key, data, CONTENT_TYPE[fmt])
             result.files.append({"path": keys.relative(key), "identity": i, "sample": s,
-                                 "seed": seeds[j], "size": len(data), "sha256": sha256_hex(data)})
+                                 "seed": seeds[j], "size": len(data), "sha256": sha256_hex(data),
+                                 "aligned": bool(cropped.ok[j])})
         done_imgs = b0 + len(batch)
         on_progress(done_imgs // a, done_imgs)
     assert feats is not None
@@ -201,9 +214,15 @@ def quality_summary(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]
     genuine = torch.tensor([f["centre_cosine"] for s in shards for f in s["files"]])
     ref_cos = torch.tensor([c for s in shards for c in s.get("reference_cosine", [])])
     nearest = _nearest_other_cosine(centres)  # [N]
+    failures = sum(int(s.get("alignment_failures", 0)) for s in shards)
     return {
         "embedder_space": "job embedder",
         "images": int(genuine.numel()),
+        # How images were cropped to 112x112, and how many had no detectable face (kept as centre
+        # crops and flagged `aligned: false` in the file list).
+        "alignment": {"method": shards[0].get("alignment", "center") if shards else None,
+                      "failures": failures,
+                      "failure_rate": _r(torch.tensor(failures / max(1, genuine.numel())))},
         # Conditioning: realised mean cosine of each identity's sample embeddings to its reference.
         "variation_reference_cosine": {"mean": _r(ref_cos.mean()), "min": _r(ref_cos.min()),
                                        "noise_scale": shards[0].get("noise_scale")}

@@ -17,6 +17,7 @@ from app.settings import Settings
 from app.storage import Storage, fetch_s3_object, s3_client, storage_from_settings
 from app.store import JobStore
 from models import registry
+from models.cropping import Cropper
 from models.modelspec import ModelKind
 
 log = logging.getLogger("idforge.worker")
@@ -80,9 +81,14 @@ class ModelCache:
         for name in names:
             self.registry.ensure(name)
 
-    def alignment(self, name: str) -> str:
-        """How the images of generator `name` are cropped for embedding."""
-        return self.registry.spec(name).alignment
+    def cropper(self, generator: str) -> Cropper:
+        """Crops generator `generator`'s images for embedding, by its alignment method (one per method)."""
+        method = self.registry.spec(generator).alignment
+        key = f"cropper:{method}"
+        if key not in self._models:
+            self._models[key] = Cropper(method)
+        crop: Cropper = self._models[key]
+        return crop
 
     def weights(self, name: str) -> dict[str, Any]:
         """What the manifest records of a model: name, licence notes and weight sha256."""
