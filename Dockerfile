@@ -8,7 +8,7 @@
 #
 # Every image runs as the non-root user `idforge` (uid 10001), works offline (HF_HUB_OFFLINE=1)
 # and reads model weights from /models (IDFORGE_MODEL_DIR); mount a volume there. Workers build
-# the tiny presets (arc2face-tiny, iresnet-tiny) into /models themselves when they are missing.
+# the tiny presets (*-tiny) into /models themselves when they are missing.
 
 ARG PYTHON_VERSION=3.11
 # Keep equal to the torch pin of the `worker` extra in pyproject.toml (tests/test_deploy_files.py checks).

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # torch device for workers: "auto" = cuda when available, else cpu.
     device: str = "auto"
 
+    @field_validator("model_registry", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
     @field_validator("api_keys")
     @classmethod
     def _parse_keys(cls, v: SecretStr) -> SecretStr:
