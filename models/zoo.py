@@ -162,7 +162,11 @@ SPECS: dict[str, ModelSpec] = {
                     "a4280c262edc853748a49ad49282e9cb9f7c1f288194e60a388842a9b3ee573d", "tokenizer vocabulary"),
                 "tokenizer/merges.txt": WeightFile(
                     "4a5bb5298a1011bbe2f0bc10012badee7cc43b6efd6e0a13a9f820d4fe988691", "tokenizer merges"),
+                # not built: a LoRA of the tiny UNet's layers, placed and pinned to try the fast mode
+                "lcm-lora/pytorch_lora_weights.safetensors": WeightFile(
+                    None, "an LCM-LoRA for the tiny UNet (kohya key layout)", optional=True),
             },
+            config={"lcm_lora": "lcm-lora/pytorch_lora_weights.safetensors"},
             build=_build_arc2face_tiny,
         ),
         ModelSpec(

@@ -4,6 +4,7 @@ Redis (tasks land on the real broker lists), redelivery, cancellation and reprod
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,50 @@ def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
     assert job["error"]["code"] == "model_unavailable"
     assert "backbone.pth" in job["error"]["message"] and "arcface_torch" in job["error"]["message"]
     assert rt.storage.exists(JobKeys.for_job(rt.settings.s3_prefix, job_id).spec) is False  # nothing ran
+
+
+def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
+        rt: Runtime, tmp_path: Path, model_dir: Path, monkeypatch: Any) -> None:
+    from safetensors.torch import save_file
+
+    from models.registry import ensure_model, file_sha256, load_generator, load_overrides
+    from tests.models.test_arc2face import kohya_state, lcm_lora_factors
+    from workers import celery_app, runtime
+
+    monkeypatch.setattr(runtime, "_runtime", rt)
+    body = {**SPEC, "identities": 2, "images_per_identity": 1, "render": {"mode": "fast"}}
+    assert JobSpec.model_validate(body).render.steps == 4  # the fast mode's own defaults
+
+    class Task:
+        class request:
+            retries = 0
+
+    # Without its LCM-LoRA weights the job fails at its first task, saying which file goes where.
+    job_id, _ = _submit(rt, body)
+    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    job = rt.store.get(job_id)
+    assert job is not None and job["status"] == "failed" and job["error"]["code"] == "model_unavailable"
+    assert "lcm-lora/pytorch_lora_weights.safetensors" in job["error"]["message"]
+
+    # Placed and pinned, the worker loads it and renders with 4 LCM steps.
+    models = tmp_path / "models"
+    shutil.copytree(ensure_model("arc2face-tiny", model_dir), models / "arc2face-tiny")
+    shutil.copytree(ensure_model("iresnet-tiny", model_dir), models / "iresnet-tiny")
+    lora = models / "arc2face-tiny" / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    lora.parent.mkdir()
+    save_file(kohya_state(lcm_lora_factors(load_generator("arc2face-tiny", model_dir).unet)), lora)
+    pins = tmp_path / "registry.json"
+    pins.write_text(json.dumps({"models": {"arc2face-tiny": {"sha256": {
+        "lcm-lora/pytorch_lora_weights.safetensors": file_sha256(lora)}}}}))
+    fast_rt = Runtime(settings=rt.settings, store=rt.store, storage=rt.storage, queue=rt.queue,
+                      models=ModelCache(Registry(models, load_overrides(pins)), "cpu"))
+    monkeypatch.setattr(runtime, "_runtime", fast_rt)
+    job_id, _ = _submit(rt, body)
+    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    celery_app._run(Task(), job_id, "render_shard:0", jobs.render_shard, 0)  # type: ignore[arg-type]
+    celery_app._run(Task(), job_id, "finalize", jobs.finalize)  # type: ignore[arg-type]
+    job = rt.store.get(job_id)
+    assert job is not None and job["status"] == "succeeded", job
+    manifest = json.loads(rt.storage.get_bytes(JobKeys.for_job(rt.settings.s3_prefix, job_id).manifest))
+    assert manifest["spec"]["render"]["mode"] == "fast" and manifest["spec"]["render"]["steps"] == 4
+    assert "lcm-lora/pytorch_lora_weights.safetensors" in manifest["models"]["generator"]["sha256"]

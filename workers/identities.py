@@ -25,6 +25,7 @@ from models.sampling import hyperface, metrics
 from models.sampling import random as random_sampler
 from models.sampling.sphere import uniform_sphere
 from models.seeding import derive_seed, make_generator
+from workers import pipeline
 from workers.pipeline import Canceled
 from workers.runtime import ModelCache
 
@@ -115,8 +116,7 @@ def _render_gallery(spec: JobSpec, models: ModelCache, name: str, ids: range,
                                          make_generator(derive_seed(spec.seed, "gallery", k)))
                           for k in batch])  # [B, D]
         seeds = [derive_seed(spec.seed, "gallery-render", k) for k in batch]
-        images = gen.render(cond, seeds, steps=spec.render.steps,
-                            guidance_scale=spec.render.guidance_scale)  # [B, H, W, 3]
+        images = gen.render(cond, seeds, **pipeline.render_options(spec))  # [B, H, W, 3]
         out.append(emb.embed_images(crop(images).crops).float().cpu())  # [B, E]
     return torch.cat(out)
 

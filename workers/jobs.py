@@ -63,7 +63,10 @@ def fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
 def sample_identities(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
     m = spec.models
-    rt.models.require(*filter(None, (m.generator, m.embedder, m.gallery_generator)))  # fail fast
+    generators = (m.generator, m.gallery_generator or m.generator) if spec.sampler.method == "hyperface" \
+        else (m.generator,)
+    rt.models.require(*generators, m.embedder,  # fail fast
+                      fast=generators if spec.render.mode == "fast" else ())
     rt.store.transition(job_id, "running")
     rt.store.set_stage(job_id, "sampling_identities")
     t0 = time.perf_counter()

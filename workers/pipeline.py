@@ -125,6 +125,15 @@ class ShardResult:
                            "alignment_failures": self.alignment_failures}, sort_keys=True).encode()
 
 
+def render_options(spec: JobSpec) -> dict[str, Any]:
+    """The generator's render arguments from the job spec (fast = LCM-LoRA sampling)."""
+    r = spec.render
+    options: dict[str, Any] = {"steps": r.steps, "guidance_scale": r.guidance_scale}
+    if r.mode == "fast":
+        options["fast"] = True
+    return options
+
+
 def noise_scale(spec: JobSpec, dim: int) -> float:
     """The embedding-noise sigma: given, or solved from the target mean cosine."""
     v = spec.variations
@@ -167,8 +176,7 @@ def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor
         batch = items[b0:b0 + bs]
         emb = torch.stack([variations[k, s] for k, _, s in batch])  # [B, D]
         seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
-        images = generator.render(emb, seeds, steps=spec.render.steps,
-                                  guidance_scale=spec.render.guidance_scale)  # [B, H, W, 3] u8
+        images = generator.render(emb, seeds, **render_options(spec))  # [B, H, W, 3] u8
         cropped = crop(images)
         aligned = cropped.crops  # [B, 112, 112, 3]
         result.alignment_failures += cropped.failures

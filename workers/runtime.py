@@ -76,10 +76,16 @@ class ModelCache:
     def embedder(self, name: str) -> Any:
         return self._load(name, "embedder")
 
-    def require(self, *names: str) -> None:
-        """Fail fast: every named model is in place and verified (ModelUnavailable otherwise)."""
+    def require(self, *names: str, fast: tuple[str, ...] = ()) -> None:
+        """Fail fast: every named model is in place and verified, and the generators in `fast`
+        have their LCM-LoRA weights for the fast mode (ModelUnavailable otherwise)."""
         for name in names:
             self.registry.ensure(name)
+        for name in fast:
+            if not getattr(self.generator(name), "has_fast_mode", False):
+                lora = self.registry.spec(name).config.get("lcm_lora")
+                where = f": {lora} in {self.registry.root(name)}, pinned in the registry file" if lora else ""
+                raise registry.ModelUnavailable(name, f"render.mode 'fast' needs its LCM-LoRA weights{where}")
 
     def cropper(self, generator: str) -> Cropper:
         """Crops generator `generator`'s images for embedding, by its alignment method (one per method)."""

@@ -30,7 +30,7 @@ def test_registry_matches_the_public_catalogue():
         assert (spec.name, spec.kind, spec.family, spec.tiny) == (name, entry.kind, entry.family, entry.tiny)
         assert spec.license and spec.files
         if spec.tiny:  # idforge pins what it builds; published weights are pinned by the operator
-            assert all(len(f.sha256) == 64 and int(f.sha256, 16) >= 0 for f in spec.files.values())
+            assert all(len(f.sha256) == 64 and int(f.sha256, 16) >= 0 for f in spec.required().values())
             assert spec.build is not None
         else:
             assert spec.build is None and all(f.what for f in spec.files.values())
@@ -42,7 +42,7 @@ def test_tiny_presets_verify_against_the_pins(model_dir):
             continue
         result = verify(name, model_dir)
         assert result.ok and result.reason is None
-        pins = {rel: f.sha256 for rel, f in spec.files.items()}
+        pins = {rel: f.sha256 for rel, f in spec.required().items()}
         assert result.sha256 == pins
         assert weights_sha256(name, model_dir) == pins
 
