@@ -16,7 +16,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from bench import embedders, hyperface, render, stylegan2
+from bench import arc2face, embedders, hyperface, render, stylegan2
 
 # name -> callable returning its summary line
 BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,

@@ -26,23 +26,17 @@ from diffusers.utils import logging as diffusers_logging
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from models.generators.arc2face import PROMPT, TOKENIZER_DIR, Arc2FaceGenerator, dpm_solver
+from models.generators.arc2face import (
+    PROMPT,
+    SD15_SCHEDULER_CONFIG,
+    TOKENIZER_DIR,
+    Arc2FaceGenerator,
+    dpm_solver,
+)
 from models.generators.clip_vocab import write_clip_vocab
 from models.sampling.random import sample_identities
 from models.seeding import derive_seed, seeded_construction
 
-# Stable Diffusion 1.5's published scheduler config (PNDM); the generator turns it into DPM-Solver++.
-SD15_SCHEDULE = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
 # Dense 16-bit tensor-core peaks (FLOP/s, no sparsity), matched on the device name in this order.
 PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 JOB_SEED = 0  # seeds the identities and the per-image seeds
@@ -145,12 +139,12 @@ def measure(opt: Options) -> Result:
         unet, vae, text_encoder, tokenizer = build(TINY if opt.quick else SD15, scratch)
     unet, vae, text_encoder = (m.to(opt.device, opt.dtype) for m in (unet, vae, text_encoder))
     gen = Arc2FaceGenerator(
-        unet, vae, text_encoder, tokenizer, dpm_solver(SD15_SCHEDULE),
+        unet, vae, text_encoder, tokenizer, dpm_solver(SD15_SCHEDULER_CONFIG),
         channels_last=opt.channels_last, compile_unet=opt.compile,
     )  # fmt: skip
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=dpm_solver(SD15_SCHEDULE),
+        scheduler=dpm_solver(SD15_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -47,6 +47,20 @@ from models.seeding import make_generator, seeded_construction
 
 PROMPT = "photo of a id person"  # Arc2Face's fixed prompt; "id" is the placeholder token
 ID_TOKEN = "id"  # the word whose input embedding is replaced by the identity embedding
+# Stable Diffusion 1.5's scheduler/scheduler_config.json, as published (a PNDM config).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
 # Sub-directories of an Arc2Face model directory.
 UNET_DIR, ENCODER_DIR, VAE_DIR, TOKENIZER_DIR, SCHEDULER_DIR = (
     "arc2face",

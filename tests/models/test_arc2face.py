@@ -19,6 +19,7 @@ from models.generators.arc2face import (
     FAST,
     PROMPT,
     SCHEDULER_DIR,
+    SD15_SCHEDULER_CONFIG,
     STANDARD,
     TOKENIZER_DIR,
     UNET_DIR,
@@ -132,20 +133,6 @@ def test_render_rejects_bad_input(generator, embeddings, seeds, steps, argument)
 
 # ---- the published layout ----------------------------------------------------------------------
 
-# Stable Diffusion 1.5's scheduler/scheduler_config.json, as published (a PNDM config).
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 
 def save_v4_encoder(encoder: CLIPTextModel, directory: Path, weights: str, position_ids: bool = False):
@@ -240,7 +227,7 @@ def published_layout(tiny_dir: Path, root: Path) -> tuple[Path, Path]:
     for sub in (VAE_DIR, TOKENIZER_DIR):
         shutil.copytree(tiny_dir / sub, sd15 / sub)
     (sd15 / SCHEDULER_DIR).mkdir(parents=True)
-    (sd15 / SCHEDULER_DIR / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+    (sd15 / SCHEDULER_DIR / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
     return arc2face, sd15
 
 
@@ -253,7 +240,7 @@ def test_published_layout_with_separate_base_renders_as_preset(generator, tiny_d
         "dpmsolver++", 2, "scaled_linear", 1,
     )  # fmt: skip
     # the published recipe: DPMSolverMultistepScheduler.from_config(<SD 1.5 PNDM scheduler>.config)
-    reference = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_SCHEDULER).config)
+    reference = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).config)
     for s in (gen.scheduler, reference):
         s.set_timesteps(STANDARD.steps)
     assert torch.equal(gen.scheduler.timesteps, reference.timesteps)
@@ -430,8 +417,8 @@ def test_fast_mode_renders_with_lcm(fast_generator, generator, identities):
 def test_fast_scheduler_follows_the_published_recipe():
     # Arc2Face's README: LCMScheduler.from_config(pipeline.scheduler.config) on the DPM-Solver++
     # scheduler made from SD 1.5's PNDM config
-    dpm = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_SCHEDULER).config)
-    reference, ours = LCMScheduler.from_config(dpm.config), lcm_scheduler(SD15_SCHEDULER)
+    dpm = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).config)
+    reference, ours = LCMScheduler.from_config(dpm.config), lcm_scheduler(SD15_SCHEDULER_CONFIG)
     for s in (reference, ours):
         s.set_timesteps(FAST.steps)
     assert torch.equal(ours.timesteps, reference.timesteps)
