@@ -42,6 +42,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     # The worker's own model directory: the tiny presets, plus a published name (arcface-onnx)
     # whose file lives under an S3 prefix and is pinned by the operator's registry file.
     shutil.copytree(model_dir, root / "models")
+    # A tiny preset whose file was tampered with: the worker must refuse it, not rebuild it.
+    shutil.rmtree(root / "models" / "arcface-onnx-tiny", ignore_errors=True)
+    (root / "models" / "arcface-onnx-tiny").mkdir()
+    (root / "models" / "arcface-onnx-tiny" / "model.onnx").write_bytes(b"not the pinned graph")
     onnx_file = build_onnx_tiny(root / "onnx-build", seed=3) / "model.onnx"
     s3.client().upload_file(str(onnx_file), "idforge-it", "weights/arcface-onnx/arcface.onnx")
     (root / "registry.yaml").write_text(
@@ -131,7 +135,12 @@ def test_models_come_from_the_registry_and_absent_ones_fail_fast(service: Servic
         if models["arcface-onnx"]["available"] is not None or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert all(m["available"] for m in models.values() if m["tiny"]), models
+    assert all(m["available"] for n, m in models.items() if m["tiny"] and n != "arcface-onnx-tiny"), models
+    tampered = models["arcface-onnx-tiny"]
+    assert tampered["available"] is False and "does not match the pinned" in tampered["reason"]
+    log = (service.root / "worker.log").read_text()
+    assert "model arcface-onnx-tiny refused: model.onnx: sha256" in log
+    assert "model arc2face refused: 11 file(s) missing" in log
     # Fetched from the S3 prefix and checked against the operator's pin.
     assert models["arcface-onnx"]["available"] is True, models["arcface-onnx"]
     arc2face = models["arc2face"]
