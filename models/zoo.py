@@ -26,12 +26,13 @@ def _load_arc2face(root: Path, config: Mapping[str, Any], device: Device, presen
 
 
 def _load_iresnet(root: Path, config: Mapping[str, Any], device: Device, present: set[str]) -> Any:
-    from models.embedders.iresnet import IResNetConfig, IResNetEmbedder
+    from models.embedders import iresnet
 
-    if "weights" not in config:  # a tiny preset: config.json + model.safetensors
-        return IResNetEmbedder.from_pretrained(root, device=device)
-    arch = IResNetConfig.from_arch(config["arch"], source=config.get("source", "arcface_torch"))
-    return IResNetEmbedder.from_checkpoint(root / config["weights"], arch, device=device)
+    if config["arch"] == "tiny":
+        arch = iresnet.TINY_CONFIG
+    else:
+        arch = iresnet.IResNetConfig.from_arch(config["arch"], source=config.get("source", "arcface_torch"))
+    return iresnet.IResNetEmbedder.from_checkpoint(root / config["weights"], arch, device=device)
 
 
 def _load_onnx(root: Path, config: Mapping[str, Any], device: Device, present: set[str]) -> Any:
@@ -216,6 +217,8 @@ SPECS: dict[str, ModelSpec] = {
                 "model.safetensors": WeightFile(
                     "41848ce3d34d7790c7339a7cbc41d283ca8df0d5fda21ec97d10b15794f89d0b", "tiny iResNet"),
             },
+            # read by the same checkpoint loader as the published nets (key and shape checks)
+            config={"arch": "tiny", "weights": "model.safetensors"},
             build=_build_iresnet_tiny,
         ),
         *(_arcface(arch) for arch in ("r18", "r34", "r50", "r100", "r200")),
