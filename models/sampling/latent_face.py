@@ -1,0 +1,85 @@
+"""A latent-space face model: StyleGAN2 W latents -> aligned crops -> unit identity embeddings.
+
+Langevin, Dispersion and DisCo move latents by forces measured in the face-recognition model's
+embedding space; this is the differentiable map they differentiate: synthesis (constant noise),
+the generator's fixed crop to the 112x112 ArcFace template, and the embedder's forward pass. Model
+weights stay frozen; gradients flow to the latents only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from models.align import TEMPLATE_SIZE
+from models.seeding import make_generator
+
+LatentCrop = Literal["ffhq", "center"]  # StyleGAN output: the fixed FFHQ crop; tiny presets: centre
+
+
+class LatentFace:
+    """`embed(w)`: W latents [B, D] -> unit embeddings [B, E], differentiable w.r.t. `w`."""
+
+    def __init__(self, generator: Any, embedder: Any, crop: LatentCrop = "ffhq") -> None:
+        if crop not in ("ffhq", "center"):
+            raise ValueError(f"crop: expected 'ffhq' or 'center', got {crop!r}")
+        if not getattr(embedder, "differentiable", False):
+            raise ValueError("embedder: latent-space sampling needs a differentiable embedder (not ONNX)")
+        self.generator = generator
+        self.embedder = embedder
+        self.crop_method = crop
+        # The embedder's input scaling: pixels p in [0, 255] -> (p - 127.5) / input_std.
+        self.input_std = float(getattr(getattr(embedder, "config", None), "input_std", 127.5))
+
+    @property
+    def style_dim(self) -> int:
+        return int(self.generator.style_dim)
+
+    @property
+    def w_avg(self) -> torch.Tensor:
+        """The generator's mean W latent [D] (float32)."""
+        return self.generator.latent_avg.float()
+
+    def initial_latents(self, seeds: Sequence[int], truncation: float = 0.7) -> torch.Tensor:
+        """One W latent per seed: w_avg + truncation (mapping(z) - w_avg), z from the seed alone: [B, D]."""
+        d = self.style_dim
+        z = torch.stack([torch.randn(d, generator=make_generator(s)) for s in seeds])  # [B, D] on CPU
+        param = next(self.generator.parameters())
+        with torch.no_grad():
+            w = self.generator.mapping(z.to(param.device, param.dtype))  # [B, D]
+            return self.generator.truncate(w, truncation).float()  # [B, D]
+
+    def crop(self, images: torch.Tensor) -> torch.Tensor:
+        """Generator images [B, 3, S, S] in [-1, 1] -> crops [B, 3, 112, 112], differentiable."""
+        if self.crop_method == "ffhq":
+            from models.ffhq import ffhq_warp
+
+            return ffhq_warp(images, TEMPLATE_SIZE)
+        s = min(images.shape[-2:])
+        top, left = (images.shape[-2] - s) // 2, (images.shape[-1] - s) // 2
+        square = images[..., top:top + s, left:left + s]  # [B, 3, s, s]
+        if s == TEMPLATE_SIZE:
+            return square
+        return F.interpolate(square, size=(TEMPLATE_SIZE, TEMPLATE_SIZE), mode="bilinear",
+                             align_corners=False, antialias=s > TEMPLATE_SIZE)  # [B, 3, 112, 112]
+
+    def images(self, w: torch.Tensor) -> torch.Tensor:
+        """Generator images [B, 3, S, S] in about [-1, 1] for W [B, D] or W+ [B, L, D] (constant noise)."""
+        param = next(self.generator.parameters())
+        return self.generator.synthesis(w.to(param.device, param.dtype), noise_mode="const")
+
+    def embed(self, w: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings [B, E] of the faces of W [B, D]; differentiable w.r.t. `w`."""
+        crops = self.crop(self.images(w))  # [B, 3, 112, 112] in [-1, 1]
+        x = crops * (127.5 / self.input_std)  # the embedder's own input scaling
+        emb_param = next(self.embedder.parameters())
+        return self.embedder(x.to(emb_param.dtype)).to(w.dtype)  # [B, E]
+
+    @staticmethod
+    def to_uint8(images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [-1, 1] -> uint8 [B, S, S, 3] on the CPU."""
+        pixels = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu()
