@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,67 +142,95 @@ def noise_scale(spec: JobSpec, dim: int) -> float:
     return v.scale if v.target_cosine is None else scale_for_mean_cosine(v.target_cosine, dim)
 
 
+# One batch of a shard's images: the (identity, sample) of each, its seed, and uint8 [B, H, W, 3].
+ImageBatch = tuple[list[tuple[int, int]], list[int], torch.Tensor]
+
+
 def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
                  generator: Generator, embedder: Embedder, storage: Storage, keys: JobKeys, *,
                  crop: Cropper | None = None,
                  on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
                  should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
-    """Render identities `ids` (references [len(ids), D]) and write their images.
+    """Render identities `ids` of an embedding-conditioned generator (references [len(ids), D]).
 
-    Writes every image under deterministic keys, then the shard's done marker, and returns the
-    shard's file list with each image's cosine to its identity centre in the job embedder's space.
-    `crop` maps rendered images to the 112x112 crops that are saved and embedded (default: centre
-    crop); images it could not align are flagged `aligned: false` and counted.
+    Sample (i, s) conditions the generator on embedding noise around reference i and renders with
+    its own seed; `write_shard` saves and embeds the images.
     """
-    crop = crop or Cropper("center")
     if references.shape[0] != len(ids):
         raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
-    t0 = time.perf_counter()
     a = spec.images_per_identity
     scale = noise_scale(spec, references.shape[1])
     variations = embedding_noise(references, list(ids), a, spec.seed,
                                  EmbeddingNoiseConfig(scale=scale))  # [n, A, D]
     realised = mean_cosine(references, variations)  # [n] mean cosine of samples to reference
-    items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
-    ext, fmt = IMAGE_EXT[spec.output.image_format], spec.output.image_format
     result = ShardResult(shard=shard, identities=list(ids), noise_scale=scale,
-                         reference_cosine=[round(float(c), 6) for c in realised],
-                         alignment=crop.alignment)
+                         reference_cosine=[round(float(c), 6) for c in realised])
+
+    def batches() -> Iterator[ImageBatch]:
+        items = [(k, i, s) for k, i in enumerate(ids) for s in range(a)]
+        for b0 in range(0, len(items), spec.render.batch_size):
+            batch = items[b0:b0 + spec.render.batch_size]
+            emb = torch.stack([variations[k, s] for k, _, s in batch])  # [B, D]
+            seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
+            yield [(i, s) for _, i, s in batch], seeds, generator.render(emb, seeds, **render_options(spec))
+
+    return write_shard(spec, ids, batches(), embedder, storage, keys, result, crop=crop,
+                       on_progress=on_progress, should_stop=should_stop)
+
+
+def write_shard(spec: JobSpec, ids: range, batches: Iterable[ImageBatch], embedder: Embedder,
+                storage: Storage, keys: JobKeys, result: ShardResult, *, crop: Cropper | None = None,
+                on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
+                should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
+    """Crop, save and embed a shard's images batch by batch, then its centres and done marker.
+
+    Writes every image under deterministic keys and fills `result.files` with each image's seed,
+    sha256 and cosine to its identity centre in the job embedder's space. `crop` maps images to
+    the 112x112 crops that are saved and embedded (default: centre crop); images it could not
+    align are flagged `aligned: false` and counted. Checks `should_stop` before every batch.
+    """
+    crop = crop or Cropper("center")
+    t0 = time.perf_counter()
+    a = spec.images_per_identity
+    ext, fmt = IMAGE_EXT[spec.output.image_format], spec.output.image_format
+    result.alignment = crop.alignment
     feats: torch.Tensor | None = None  # [n, A, E] embedder features of every image
-    bs = spec.render.batch_size
-    for b0 in range(0, len(items), bs):
+    done_imgs = 0
+    iterator = iter(batches)
+    while True:
         if should_stop():
             raise Canceled()
-        batch = items[b0:b0 + bs]
-        emb = torch.stack([variations[k, s] for k, _, s in batch])  # [B, D]
-        seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
-        images = generator.render(emb, seeds, **render_options(spec))  # [B, H, W, 3] u8
+        batch = next(iterator, None)
+        if batch is None:
+            break
+        pairs, seeds, images = batch
         cropped = crop(images)
         aligned = cropped.crops  # [B, 112, 112, 3]
         result.alignment_failures += cropped.failures
         f = embedder.embed_images(aligned).float().cpu()  # [B, E]
         if feats is None:
             feats = torch.zeros(len(ids), a, f.shape[1])
-        for j, (k, i, s) in enumerate(batch):
-            feats[k, s] = f[j]
+        for j, (i, s) in enumerate(pairs):
+            feats[i - ids.start, s] = f[j]
             data = align.encode_image(aligned[j], fmt, quality=spec.output.jpeg_quality)
             key = keys.image(i, s, ext)
             storage.put_bytes(key, data, CONTENT_TYPE[fmt])
             result.files.append({"path": keys.relative(key), "identity": i, "sample": s,
                                  "seed": seeds[j], "size": len(data), "sha256": sha256_hex(data),
                                  "aligned": bool(cropped.ok[j])})
-        done_imgs = b0 + len(batch)
+        done_imgs += len(pairs)
         on_progress(done_imgs // a, done_imgs)
-    assert feats is not None
+    if feats is None or done_imgs != len(ids) * a:
+        raise ValueError(f"shard {result.shard}: {done_imgs} images written for {len(ids)} x {a}")
     centres = normalize(feats.mean(dim=1))  # [n, E]
     cos = torch.einsum("nae,ne->na", feats, centres)  # [n, A]
     for rec in result.files:
         k = rec["identity"] - ids.start
         rec["centre_cosine"] = round(float(cos[k, rec["sample"]]), 6)
     result.seconds = time.perf_counter() - t0
-    storage.put_bytes(keys.key(f"shards/{shard:05d}/centres.safetensors"),
+    storage.put_bytes(keys.key(f"shards/{result.shard:05d}/centres.safetensors"),
                       st_save({"centres": centres.contiguous()}))
-    storage.put_bytes(keys.shard_done(shard), result.to_json(), "application/json")
+    storage.put_bytes(keys.shard_done(result.shard), result.to_json(), "application/json")
     return result
 
 
