@@ -56,3 +56,15 @@ def seeded_construction(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
+
+
+def portable(x: torch.Tensor, decimals: int = 6) -> torch.Tensor:
+    """`x` computed in float64, rounded to `decimals` and returned as float32.
+
+    For values a tiny preset computes (BatchNorm statistics, a mean latent) whose bytes are pinned:
+    float32 sums change with the thread count and the CPU's vector width; float64 differences sit
+    far below the rounding grid, so the rounded values are the same on every machine.
+    """
+    if x.dtype != torch.float64:
+        raise ValueError(f"x: compute it in float64 first, got {x.dtype}")
+    return (torch.round(x * 10**decimals) / 10**decimals).float()

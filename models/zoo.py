@@ -75,11 +75,19 @@ def _build_onnx_tiny(path: Path, seed: int) -> Path:
 
 
 def _build_stylegan2_tiny(path: Path, seed: int) -> Path:
+    """The tiny StyleGAN2, and DisCo covariates fitted on its own images (`tiny_covariates`)."""
     from models.generators import stylegan2
+    from models.sampling.covariates import tiny_covariates
 
-    return stylegan2.build_tiny(path, seed=seed)
+    stylegan2.build_tiny(path, seed=seed)
+    generator = stylegan2.StyleGAN2Generator.from_checkpoint(path / stylegan2.CHECKPOINT_FILE, stylegan2.CONFIG_TINY)
+    tiny_covariates(generator, seed).save(path / COVARIATES_FILE)
+    return path
 
 
+COVARIATES_FILE = "covariates.safetensors"  # DisCo's directions, beside a StyleGAN2's weights
+DISCO_COVARIATES = WeightFile(None, "DisCo covariate directions fitted offline with `idforge covariates fit` "
+                              "(docs/covariates.md); needed by variations 'disco' only", optional=True)
 TINY_LICENSE = "no upstream weights: random weights built by idforge from seed 0 (Apache-2.0); "
 ARC2FACE = "FoivosPar/Arc2Face on Hugging Face"
 SD15 = "the Stable Diffusion 1.5 base (stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)"
@@ -182,9 +190,14 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-tiny", kind="generator", family="stylegan2", tiny=True,
             license=TINY_LICENSE + "StyleGAN2 architecture (Karras et al., CVPR 2020) in the "
             "rosinality/stylegan2-pytorch layout (MIT)",
-            files={"stylegan2.pt": WeightFile(
-                "6eaca095a9d1ce75ddd22b8ee72ee6de157068b5b5190ff1d638fd31ba45bd1a",
-                "tiny rosinality-format checkpoint (g_ema, latent_avg)")},
+            files={
+                "stylegan2.pt": WeightFile(
+                    "dc673517117bf727090d0f7ad3d5142a2289237a1955f2969c11349c71f41317",
+                    "tiny rosinality-format checkpoint (g_ema, latent_avg)"),
+                COVARIATES_FILE: WeightFile(
+                    "423c5385e720332bb2e67803aad4fef30619dbca84a1b0008f5b8fff944b9ca4",
+                    "DisCo covariates fitted on the tiny generator's images"),
+            },
             config={"config": "CONFIG_TINY", "weights": "stylegan2.pt"},
             alignment="center",
             build=_build_stylegan2_tiny,
@@ -193,9 +206,10 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-ffhq-256", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ weights: NVIDIA Source Code License-NC (non-commercial); "
             "rosinality/stylegan2-pytorch conversion (MIT code)",
-            files=_published(("stylegan2.pt", "rosinality-format checkpoint {g_ema, latent_avg} of "
-                              "StyleGAN2 trained on FFHQ at 256 px: rosinality's FFHQ 256 snapshot re-saved "
-                              "offline as docs/stylegan2.md describes")),
+            files={**_published(("stylegan2.pt", "rosinality-format checkpoint {g_ema, latent_avg} of "
+                                 "StyleGAN2 trained on FFHQ at 256 px: rosinality's FFHQ 256 snapshot re-saved "
+                                 "offline as docs/stylegan2.md describes")),
+                   COVARIATES_FILE: DISCO_COVARIATES},
             config={"config": "CONFIG_256", "weights": "stylegan2.pt"},
             alignment="ffhq",
         ),
@@ -203,8 +217,9 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-ffhq-1024", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ config-f weights: NVIDIA Source Code License-NC (non-commercial); "
             "converted offline to the rosinality layout",
-            files=_published(("stylegan2.pt", "NVIDIA's stylegan2-ffhq-config-f.pkl converted offline "
-                              "with rosinality's convert_weight.py and renamed; see docs/stylegan2.md")),
+            files={**_published(("stylegan2.pt", "NVIDIA's stylegan2-ffhq-config-f.pkl converted offline "
+                                 "with rosinality's convert_weight.py and renamed; see docs/stylegan2.md")),
+                   COVARIATES_FILE: DISCO_COVARIATES},
             config={"config": "CONFIG_1024", "weights": "stylegan2.pt"},
             alignment="ffhq",
         ),
@@ -215,7 +230,7 @@ SPECS: dict[str, ModelSpec] = {
                 "config.json": WeightFile(
                     "169c5fccd013f917ba3d04baad71eb55e7dbd85ae1a3383e5802473e01514975", "tiny iResNet config"),
                 "model.safetensors": WeightFile(
-                    "41848ce3d34d7790c7339a7cbc41d283ca8df0d5fda21ec97d10b15794f89d0b", "tiny iResNet"),
+                    "4ebc5b1b3c7ee2f35ea7f26caafad74e25a45d38474b5c4b57718ccbd0a95272", "tiny iResNet"),
             },
             # read by the same checkpoint loader as the published nets (key and shape checks)
             config={"arch": "tiny", "weights": "model.safetensors"},
@@ -236,7 +251,7 @@ SPECS: dict[str, ModelSpec] = {
             name="arcface-onnx-tiny", kind="embedder", family="onnx", tiny=True,
             license=TINY_LICENSE + "the tiny iResNet exported to ONNX",
             files={"model.onnx": WeightFile(
-                "adb22e71e33c11403cdd1e5c04498efc8b32af84140b37f24681fe73fbcea24a",
+                "9a4757d7d708a8fc93caa8bb30b1a949847d501cd06713b28fede2afa0c48f18",
                 "tiny iResNet as an ONNX graph")},
             config={"weights": "model.onnx"},
             build=_build_onnx_tiny,

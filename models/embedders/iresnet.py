@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.seeding import make_generator, seeded_construction
+from models.seeding import make_generator, portable, seeded_construction
 
 CONFIG_FILE = "config.json"  # the IResNetConfig fields, as JSON
 WEIGHTS_FILE = "model.safetensors"  # a plain state dict with arcface_torch key names
@@ -351,12 +351,19 @@ def build_tiny(path: str | Path, seed: int = 0, config: IResNetConfig = TINY_CON
 
 @torch.no_grad()
 def calibrate_batchnorm(model: IResNetEmbedder, inputs: torch.Tensor) -> None:
-    """Set every BatchNorm's running statistics to the batch statistics of `inputs` [B, 3, S, S]."""
+    """Set every BatchNorm's running statistics to the batch statistics of `inputs` [B, 3, S, S].
+
+    Computed in float64 and rounded (`portable`), so the preset's bytes, and their pin, do not
+    depend on the thread count or the CPU.
+    """
+    dtype = next(model.parameters()).dtype
     saved = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     for m in saved:
         m.momentum = 1.0  # running stats := this batch's stats
-    model.train()
-    model.forward_features(inputs)
+    model.double().train()
+    model.forward_features(inputs.double())
     for m, value in saved.items():
         m.momentum = value
-    model.eval()
+        m.running_mean.copy_(portable(m.running_mean))
+        m.running_var.copy_(portable(m.running_var))
+    model.to(dtype).eval()

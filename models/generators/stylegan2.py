@@ -32,7 +32,7 @@ from models.generators.stylegan2_ops import (
     ToRGB,
     make_blur_kernel,
 )
-from models.seeding import seeded_construction
+from models.seeding import portable, seeded_construction
 
 CHECKPOINT_FILE = "stylegan2.pt"  # the checkpoint's name inside a StyleGAN2 model directory
 NoiseMode = Literal["const", "random"]
@@ -350,7 +350,10 @@ def build_tiny(path: str | Path, seed: int = 0, config: StyleGAN2Config = CONFIG
                 p.add_(0.2 * torch.randn_like(p))
             elif name.endswith(("bias", "noise.weight")):
                 p.copy_(0.2 * torch.randn_like(p))
-        latent_avg = model.mapping(torch.randn(4096, config.style_dim)).mean(0)  # [D]
+        z = torch.randn(4096, config.style_dim)  # [4096, D]
+        # float64 and rounded: the mean's bytes must not depend on threads or CPU (`portable`)
+        latent_avg = portable(model.double().mapping(z.double()).mean(0))  # [D]
+        model.float()
     with open(path / CHECKPOINT_FILE, "wb") as f:
         torch.save({"g_ema": model.state_dict(), "latent_avg": latent_avg}, f)
     return path

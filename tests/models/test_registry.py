@@ -224,3 +224,20 @@ def test_an_s3_model_is_fetched_against_its_pins(tmp_path, model_dir):
     del objects["s3://weights/tiny/model.safetensors"]
     with pytest.raises(ModelUnavailable, match="not found at s3://weights/tiny/model.safetensors"):
         reg2.ensure("iresnet-tiny")
+
+
+def test_tiny_presets_match_their_pins_at_other_thread_counts(tmp_path):
+    """Computed values in the presets (BatchNorm statistics, the mean latent, the covariates' fit)
+    are float64 and rounded: a worker with another core count builds the same bytes."""
+    code = (
+        "import sys, torch\n"
+        "torch.set_num_threads(int(sys.argv[2]))\n"
+        "from models.registry import Registry, SPECS\n"
+        "reg = Registry(sys.argv[1])\n"
+        "for name, spec in SPECS.items():\n"
+        "    if spec.tiny:\n"
+        "        reg.ensure(name)\n"  # builds, then verifies against the pins
+    )
+    for threads in (1, 3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"t{threads}"), str(threads)],
+                       check=True, timeout=300)
