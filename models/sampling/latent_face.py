@@ -29,10 +29,8 @@ class LatentFace:
         if not getattr(embedder, "differentiable", False):
             raise ValueError("embedder: latent-space sampling needs a differentiable embedder (not ONNX)")
         self.generator = generator
-        self.embedder = embedder
+        self.embedder = embedder  # takes [-1, 1] = (p - 127.5) / 127.5 and applies its own scaling
         self.crop_method = crop
-        # The embedder's input scaling: pixels p in [0, 255] -> (p - 127.5) / input_std.
-        self.input_std = float(getattr(getattr(embedder, "config", None), "input_std", 127.5))
 
     @property
     def style_dim(self) -> int:
@@ -74,9 +72,8 @@ class LatentFace:
     def embed(self, w: torch.Tensor) -> torch.Tensor:
         """Unit embeddings [B, E] of the faces of W [B, D]; differentiable w.r.t. `w`."""
         crops = self.crop(self.images(w))  # [B, 3, 112, 112] in [-1, 1]
-        x = crops * (127.5 / self.input_std)  # the embedder's own input scaling
         emb_param = next(self.embedder.parameters())
-        return self.embedder(x.to(emb_param.dtype)).to(w.dtype)  # [B, E]
+        return self.embedder(crops.to(emb_param.dtype)).to(w.dtype)  # [B, E]
 
     @staticmethod
     def to_uint8(images: torch.Tensor) -> torch.Tensor:
