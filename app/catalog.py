@@ -137,8 +137,8 @@ VARIATION_CONDITIONING: dict[str, frozenset[str]] = {
     "disco": frozenset({"latent"}),
 }
 # Methods the workers of this version implement; the others are refused with 422 until they land.
-IMPLEMENTED_SAMPLERS = frozenset({"random", "hyperface"})
-IMPLEMENTED_VARIATIONS = frozenset({"embedding_noise"})
+IMPLEMENTED_SAMPLERS = frozenset({"random", "hyperface", "langevin"})
+IMPLEMENTED_VARIATIONS = frozenset({"embedding_noise", "dispersion", "disco"})
 
 
 def generators(conditioning: str | None = None) -> list[str]:

@@ -311,5 +311,31 @@ def models_verify(names: tuple[str, ...]) -> None:
     sys.exit(1 if bad else 0)
 
 
+@main.group()
+def covariates() -> None:
+    """DisCo's covariate directions (pose, illumination, expression) in a generator's latent space."""
+
+
+@covariates.command("fit")
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("output_file", type=click.Path(dir_okay=False, path_type=Path))
+def covariates_fit(input_file: Path, output_file: Path) -> None:
+    """Fit one linear SVM per covariate on labelled latents (INPUT_FILE, format in
+    docs/covariates.md) and write the directions and scales to OUTPUT_FILE (safetensors).
+
+    Place the output as `covariates.safetensors` in the generator's model directory and pin it.
+    """
+    from models.sampling.covariates import fit_from_file
+
+    try:
+        fitted = fit_from_file(input_file)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="INPUT_FILE") from e
+    fitted.save(output_file)
+    for name, scale in zip(fitted.names, fitted.scales.tolist(), strict=True):
+        click.echo(f"{name}: scale {scale:.4f}")
+    click.echo(f"{len(fitted.names)} directions in {fitted.directions.shape[1]}-d -> {output_file}")
+
+
 if __name__ == "__main__":
     main()

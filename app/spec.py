@@ -10,7 +10,16 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from app import catalog
 
@@ -47,11 +56,24 @@ class LangevinSampler(_Strict):
 
     method: Literal["langevin"]
     iterations: int = Field(100, ge=1, le=10_000, description="Langevin steps")
-    repulsion_radius: float = Field(1.4, gt=0, le=3.1416, description="r0, radians")
-    stiffness: float = Field(1.0, gt=0, description="k of the soft-sphere potential")
+    repulsion_radius: float = Field(1.4, gt=0, le=3.1416, description="r0, radians: identities "
+                                    "closer than this angle in embedding space repel")
+    stiffness: float = Field(1.0, gt=0, description="k of the soft-sphere potential (k/2)(r0 - theta)^2")
     latent_pull: float = Field(0.1, ge=0, description="k_l, pull toward the average latent")
     noise: float = Field(0.01, ge=0, description="eta, Langevin noise scale")
-    tau: float = Field(-0.3, description="< 0: adaptive time step with |tau|; > 0: fixed dt")
+    tau: float = Field(-0.3, description="< 0: adaptive time step with |tau|; > 0: fixed dt = tau; "
+                       "0 is refused")
+    truncation: float = Field(0.7, ge=0, le=1, description="psi of the initial latents: "
+                              "w_avg + psi (mapping(z) - w_avg)")
+    batch_size: int = Field(64, ge=1, le=4096, description="identities per forward/backward pass "
+                            "(memory only: results do not depend on it)")
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_not_zero(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("tau must be < 0 (adaptive time step) or > 0 (fixed dt), not 0")
+        return v
 
 
 def _method_or(default: str) -> Any:
@@ -82,17 +104,35 @@ class EmbeddingNoise(_Strict):
 
 
 class Dispersion(_Strict):
-    """Dispersion of latents around each identity's reference latent (latent generators)."""
+    """Dispersion of each identity's variations around its reference latent (latent generators):
+    attraction to the reference embedding, repulsion among the identity's latents, pull to w_avg."""
 
     method: Literal["dispersion"]
-    iterations: int = Field(20, ge=1, le=1000)
+    iterations: int = Field(20, ge=0, le=1000, description="dispersion steps (0 = the initial latents)")
+    init_scale: float = Field(0.2, ge=0, description="sigma of the Gaussian offsets of the initial latents")
+    attraction: float = Field(20.0, ge=0, description="k_e of (k_e/4) theta(e, e_ref)^2")
+    repulsion: float = Field(1.0, ge=0, description="k_w of the latent soft-sphere repulsion")
+    repulsion_radius: float = Field(12.0, gt=0, description="radius of the latent repulsion, W units")
+    latent_pull: float = Field(1.0, ge=0, description="k_g, pull toward the average latent")
+    noise: float = Field(0.05, ge=0, description="Langevin noise scale")
+    dt: float = Field(0.05, description="time step: > 0 fixed; < 0 adaptive, |dt| x (smallest distance "
+                      "between the identity's variations) / (largest force); 0 is refused")
+    batch_size: int = Field(64, ge=1, le=4096, description="latents per forward/backward pass "
+                            "(memory only: results do not depend on it)")
+
+    @field_validator("dt")
+    @classmethod
+    def _dt_not_zero(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("dt must be > 0 (fixed) or < 0 (adaptive), not 0")
+        return v
 
 
-class DisCo(_Strict):
-    """Dispersion with covariate-direction initialisation (pose, illumination, expression)."""
+class DisCo(Dispersion):
+    """Dispersion whose initial latents add a random mix of covariate directions (pose,
+    illumination, expression) fitted for the generator (its `covariates.safetensors`)."""
 
-    method: Literal["disco"]
-    iterations: int = Field(20, ge=1, le=1000)
+    method: Literal["disco"]  # type: ignore[assignment]
 
 
 Variations = Annotated[
@@ -162,6 +202,23 @@ class JobSpec(_Strict):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
     webhook: WebhookSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latent_default_variations(cls, data: Any) -> Any:
+        """A latent generator's variations default to dispersion, an embedding one's to noise."""
+        if not isinstance(data, dict):
+            return data
+        generator = (data.get("models") or {}).get("generator") if isinstance(data.get("models"), dict) else None
+        entry = catalog.CATALOG.get(generator) if isinstance(generator, str) else None
+        if entry is None or entry.conditioning != "latent":
+            return data
+        variations = data.get("variations")
+        if variations is None:
+            return {**data, "variations": {"method": "dispersion"}}
+        if isinstance(variations, dict) and "method" not in variations:
+            return {**data, "variations": {**variations, "method": "dispersion"}}
+        return data
 
     def normalized(self) -> dict[str, Any]:
         """The spec with every default filled in, as JSON-ready data."""
@@ -234,10 +291,14 @@ def check_models(spec: JobSpec) -> None:
                         f"({emb.embedding_dim}-d) and conditions {m.generator!r} on them "
                         f"({gen.embedding_dim}-d): the dimensions must match",
                         code="incompatible_models")
+    cond = gen.conditioning
+    if cond == "latent" and emb.family == "onnx":
+        raise SpecError("models.embedder", f"latent-space sampling differentiates through the embedder; "
+                        f"{m.embedder!r} is a forward-only ONNX model: choose an iresnet embedder",
+                        code="incompatible_models")
     if spec.render.mode == "fast" and gen.family != "arc2face":
         raise SpecError("render.mode", f"fast mode is Arc2Face's LCM-LoRA sampling; {m.generator!r} is a "
                         f"{gen.family} generator", code="incompatible_models")
-    cond = gen.conditioning
     sm, vm = spec.sampler.method, spec.variations.method
     if cond not in catalog.SAMPLER_CONDITIONING[sm]:
         raise SpecError(

@@ -49,3 +49,29 @@ def test_list_pin_verify_round_trip(tmp_path: Path, model_dir: Path) -> None:
     code, out = _run(["models", "verify", "arcface-r34", "iresnet-tiny"],
                      {**env, "IDFORGE_MODEL_REGISTRY": str(registry_file)})
     assert code == 0 and "arcface-r34: ok" in out and "iresnet-tiny: ok" in out
+
+
+def test_covariates_fit_writes_a_file_dispersion_can_use(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.sampling.covariates import Covariates
+
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    latents = rng.normal(size=(200, 16)).astype(np.float32)
+    side = latents @ direction
+    labels = np.where(side > 0.3, 1, np.where(side < -0.3, 0, -1))  # the middle band is unused
+    np.savez(tmp_path / "labelled.npz", latents=latents, **{"label.pose": labels})
+
+    code, out = _run(["covariates", "fit", str(tmp_path / "labelled.npz"), str(tmp_path / "cov.safetensors")], {})
+    assert code == 0, out
+    assert "pose: scale" in out and "1 directions in 16-d" in out
+    fitted = Covariates.load(tmp_path / "cov.safetensors")
+    assert list(fitted.names) == ["pose"]
+    assert float(torch.dot(fitted.directions[0].double(), torch.from_numpy(direction))) > 0.95
+
+    np.savez(tmp_path / "bad.npz", latents=latents)  # no label.* array
+    code, out = _run(["covariates", "fit", str(tmp_path / "bad.npz"), str(tmp_path / "x.safetensors")], {})
+    assert code == 2 and "INPUT_FILE" in out and not (tmp_path / "x.safetensors").exists()

@@ -252,3 +252,23 @@ def test_worker_killed_mid_sampling_resumes_from_checkpoint(service: Service) ->
     resumed = [int(e["step"]) for e in events if e["type"] == "resumed"]
     assert resumed and resumed[0] >= 10, events  # from its checkpoint, not from scratch
     assert job["result"]["images"] == 24
+
+
+def test_langevin_identities_with_disco_variations(service: Service) -> None:
+    """A latent-space job through the real worker: Langevin in one checkpointed task, then
+    DisCo per shard (IDFORGE_SHARD_IDENTITIES=3: two shards)."""
+    job_id = service.alpha.submit({
+        "identities": 5, "images_per_identity": 2, "seed": 8,
+        "models": {"generator": "stylegan2-tiny", "embedder": "iresnet-tiny"},
+        "sampler": {"method": "langevin", "iterations": 8},
+        "variations": {"method": "disco", "iterations": 3}})["id"]
+    job = service.alpha.wait(job_id, timeout=180, interval=0.2)
+    assert job["status"] == "succeeded", job
+    manifest = httpx.get(service.alpha.artifacts(job_id)["manifest_url"]).json()
+    assert manifest["counts"]["images"] == 10 and manifest["counts"]["shards"] == 2
+    assert manifest["sampling"]["method"] == "langevin"
+    assert manifest["spec"]["variations"]["method"] == "disco"
+    events = httpx.get(f"{service.url}/v1/jobs/{job_id}/events",
+                       headers={"Authorization": "Bearer key-alpha"}).json()["events"]
+    # IDFORGE_CHECKPOINT_STEPS=5: the Langevin state was saved at step 5 of 8
+    assert [int(e["step"]) for e in events if e["type"] == "checkpoint"] == [5]

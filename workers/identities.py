@@ -19,13 +19,13 @@ from safetensors.torch import save as st_save
 
 from app import catalog
 from app.errors import StorageKeyMissing
-from app.spec import HyperFaceSampler, JobSpec
+from app.spec import HyperFaceSampler, JobSpec, LangevinSampler
 from app.storage import JobKeys, Storage
 from models.sampling import hyperface, metrics
 from models.sampling import random as random_sampler
 from models.sampling.sphere import uniform_sphere
 from models.seeding import derive_seed, make_generator
-from workers import pipeline
+from workers import latent, pipeline
 from workers.pipeline import Canceled
 from workers.runtime import ModelCache
 
@@ -47,12 +47,21 @@ class Hooks:
 class Sampled:
     embeddings: torch.Tensor  # [N, D] unit rows
     stats: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None  # [N, W] W latents, for latent generators
 
 
 def sample(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
            checkpoint_steps: int = 50, gallery_chunk: int = 256,
            hooks: Hooks | None = None) -> Sampled:
     hooks = hooks or Hooks()
+    if catalog.CATALOG[spec.models.generator].conditioning == "latent":
+        face = latent.latent_face(spec, models)
+        if isinstance(spec.sampler, LangevinSampler):
+            latents, stats = latent.sample_langevin(spec, spec.sampler, face, storage, keys,
+                                                    checkpoint_steps=checkpoint_steps, hooks=hooks)
+        else:
+            latents, stats = latent.sample_random(spec, face, hooks)
+        return Sampled(latent.embed_latents(face, latents), stats, latents)
     if spec.sampler.method == "random":
         return Sampled(sample_random(spec, hooks), {"method": "random"})
     if isinstance(spec.sampler, HyperFaceSampler):

@@ -17,7 +17,7 @@ from app.errors import StorageKeyMissing
 from app.spec import JobSpec
 from app.storage import JobKeys
 from app.store import TERMINAL
-from workers import identities, pipeline
+from workers import identities, pipeline, render
 from workers.runtime import Runtime
 
 log = logging.getLogger("idforge.worker")
@@ -80,7 +80,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
         got = identities.sample(spec, rt.models, rt.storage, keys,
                                 checkpoint_steps=rt.settings.checkpoint_steps,
                                 gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
-        pipeline.save_identities(rt.storage, keys, got.embeddings, got.stats)
+        pipeline.save_identities(rt.storage, keys, got.embeddings, got.stats, latents=got.latents)
     shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
@@ -98,11 +98,8 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     ids = shards[shard]
     part = f"shard{shard}"
     if not rt.storage.exists(keys.shard_done(shard)):
-        refs = pipeline.load_identities(rt.storage, keys)[ids.start:ids.stop]  # [n, D]
-        pipeline.render_shard(
-            spec, shard, ids, refs, rt.models.generator(spec.models.generator),
-            rt.models.embedder(spec.models.embedder), rt.storage, keys,
-            crop=rt.models.cropper(spec.models.generator), should_stop=_should_stop(rt, job_id),
+        render.render_shard(
+            spec, shard, ids, rt.models, rt.storage, keys, should_stop=_should_stop(rt, job_id),
             on_progress=lambda i, m: rt.store.set_progress(job_id, part, identities=i, images=m))
     rt.store.set_progress(job_id, part, identities=len(ids),
                           images=len(ids) * spec.images_per_identity)

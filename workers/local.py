@@ -10,7 +10,7 @@ from typing import Any
 from app.settings import Settings
 from app.spec import JobSpec, check_models
 from app.storage import JobKeys, LocalStorage
-from workers import identities, pipeline
+from workers import identities, pipeline, render
 from workers.runtime import ModelCache, model_registry, pick_device, quiet_libraries
 
 
@@ -22,18 +22,17 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     s = settings or Settings()
     models = ModelCache(model_registry(s), pick_device(s.device))
     storage, keys = LocalStorage(out_dir), JobKeys("")
-    gen, emb = models.generator(spec.models.generator), models.embedder(spec.models.embedder)
     t0 = time.perf_counter()
     got = identities.sample(spec, models, storage, keys, checkpoint_steps=s.checkpoint_steps,
                             gallery_chunk=s.gallery_chunk)
-    pipeline.save_identities(storage, keys, got.embeddings, got.stats)
+    pipeline.save_identities(storage, keys, got.embeddings, got.stats, latents=got.latents)
     total = spec.identities * spec.images_per_identity
     shards, done = [], 0
     for k, ids in enumerate(pipeline.plan_shards(spec.identities, s.shard_identities)):
-        base = done
-        res = pipeline.render_shard(spec, k, ids, got.embeddings[ids.start:ids.stop], gen, emb,
-                                    storage, keys, crop=models.cropper(spec.models.generator),
-                                    on_progress=lambda i, m: on_progress(base + m, total))
+        def progress(ids_done: int, imgs_done: int, base: int = done) -> None:
+            on_progress(base + imgs_done, total)
+
+        res = render.render_shard(spec, k, ids, models, storage, keys, on_progress=progress)
         done += len(res.files)
         shards.append(pipeline.load_shard(storage, keys, k))
     quality = pipeline.quality_summary(storage, keys, shards) if spec.quality.report else {}

@@ -43,6 +43,16 @@ SEED_DERIVATION = {
     "variation": "derive_seed(seed, 'variation', i, s)",
     "render": "derive_seed(seed, 'render', i, s)",
 }
+# Latent generators: identity i's z, Langevin's noise, Dispersion's initial offset and per-step
+# noise of sample s, DisCo's covariate mix; each file's `seed` is its dispersion.init seed.
+LATENT_SEED_DERIVATION = {
+    "function": DERIVE_SEED_SCHEME,
+    "identity": "z_i ~ N(0, I) from derive_seed(seed, 'identity', i)",
+    "langevin_noise": "derive_seed(derive_seed(seed, 'langevin'), 'noise', i, step)",
+    "dispersion_init": "derive_seed(seed, 'dispersion.init', i, s)",
+    "dispersion_noise": "derive_seed(seed, 'dispersion.noise', i, s, step)",
+    "disco_mix": "derive_seed(seed, 'disco', i, s)",
+}
 IMAGE_EXT = {"jpeg": "jpg", "png": "png"}
 CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}
 
@@ -73,10 +83,13 @@ def plan_shards(identities: int, shard_identities: int) -> list[range]:
 # ---- identities ------------------------------------------------------------------------------
 
 def save_identities(storage: Storage, keys: JobKeys, embeddings: torch.Tensor,
-                    stats: dict[str, Any] | None = None) -> None:
-    """The reference embeddings [N, D], and what the sampler reports about them (JSON)."""
-    blob = st_save({"embeddings": embeddings.contiguous().float().cpu()},
-                   metadata={"format": "idforge.identities/1"})
+                    stats: dict[str, Any] | None = None, latents: torch.Tensor | None = None) -> None:
+    """The reference embeddings [N, E] (and latents [N, D] of a latent generator), and what the
+    sampler reports about them (JSON)."""
+    tensors = {"embeddings": embeddings.contiguous().float().cpu()}
+    if latents is not None:
+        tensors["latents"] = latents.contiguous().float().cpu()
+    blob = st_save(tensors, metadata={"format": "idforge.identities/1"})
     storage.put_bytes(keys.key("identities/stats.json"),
                       json.dumps(stats or {}, sort_keys=True).encode(), "application/json")
     storage.put_bytes(keys.identities, blob, "application/octet-stream")
@@ -100,6 +113,11 @@ def models_used(spec: JobSpec, models: Any) -> dict[str, dict[str, Any]]:
 
 def load_identities(storage: Storage, keys: JobKeys) -> torch.Tensor:
     return st_load(storage.get_bytes(keys.identities))["embeddings"]  # [N, D]
+
+
+def load_identity_latents(storage: Storage, keys: JobKeys) -> torch.Tensor:
+    """The identities' W latents [N, D] (latent generators only)."""
+    return st_load(storage.get_bytes(keys.identities))["latents"]  # [N, D]
 
 
 # ---- rendering -------------------------------------------------------------------------------
@@ -301,7 +319,8 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]],
         "spec": spec.normalized(),
         "spec_hash": spec.spec_hash(),
         "seed": spec.seed,
-        "seed_derivation": SEED_DERIVATION,
+        "seed_derivation": LATENT_SEED_DERIVATION if spec.variations.method in ("dispersion", "disco")
+        else SEED_DERIVATION,
         "models": models,
         "licenses": sorted({m["license"] for m in models.values() if m.get("license")}),
         "counts": {

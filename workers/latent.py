@@ -1,0 +1,160 @@
+"""The latent-space path: StyleGAN2 identities (random or Langevin) and their variations
+(Dispersion, DisCo), rendered and written shard by shard.
+
+Identity i starts from z drawn from derive_seed(seed, "identity", i); Langevin's noise, and
+Dispersion's initial offsets and noise, come from the job seed and the identity (and sample)
+index alone, so every image is reproducible from (seed, identity, sample) whatever the sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app.errors import StorageKeyMissing
+from app.spec import DisCo, Dispersion, JobSpec, LangevinSampler
+from app.storage import JobKeys, Storage
+from models.modelspec import ModelUnavailable
+from models.sampling import covariates as covariates_mod
+from models.sampling import dispersion, langevin, metrics
+from models.sampling.latent_face import LatentCrop, LatentFace
+from models.seeding import derive_seed
+from workers.pipeline import Canceled, ImageBatch, ShardResult, write_shard
+
+RANDOM_TRUNCATION = 0.7  # psi of the random sampler's latents, as Langevin's initial latents
+COVARIATES_FILE = "covariates.safetensors"  # DisCo's directions, in the generator's model directory
+
+
+def latent_face(spec: JobSpec, models: Any) -> LatentFace:
+    """The job's generator and embedder as one differentiable latents -> embeddings map."""
+    name = spec.models.generator
+    crop: LatentCrop = "ffhq" if models.registry.spec(name).alignment == "ffhq" else "center"
+    return LatentFace(models.generator(name), models.embedder(spec.models.embedder), crop)
+
+
+def identity_seeds(spec: JobSpec, ids: range) -> list[int]:
+    return [derive_seed(spec.seed, "identity", i) for i in ids]
+
+
+@torch.no_grad()
+def embed_latents(face: LatentFace, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Unit embeddings [N, E] of latents [N, D], batched, without gradients."""
+    return torch.cat([face.embed(latents[lo:lo + batch_size]).float().cpu()
+                      for lo in range(0, latents.shape[0], batch_size)])
+
+
+# ---- identities -------------------------------------------------------------------------------
+
+def sample_random(spec: JobSpec, face: LatentFace, hooks: Any, chunk: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Latents [N, D]: w_avg + 0.7 (mapping(z_i) - w_avg), z_i from (seed, "identity", i)."""
+    parts = []
+    for lo in range(0, spec.identities, chunk):
+        hooks.check()
+        ids = range(lo, min(spec.identities, lo + chunk))
+        parts.append(face.initial_latents(identity_seeds(spec, ids), RANDOM_TRUNCATION).cpu())
+        hooks.progress(ids.stop, spec.identities, "identities")
+    return torch.cat(parts), {"method": "random", "truncation": RANDOM_TRUNCATION}
+
+
+def langevin_config(sampler: LangevinSampler) -> Any:
+    return langevin.LangevinConfig(
+        iterations=sampler.iterations, k=sampler.stiffness, r0=sampler.repulsion_radius,
+        k_l=sampler.latent_pull, noise=sampler.noise, tau=sampler.tau, truncation=sampler.truncation,
+        batch_size=sampler.batch_size)
+
+
+def sample_langevin(spec: JobSpec, sampler: LangevinSampler, face: LatentFace, storage: Storage,
+                    keys: JobKeys, *, checkpoint_steps: int, hooks: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Langevin dynamics over all identities, one checkpointed task that resumes after a crash."""
+    config = langevin_config(sampler)
+    ckpt_key = keys.key("identities/checkpoint.safetensors")
+    seed = derive_seed(spec.seed, "langevin")
+    try:
+        state = langevin.LangevinState.from_tensors(st_load(storage.get_bytes(ckpt_key)))
+        hooks.event("resumed", stage="sampling_identities", step=int(state.step))
+    except StorageKeyMissing:
+        state = langevin.init_state(face, spec.identities, spec.seed, config)
+    init_angle = _min_angle_deg(embed_latents(face, state.latents, config.batch_size))
+
+    def on_step(stats: Any, st: Any) -> None:
+        hooks.progress(stats.step, sampler.iterations, "Langevin steps")
+        if stats.step % checkpoint_steps == 0 and stats.step < sampler.iterations:
+            storage.put_bytes(ckpt_key, st_save(st.to_tensors()))
+            hooks.event("checkpoint", step=stats.step)
+        hooks.check()
+
+    last = langevin.run(face, state, config, seed, on_step=on_step)
+    latents = state.latents.float().cpu()
+    stats = {"method": "langevin", "iterations": sampler.iterations,
+             "init_min_angle_deg": init_angle,
+             "final": last.to_json() if last is not None else None}
+    return latents, stats
+
+
+def _min_angle_deg(embeddings: torch.Tensor) -> float | None:
+    if embeddings.shape[0] < 2:
+        return None
+    return round(math.degrees(float(metrics.min_angle(embeddings))), 4)
+
+
+# ---- variations and rendering -----------------------------------------------------------------
+
+def dispersion_config(v: Dispersion) -> Any:
+    return dispersion.DispersionConfig(
+        iterations=v.iterations, initial_noise=v.init_scale, embedding_coefficient=v.attraction,
+        latent_coefficient=v.repulsion, latent_radius=v.repulsion_radius, global_coefficient=v.latent_pull,
+        random_force=v.noise, timestep=v.dt, batch_size=v.batch_size)
+
+
+def load_covariates(models: Any, generator: str) -> Any:
+    """DisCo's directions for `generator`, from its model directory (pinned like its weights)."""
+    path = Path(models.registry.root(generator)) / COVARIATES_FILE
+    if not path.is_file():
+        raise ModelUnavailable(generator, f"variations 'disco' needs {COVARIATES_FILE} in {path.parent} "
+                               "(fit it with `idforge covariates fit`, see docs/covariates.md)")
+    return covariates_mod.Covariates.load(path)
+
+
+def render_latent_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor, face: LatentFace,
+                        embedder: Any, storage: Storage, keys: JobKeys, *, crop: Any,
+                        covariates: Any = None, on_progress: Any = lambda i, m: None,
+                        on_stage: Any = lambda done, total, unit: None,
+                        should_stop: Any = lambda: False) -> ShardResult:
+    """Variations of identities `ids` (reference latents [n, D]) by Dispersion or DisCo, rendered."""
+    v = spec.variations
+    if not isinstance(v, Dispersion):
+        raise ValueError(f"variations {v.method!r} cannot drive a latent generator")
+    a = spec.images_per_identity
+    offsets = None
+    if isinstance(v, DisCo):
+        offsets = covariates_mod.disco_offsets(covariates, list(ids), a, spec.seed)  # [n, A, D]
+
+    def on_step(stats: Any) -> None:
+        on_stage(stats.step, v.iterations, "dispersion steps")
+        if should_stop():
+            raise Canceled()
+
+    result_v = dispersion.disperse(face, references, list(ids), spec.seed, a, dispersion_config(v),
+                                   offsets=offsets, on_step=on_step)
+    latents = result_v.latents.float().cpu()  # [n, A, D]
+    storage.put_bytes(keys.key(f"shards/{shard:05d}/latents.safetensors"),
+                      st_save({"latents": latents.contiguous()}))
+    result = ShardResult(shard=shard, identities=list(ids))
+
+    def batches() -> Iterator[ImageBatch]:
+        items = [(i, s) for i in ids for s in range(a)]
+        for b0 in range(0, len(items), spec.render.batch_size):
+            batch = items[b0:b0 + spec.render.batch_size]
+            w = torch.stack([latents[i - ids.start, s] for i, s in batch])  # [B, D]
+            with torch.no_grad():
+                images = LatentFace.to_uint8(face.images(w))  # [B, S, S, 3]
+            yield batch, [derive_seed(spec.seed, dispersion.INIT_PURPOSE, i, s) for i, s in batch], images
+
+    return write_shard(spec, ids, batches(), embedder, storage, keys, result, crop=crop,
+                       on_progress=on_progress, should_stop=should_stop)
