@@ -96,7 +96,7 @@ def loop_forces(face: LatentFace, w: torch.Tensor, config: lv.LangevinConfig, ro
         wi = w[i:i + 1].clone().requires_grad_(True)
         if idiap:
             images = face.generator.synthesis(wi, noise_mode="random", generator=noise)  # [1, 3, S, S]
-            ei = face.embedder(face.crop(images) * (127.5 / face.input_std))[0].to(w.dtype)  # [E]
+            ei = face.embedder(face.crop(images))[0].to(w.dtype)  # [E]
         else:
             ei = face.embed(wi)[0]  # [E]
         others = torch.cat([fixed[:i], fixed[i + 1:]])  # [N - 1, E]

@@ -92,9 +92,8 @@ def test_langevin_and_disco_job_in_process(tmp_path: Path, model_dir: Path) -> N
     assert sampling["final"]["step"] == 6 and sampling["final"]["dt"] > 0
     assert set(m["models"]) == {"generator", "embedder"}
     assert "covariates.safetensors" in m["models"]["generator"]["sha256"]
-    other = generate(JobSpec.model_validate({**LANGEVIN, "variations": {**LANGEVIN["variations"],
-                                                                         "method": "dispersion"}}),
-                     tmp_path / "plain", settings=Settings(model_dir=model_dir))
+    plain = {**LANGEVIN, "variations": {**LANGEVIN["variations"], "method": "dispersion"}}
+    generate(JobSpec.model_validate(plain), tmp_path / "plain", settings=Settings(model_dir=model_dir))
     assert _files(tmp_path / "dataset") != _files(tmp_path / "plain" / "dataset")  # the covariates moved them
 
 
