@@ -16,11 +16,12 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from bench import arc2face, embedders, hyperface, render, stylegan2
+from bench import arc2face, dispersion, embedders, hyperface, langevin, render, stylegan2
 
 # name -> callable returning its summary line
 BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,
-              "embedders": embedders.run, "stylegan2": stylegan2.run}
+              "embedders": embedders.run, "stylegan2": stylegan2.run, "langevin": langevin.run,
+              "dispersion": dispersion.run}
 
 
 def main(argv: list[str] | None = None) -> None:
