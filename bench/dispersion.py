@@ -2,8 +2,9 @@
 
 A variation-iteration is one variation moved by one step: one render + embed + backward to W,
 plus its share of the repulsion. The batched sampler (`models.sampling.dispersion.disperse`)
-flattens identities x variations into batches; the reference loop re-renders each variation on
-its own with the others held fixed, as idiap/face_synthetics does when A exceeds its batch. Both
+flattens identities x variations into batches and runs the embedder through its fused view
+(`LatentFace`); the reference loop re-renders each variation on its own with the others held
+fixed, through the plain modules, as idiap/face_synthetics does when A exceeds its batch. Both
 use the same random draws, so their latents are compared too.
 
 CPU: the tiny presets (StyleGAN2 32 px, iResNet-tiny), built from their seeds. CUDA (when there):
@@ -103,7 +104,8 @@ def compare(face: LatentFace, device: torch.device, n: int, variations: int, ste
     ids = list(range(n))
     disperse(face, w_ref[:1], ids[:1], SEED, min(variations, batch), replace(config, iterations=1))  # warm-up
     res, t_batched = timed(lambda: disperse(face, w_ref, ids, SEED, variations, config).latents, device)
-    ref, t_loop = timed(lambda: loop(face, w_ref[:loop_n], ids[:loop_n], variations, config), device)
+    reference = LatentFace(face.generator, face.embedder, face.crop_method, fused=False)  # plain modules
+    ref, t_loop = timed(lambda: loop(reference, w_ref[:loop_n], ids[:loop_n], variations, config), device)
     diff = (res[:loop_n] - ref).abs().max().item()
     rate_b = n * variations * steps / t_batched
     rate_l = loop_n * variations * steps / t_loop

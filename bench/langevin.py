@@ -1,14 +1,18 @@
 """Langevin identity sampling: the batched step against the per-identity reference loop.
 
 (a) CPU, the registry's tiny presets (stylegan2-tiny + iresnet-tiny): seconds per iteration of
-    `langevin.step` (batches of 64) against the loop of the reference code (idiap/face_synthetics):
-    all N embeddings without gradients (batches of 64), then each identity re-rendered alone with
-    gradients against the others' fixed embeddings, then the same update. Two loops: "loop" with
-    frozen weights and gradients to w only (our tests' reference), and "idiap loop" as the reference
-    code runs it: weights that require gradients (`backward()` computes and accumulates them) and
-    random StyleGAN noise. N = 256 and 1024; where the loop would take long, it runs a fixed subset
-    of identities (each against all N) and is scaled linearly, which the line says. The batched
-    forces are checked against the loop's on that subset (largest relative difference per row).
+    `langevin.step` (batches of 64, the embedder through its fused view) against the loop of the
+    reference code (idiap/face_synthetics), which runs the plain modules: all N embeddings without
+    gradients (batches of 64), then each identity re-rendered alone with gradients against the
+    others' fixed embeddings, then the same update. The step is timed twice: with the default
+    `keep_graphs` (one batch's graph kept from the embedding pass, the rest rendered twice) and with
+    keep_graphs = N (every identity rendered once per step; memory ~2 MB per identity here). Two
+    loops: "loop" with frozen weights and gradients to w only (our tests' reference), and "idiap
+    loop" as the reference code runs it: weights that require gradients (`backward()` computes and
+    accumulates them) and random StyleGAN noise. N = 256 and 1024; where the loop would take long, it
+    runs a fixed subset of identities (each against all N) and is scaled linearly, which the line
+    says. The batched forces are checked against the loop's on that subset (largest relative
+    difference per row; float32).
 (b) CUDA (when present): StyleGAN2-256 (`CONFIG_256`) + iResNet50 with random weights, FFHQ crop:
     identity-iterations per second of the batched step, the loop's on a subset, and the projected
     time of a 10k-identity x 100-iteration run.
@@ -24,6 +28,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
@@ -57,7 +62,12 @@ def tiny_faces(root: str) -> tuple[LatentFace, LatentFace]:
     reg.ensure("iresnet-tiny")
     frozen = LatentFace(reg.load("stylegan2-tiny"), reg.load("iresnet-tiny"), "center")
     gen, emb = reg.load("stylegan2-tiny").requires_grad_(True), reg.load("iresnet-tiny").requires_grad_(True)
-    return frozen, LatentFace(gen, emb, "center")
+    return frozen, LatentFace(gen, emb, "center", fused=False)
+
+
+def plain(face: LatentFace) -> LatentFace:
+    """The same models without the fused embedder view: what the reference loop runs."""
+    return LatentFace(face.generator, face.embedder, face.crop_method, fused=False)
 
 
 def real_faces(device: torch.device) -> LatentFace:
@@ -113,10 +123,10 @@ def loop_forces(face: LatentFace, w: torch.Tensor, config: lv.LangevinConfig, ro
 
 
 def time_step(face: LatentFace, n: int, config: lv.LangevinConfig, iterations: int) -> float:
-    """Seconds per `langevin.step` at n identities (after a warm-up step on 2 batches)."""
-    warm = lv.init_state(face, min(n, 2 * config.batch_size), SEED, config)
-    lv.step(face, warm, config, SEED)
+    """Seconds per `langevin.step` at n identities, after one untimed step at n: the steady state of a
+    run (its first step also pays for fresh memory, which a 100-step run amortises)."""
     state = lv.init_state(face, n, SEED, config)
+    lv.step(face, state, config, SEED)
     _sync(_device(face))
     start = time.perf_counter()
     for _ in range(iterations):
@@ -126,29 +136,36 @@ def time_step(face: LatentFace, n: int, config: lv.LangevinConfig, iterations: i
 
 
 def compare(face: LatentFace, n: int, subset: int, iterations: int, idiap_face: LatentFace | None,
-            check: bool) -> tuple[str, float]:
+            check: bool, keep_all: bool) -> tuple[str, float]:
     """(one line: batched step vs the loops at n identities, seconds per batched step).
 
-    The loops run `subset` identities (each against all n) and are scaled by n / subset; their
-    all-n embedding pass is timed in full.
+    The step is timed with the default config and, with keep_all, with keep_graphs = n too (the
+    seconds returned are then that one's). The loops run `subset` identities (each against all n)
+    on the plain modules and are scaled by n / subset; their all-n embedding pass is timed in full.
     """
     config = CONFIG
     dev = _device(face)
-    t_step = time_step(face, n, config, iterations)
+    steps = {f"keep_graphs {config.keep_graphs}": time_step(face, n, config, iterations)}
+    if keep_all:
+        steps["keep_graphs N"] = time_step(face, n, replace(config, keep_graphs=n), iterations)
     w = lv.init_state(face, n, SEED, config).latents
     rows = range(subset)
-    loop_forces(face, w, config, range(2))  # warm-up of the one-identity shapes
-    forces, t_fixed, t_rows = loop_forces(face, w, config, rows)
+    reference = plain(face)
+    loop_forces(reference, w, config, range(2))  # warm-up of the one-identity shapes
+    forces, t_fixed, t_rows = loop_forces(reference, w, config, rows)
     scale = n / subset
     t_loop = t_fixed + t_rows * scale
     how = "in full" if subset == n else f"on {subset} of {n} identities (each against all {n}), scaled x{scale:g}"
-    line = (f"N={n} {dev.type}: batched step {t_step:.2f} s/it ({n / t_step:.0f} identity-it/s, batch {BATCH}) | "
-            f"loop {t_loop:.2f} s/it ({how}) | ratio {t_loop / t_step:.1f}x")
+    t_step = list(steps.values())[-1]
+    line = (f"N={n} {dev.type}: batched step " + ", ".join(f"{t:.2f} s/it ({k})" for k, t in steps.items())
+            + f" ({n / t_step:.0f} identity-it/s, batch {BATCH}) | loop {t_loop:.2f} s/it ({how}) | ratio "
+            + ", ".join(f"{t_loop / t:.1f}x" for t in steps.values()))
     if idiap_face is not None:
         loop_forces(idiap_face, w, config, range(2), idiap=True)
         _, t_fixed_i, t_rows_i = loop_forces(idiap_face, w, config, rows, idiap=True)
         t_idiap = t_fixed_i + t_rows_i * scale
-        line += f" | idiap loop (weight grads, random noise) {t_idiap:.2f} s/it, ratio {t_idiap / t_step:.1f}x"
+        line += (f" | idiap loop (weight grads, random noise) {t_idiap:.2f} s/it, ratio "
+                 + ", ".join(f"{t_idiap / t:.1f}x" for t in steps.values()))
     if check:
         ours = lv.compute_forces(face, w, config).repulsion[:subset]
         rel = float(((ours - forces).norm(dim=1) / forces.norm(dim=1).clamp_min(1e-30)).max())
@@ -162,7 +179,7 @@ def bench_cpu(quick: bool) -> list[str]:
     sizes = [(256, 64)] if quick else [(256, 256), (1024, 256)]
     lines = []
     for k, (n, subset) in enumerate(sizes):
-        line, _ = compare(face, n, subset, 1 if quick else 2, idiap_face, check=k == 0)
+        line, _ = compare(face, n, subset, 1 if quick else 2, idiap_face, check=k == 0, keep_all=True)
         lines.append(f"(a) tiny presets, {torch.get_num_threads()} threads, {line}, "
                      f"load avg {os.getloadavg()[0]:.1f}")
     return lines
@@ -172,7 +189,7 @@ def bench_cuda(quick: bool) -> list[str]:
     device = torch.device("cuda")
     face = real_faces(device)
     n, subset = (256, 32) if quick else (2048, 64)
-    line, t_step = compare(face, n, subset, 1 if quick else 2, None, check=True)
+    line, t_step = compare(face, n, subset, 1 if quick else 2, None, check=True, keep_all=False)
     rate = n / t_step
     hours = PROJECT_IDENTITIES * PROJECT_ITERATIONS / rate / 3600
     return [

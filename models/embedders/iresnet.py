@@ -22,13 +22,16 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.seeding import make_generator, portable, seeded_construction
+
+if TYPE_CHECKING:
+    from models.embedders.iresnet_fused import FusedIResNet
 
 CONFIG_FILE = "config.json"  # the IResNetConfig fields, as JSON
 WEIGHTS_FILE = "model.safetensors"  # a plain state dict with arcface_torch key names
@@ -203,6 +206,20 @@ class IResNetEmbedder(nn.Module):
             return torch.empty(0, self.embedding_dim)
         return torch.cat(out)  # [B, D]
 
+    def fused(self) -> FusedIResNet:
+        """An inference copy for fast input gradients (`iresnet_fused.FusedIResNet`): the same function.
+
+        Eval-mode BatchNorms folded into the neighbouring conv or linear layer where that is exact
+        (a per-channel affine where it is not), each block's input gradient written out (convolution
+        input-gradients and PReLU masks; only the PReLU inputs are kept for it), channels_last.
+        A snapshot of the current weights; equal to `forward` up to rounding (~1e-6 relative in float32).
+        """
+        if self.training:
+            raise ValueError("fused: the model is in training mode; BatchNorm folding needs .eval()")
+        from models.embedders.iresnet_fused import FusedIResNet
+
+        return FusedIResNet(self)
+
     def load_arcface_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load an arcface_torch state dict; only BatchNorm `num_batches_tracked` may be missing.
 
@@ -235,9 +252,9 @@ class IResNetEmbedder(nn.Module):
         state = load_state_file(file)
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device=device)
+        model.to_empty(device=device).set_precision(dtype)  # then the file's values are cast once
         model.load_arcface_state_dict(state)
-        return model.set_precision(dtype).requires_grad_(False).eval()
+        return model.requires_grad_(False).eval()
 
     def set_precision(self, dtype: torch.dtype) -> IResNetEmbedder:
         """Cast the trunk to `dtype` in place; fc and features to float32 at least (returns self)."""

@@ -18,8 +18,9 @@ that min and max over every identity in the run; here they are taken per identit
 of identities moves exactly as it would inside the whole job.
 
 Batching: the attraction of a variation depends on its own latent only, so the n x A variations
-are flattened and rendered batch_size at a time, whatever identity they belong to; the repulsion is
-a cheap closed form over each identity's A x A distances. Every random draw is addressed by
+are flattened and rendered batch_size at a time, whatever identity they belong to (one forward and
+one backward per step, the embedder through `LatentFace`'s fused view); the repulsion is a cheap
+closed form over each identity's A x A distances. Every random draw is addressed by
 (seed, purpose, identity, variation[, step]) through `derive_seed`; draws are made on the CPU in
 float32 and moved to the latents' device, so results depend neither on batch_size nor on which
 identities share a call (nor on the device, up to floating-point rounding):
@@ -147,6 +148,8 @@ def step_noise(identities: Sequence[int], seed: int, variations: int, step: int,
 
 def reference_embeddings(face: Any, w_ref: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """e_i = F(G(w_ref_i)): unit embeddings [n, E] on w_ref's device and dtype, no gradient."""
+    if hasattr(face, "embeddings"):  # a LatentFace: batched, in inference mode
+        return face.embeddings(w_ref, batch_size).to(w_ref.device, w_ref.dtype)  # [n, E]
     with torch.no_grad():
         parts = [face.embed(w_ref[s:s + batch_size]) for s in range(0, w_ref.shape[0], batch_size)]
     return torch.cat(parts).to(w_ref.device, w_ref.dtype)  # [n, E]

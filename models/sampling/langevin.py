@@ -20,13 +20,15 @@ The reference code re-renders one identity at a time with gradients. Because the
 embeddings are detached, U_i depends on w_i only through e_i, so
   grad_{w_i} U_i = J_i^T g_i,   g_i = dU_i/de_i = sum_j a_ij e_j,
   a_ij = k (r0 - theta_ij) c / sqrt(1 - c^2 <e_i, e_j>^2)  [theta_ij < r0]   (a symmetric in i, j).
-A step therefore (1) embeds all N latents without gradients (batches of `batch_size`), (2) forms
-g = A E in tiles of the pairwise matrix on and above its diagonal (each tile serves its rows and,
-transposed, its columns), collecting the angle statistics on the way, and (3) re-renders batch by
-batch with gradients, back-propagating g_b to w_b (one vector-Jacobian product per batch; weights
-frozen, constant StyleGAN noise). The minimum latent distance of the adaptive dt comes from a
-tiled pass too; memory is O(N (D + E) + tile^2), never N x N. When N <= batch_size, one forward
-with gradients serves both (1) and (3).
+A step therefore (1) embeds all N latents (batches of `batch_size`), (2) forms g = A E in tiles of
+the pairwise matrix on and above its diagonal (each tile serves its rows and, transposed, its
+columns), collecting the angle statistics on the way, and (3) back-propagates g_b to w_b batch by
+batch (one vector-Jacobian product per batch; weights frozen, constant StyleGAN noise). The first
+`keep_graphs` identities (at least one batch) are embedded with gradients in (1) and their graphs
+kept for (3); the others are embedded without gradients in (1) and re-rendered with them in (3),
+so memory stays bounded. The embedder runs through `LatentFace`'s fused view (folded BatchNorms,
+written-out input gradients). The minimum latent distance of the adaptive dt comes from a tiled
+pass too; memory is O(N (D + E) + tile^2) beyond the kept graphs, never N x N.
 
 Randomness is stateless: identity i's noise at step t comes from derive_seed(seed, "noise", i, t),
 so a run does not depend on batch_size (up to the float rounding of batched kernels), and a
@@ -73,6 +75,10 @@ class LangevinConfig:
     # statistics, as in the reference code: finite forces for coincident embeddings; adds at most
     # 1.5e-3 rad near 0 and pi, under 1e-6 rad in between; in (0, 1]
     tile: int = 2048  # rows/columns per tile of the pairwise passes: memory ~ 6 tile^2 floats
+    keep_graphs: int = 64  # identities (rounded up to whole batches, at least one batch) rendered once
+    # per step: their autograd graphs are kept from the embedding pass to the backward pass; the others
+    # are rendered twice (without gradients, then with). Memory ~ that many identities' saved
+    # activations (~2 MB each with the tiny presets); results do not depend on it
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,7 @@ def check_config(config: LangevinConfig) -> None:
         ("threshold", 0 <= config.threshold <= math.pi),
         ("cos_scale", 0 < config.cos_scale <= 1),
         ("tile", config.tile >= 1),
+        ("keep_graphs", config.keep_graphs >= 0),
     ]
     for name, ok in checks:
         value = getattr(config, name)
@@ -334,6 +341,13 @@ def _check_latents(face: LatentFace, latents: torch.Tensor) -> None:
         raise ValueError("latents: must be finite")
 
 
+def _embed_with_graph(face: LatentFace, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a leaf copy of w [B, D] that requires grad, its embeddings [B, E] with their graph)."""
+    with torch.enable_grad():
+        leaf = w.clone().requires_grad_(True)
+        return leaf, face.embed(leaf)
+
+
 def compute_forces(
     face: LatentFace, latents: torch.Tensor, config: LangevinConfig, references: torch.Tensor | None = None
 ) -> LangevinForces:
@@ -342,25 +356,27 @@ def compute_forces(
     _check_latents(face, latents)
     w = latents.detach()
     n, bs = w.shape[0], config.batch_size
-    if n <= bs:  # one forward with gradients serves the fixed embeddings and the backward pass
-        with torch.enable_grad():
-            w_b = w.clone().requires_grad_(True)
-            e_b = face.embed(w_b)  # [N, E]
-        embeddings = e_b.detach()
-        pairs = pair_terms(embeddings, config, references)
-        (g,) = torch.autograd.grad(e_b, w_b, grad_outputs=pairs.grad.to(e_b.dtype))
-        repulsion = -g  # [N, D]
-    else:
-        with torch.no_grad():
-            embeddings = torch.cat([face.embed(w[b:b + bs]) for b in range(0, n, bs)])  # [N, E]
-        pairs = pair_terms(embeddings, config, references)
-        repulsion = torch.empty_like(w)  # [N, D]
-        for b in range(0, n, bs):
-            with torch.enable_grad():
-                w_b = w[b:b + bs].clone().requires_grad_(True)
-                e_b = face.embed(w_b)  # [b, E]
-                (g,) = torch.autograd.grad(e_b, w_b, grad_outputs=pairs.grad[b:b + bs].to(e_b.dtype))
-            repulsion[b:b + bs] = -g
+    batches = [(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
+    kept = max(1, -(-config.keep_graphs // bs))  # the first batches: rendered once, graphs kept for (3)
+    graphs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    parts = []
+    for k, (lo, hi) in enumerate(batches):
+        if k < kept:
+            graphs.append(_embed_with_graph(face, w[lo:hi]))
+            parts.append(graphs[-1][1].detach())  # [b, E]
+        else:
+            parts.append(face.embeddings(w[lo:hi], bs))  # [b, E]
+    embeddings = torch.cat(parts)  # [N, E]
+    pairs = pair_terms(embeddings, config, references)
+    repulsion = torch.empty_like(w)  # [N, D]
+    for k, (lo, hi) in enumerate(batches):
+        if k < kept:
+            w_b, e_b = graphs[k]
+            graphs[k] = None  # freed once used
+        else:
+            w_b, e_b = _embed_with_graph(face, w[lo:hi])
+        (g,) = torch.autograd.grad(e_b, w_b, grad_outputs=pairs.grad[lo:hi].to(e_b.dtype))
+        repulsion[lo:hi] = -g
     latent = (face.w_avg.to(w.device, w.dtype) - w).mul_(config.k_l)  # [N, D]
     return LangevinForces(embeddings=embeddings, repulsion=repulsion, latent=latent, pairs=pairs)
 

@@ -4,6 +4,12 @@ Langevin, Dispersion and DisCo move latents by forces measured in the face-recog
 embedding space; this is the differentiable map they differentiate: synthesis (constant noise),
 the generator's fixed crop to the 112x112 ArcFace template, and the embedder's forward pass. Model
 weights stay frozen; gradients flow to the latents only.
+
+An embedder with a `fused()` view (`IResNetEmbedder.fused`: BatchNorms folded, input gradients
+written out, channels_last; the same function) is run through that view, rebuilt whenever the
+embedder's weights change; the plain module serves when it is in training mode or has weights that
+require gradients, or with `fused=False` (the straightforward reference). `embeddings` is the
+batched pass without gradients (inference mode).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ LatentCrop = Literal["ffhq", "center"]  # StyleGAN output: the fixed FFHQ crop; 
 class LatentFace:
     """`embed(w)`: W latents [B, D] -> unit embeddings [B, E], differentiable w.r.t. `w`."""
 
-    def __init__(self, generator: Any, embedder: Any, crop: LatentCrop = "ffhq") -> None:
+    def __init__(self, generator: Any, embedder: Any, crop: LatentCrop = "ffhq", *, fused: bool = True) -> None:
         if crop not in ("ffhq", "center"):
             raise ValueError(f"crop: expected 'ffhq' or 'center', got {crop!r}")
         if not getattr(embedder, "differentiable", False):
@@ -31,6 +37,8 @@ class LatentFace:
         self.generator = generator
         self.embedder = embedder  # takes [-1, 1] = (p - 127.5) / 127.5 and applies its own scaling
         self.crop_method = crop
+        self.fused = fused  # run the embedder's fused() view when it has one and it is eval-mode and frozen
+        self._view: tuple[tuple[Any, ...], Any] | None = None  # (the weights' fingerprint, the view)
 
     @property
     def style_dim(self) -> int:
@@ -69,11 +77,41 @@ class LatentFace:
         param = next(self.generator.parameters())
         return self.generator.synthesis(w.to(param.device, param.dtype), noise_mode="const")
 
+    def face_embedder(self) -> Any:
+        """The module `embed` runs: the embedder's fused view, or the embedder itself (see the module doc)."""
+        e = self.embedder
+        if not self.fused or not hasattr(e, "fused") or e.training:
+            return e
+        tensors = [*e.parameters(), *e.buffers()]
+        if any(t.requires_grad for t in tensors):
+            return e
+        # in-place changes bump _version (inference tensors have none; they change only inside inference mode)
+        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
+                    for t in tensors)
+        if self._view is None or self._view[0] != key:
+            with torch.inference_mode(False):  # ordinary tensors: the view serves autograd passes too
+                self._view = (key, e.fused())
+        return self._view[1]
+
     def embed(self, w: torch.Tensor) -> torch.Tensor:
         """Unit embeddings [B, E] of the faces of W [B, D]; differentiable w.r.t. `w`."""
         crops = self.crop(self.images(w))  # [B, 3, 112, 112] in [-1, 1]
         emb_param = next(self.embedder.parameters())
-        return self.embedder(crops.to(emb_param.dtype)).to(w.dtype)  # [B, E]
+        return self.face_embedder()(crops.to(emb_param.dtype)).to(w.dtype)  # [B, E]
+
+    def embeddings(self, w: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Unit embeddings [N, E] of W [N, D], `batch_size` at a time, without gradients (inference mode)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if w.ndim not in (2, 3):
+            raise ValueError(f"w: expected W [N, D] or W+ [N, L, D], got shape {tuple(w.shape)}")
+        parts = []
+        for lo in range(0, w.shape[0], batch_size):
+            with torch.inference_mode():
+                parts.append(self.embed(w[lo:lo + batch_size]))  # [b, E]
+        if not parts:
+            return torch.empty(0, int(getattr(self.embedder, "embedding_dim", 0)), dtype=w.dtype, device=w.device)
+        return torch.cat(parts)  # [N, E], an ordinary tensor (made outside inference mode)
 
     @staticmethod
     def to_uint8(images: torch.Tensor) -> torch.Tensor:

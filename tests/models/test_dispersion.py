@@ -2,7 +2,8 @@
 
 The loop below is the issue's straightforward reference: each variation is re-rendered with
 gradients while every other latent is held fixed, and its whole potential (attraction, pair
-repulsion, pull to w_avg) is differentiated by autograd. The tiny presets run in float64 there.
+repulsion, pull to w_avg) is differentiated by autograd through the plain modules (the batched
+sampler runs the embedder's fused view). The tiny presets run in float64 there.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def face(tmp_path_factory: pytest.TempPathFactory) -> LatentFace:
 @pytest.fixture(scope="module")
 def face64(face: LatentFace) -> LatentFace:
     return LatentFace(copy.deepcopy(face.generator).double(), copy.deepcopy(face.embedder).double(), "center")
+
+
+@pytest.fixture(scope="module")
+def plain64(face64: LatentFace) -> LatentFace:
+    """The same models without the fused embedder view: what the reference loop runs."""
+    return LatentFace(face64.generator, face64.embedder, "center", fused=False)
 
 
 def w_refs(face: LatentFace, ids: list[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -99,7 +106,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- exactness ------------------------------------------------------------------------------------
 
 
-def test_batched_forces_match_the_per_variation_loop(face64: LatentFace) -> None:
+def test_batched_forces_match_the_per_variation_loop(face64: LatentFace, plain64: LatentFace) -> None:
     cfg = DispersionConfig(batch_size=3, latent_radius=5.0)  # A = 5 > batch; radius: some pairs out of range
     w_ref = w_refs(face64, IDS)
     w = initial_variations(w_ref, IDS, SEED, 5, 0.4)  # [2, 5, D]
@@ -110,26 +117,26 @@ def test_batched_forces_match_the_per_variation_loop(face64: LatentFace) -> None
     assert ((dist > 5.0).sum() > 0) and ((dist < 5.0).sum() > 2 * 5)  # both cases occur
     for i in range(2):
         for a in range(5):
-            expected = loop_force(face64, w, e_ref, i, a, cfg)
+            expected = loop_force(plain64, w, e_ref, i, a, cfg)
             assert rel_err(total[i, a], expected) < 1e-5
     # each component alone, against the loop with the other coefficients zeroed
     for field, zeroed in (("embedding", {"latent_coefficient": 0.0, "global_coefficient": 0.0}),
                           ("repulsion", {"embedding_coefficient": 0.0, "global_coefficient": 0.0}),
                           ("pull", {"embedding_coefficient": 0.0, "latent_coefficient": 0.0})):
         only = DispersionConfig(batch_size=3, latent_radius=5.0, **zeroed)
-        expected = torch.stack([torch.stack([loop_force(face64, w, e_ref, i, a, only) for a in range(5)])
+        expected = torch.stack([torch.stack([loop_force(plain64, w, e_ref, i, a, only) for a in range(5)])
                                 for i in range(2)])
         assert rel_err(getattr(f, field), expected) < 1e-5, field
-    cos = torch.stack([face64.embed(w[i])  @ e_ref[i] for i in range(2)])  # [2, 5]
+    cos = torch.stack([plain64.embed(w[i]) @ e_ref[i] for i in range(2)])  # [2, 5]
     torch.testing.assert_close(f.cosine, cos, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("random_force", [0.0, 0.05])
-def test_trajectory_matches_the_loop(face64: LatentFace, random_force: float) -> None:
+def test_trajectory_matches_the_loop(face64: LatentFace, plain64: LatentFace, random_force: float) -> None:
     cfg = DispersionConfig(iterations=3, batch_size=3, random_force=random_force)
     w_ref = w_refs(face64, IDS)
     got = disperse(face64, w_ref, IDS, SEED, 5, cfg).latents
-    expected = loop_run(face64, w_ref, IDS, 5, cfg)
+    expected = loop_run(plain64, w_ref, IDS, 5, cfg)
     assert rel_err(got - w_ref[:, None], expected - w_ref[:, None]) < 1e-5
     assert got.dtype == torch.float64 and got.shape == (2, 5, face64.style_dim)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from models.embedders.iresnet import (
+    CHECKPOINT_SOURCES,
     IRESNET_LAYERS,
     IResNetConfig,
     IResNetEmbedder,
@@ -323,3 +324,113 @@ def test_global_rng_untouched_by_loading(tmp_path, r18_state):
     before = torch.random.get_rng_state()
     IResNetEmbedder.from_checkpoint(tmp_path / "backbone.pth", IResNetConfig.from_arch("r18", **SMALL))
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+# --- the fused view -------------------------------------------------------------------------------
+
+
+def small_nizhib(tmp_path: Path, dtype: torch.dtype) -> tuple[IResNetEmbedder, dict, tuple[int, ...]]:
+    """A small net with identity-shortcut blocks and nizhib conventions (eps 2e-5, input_std 128),
+    random weights and BatchNorm statistics, PReLU slopes of either sign and above 1, loaded from a
+    file: (model, its float64 state, layers)."""
+    layers = (2, 1, 1, 2)
+    config = IResNetConfig(layers=layers, base_width=4, input_size=32, embedding_dim=16, **CHECKPOINT_SOURCES["nizhib"])
+    state = random_state(arcface_torch_shapes(layers, width=4, dim=16, side=2), seed=21, dtype=torch.float64)
+    state["prelu.weight"][:2] = torch.tensor([-0.3, 1.5], dtype=torch.float64)
+    state["layer1.1.prelu.weight"][:2] = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    save_file(state, tmp_path / "model.safetensors")
+    return IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", config, dtype=dtype), state, layers
+
+
+def output_and_input_grad(model: torch.nn.Module, x: torch.Tensor, cotangent: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out, x, cotangent.to(out.dtype))
+    return out.detach(), grad
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fused_equals_the_plain_model_in_float64(tmp_path):
+    model, state, layers = small_nizhib(tmp_path, torch.float64)
+    fused = model.fused()
+    assert not list(fused.parameters()) and fused.differentiable and fused.embedding_dim == 16
+    g = make_generator(22)
+    x = torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    cotangent = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    out, grad = output_and_input_grad(fused, x, cotangent)
+    plain_out, plain_grad = output_and_input_grad(model, x, cotangent)
+    assert rel(out, plain_out) < 1e-12 and rel(grad, plain_grad) < 1e-12
+    # and against arcface_torch's forward written out over the file's tensors (nizhib's input scaling)
+    assert rel(out, reference_embeddings(state, x * (127.5 / 128), layers, eps=2e-5)) < 1e-12
+    assert float(grad.abs().min()) >= 0 and float(grad.norm()) > 0
+    with torch.inference_mode():  # the no-gradient path computes the same values
+        assert rel(fused(x), out) < 1e-15
+    model.bn2.running_mean.add_(0.5)  # a snapshot: later changes to the model do not reach it
+    assert rel(output_and_input_grad(fused, x, cotangent)[0], out) == 0
+    assert rel(output_and_input_grad(model, x, cotangent)[0], out) > 1e-3
+
+
+def test_fused_equals_the_plain_model_in_float32(tmp_path, r18_state):
+    # float32 runs oneDNN's channels_last kernels (float64 does not): each written-out backward is
+    # checked against autograd through the same layer's forward ops, then the whole net.
+    save_file({k: v for k, v in r18_state.items()}, tmp_path / "model.safetensors")
+    model = IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", IResNetConfig.from_arch("r18", **SMALL))
+    fused = model.fused()
+    g = make_generator(23)
+    x = torch.rand(2, 3, 112, 112, generator=g) * 2 - 1
+    h = x.contiguous(memory_format=torch.channels_last)
+    for layer in [fused.stem, *fused.blocks]:
+        h = h.detach().requires_grad_(True)
+        out = layer(h)  # the written-out backward
+        cotangent = torch.randn(out.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        (grad,) = torch.autograd.grad(out, h, cotangent)
+        (expected,) = torch.autograd.grad(layer.run(h)[0], h, cotangent)  # autograd through the same ops
+        assert rel(grad, expected) < 1e-6
+        h = out
+    cotangent = torch.randn(2, 512, generator=g)
+    out, grad = output_and_input_grad(fused, x, cotangent)
+    plain_out, _ = output_and_input_grad(model, x, cotangent)
+    truth_out, truth_grad = output_and_input_grad(model.double(), x.double(), cotangent.double())
+    assert rel(out, plain_out) < 2e-6 and rel(out, truth_out) < 2e-6
+    # The whole-net input gradient is not continuous: a PReLU input within float32 rounding of 0 can
+    # take the other slope. Here the plain float32 model has one such flip (1.3e-2 off the float64
+    # gradient) and the fused one none; the bound below only allows for such a flip.
+    assert rel(grad, truth_grad) < 5e-2
+
+
+def test_fused_keeps_far_less_for_the_backward(tmp_path):
+    model, _, _ = small_nizhib(tmp_path, torch.float32)
+    x = torch.rand(2, 3, 32, 32, generator=make_generator(24)) * 2 - 1
+
+    def saved_bytes(m: torch.nn.Module) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.numel() > 16 * 16:  # activations, not weights of this net
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x.clone().requires_grad_(True))
+        return sum(seen.values())
+
+    plain, fused = saved_bytes(model), saved_bytes(model.fused())
+    assert 0 < fused < plain / 3  # the PReLU inputs only
+
+
+def test_fused_precision_and_mode(tmp_path, r18_state):
+    save_file({k: v for k, v in r18_state.items()}, tmp_path / "model.safetensors")
+    config = IResNetConfig.from_arch("r18", **SMALL)
+    half = IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", config, dtype=torch.bfloat16)
+    x = torch.rand(2, 3, 112, 112, generator=make_generator(25)) * 2 - 1
+    with torch.no_grad():
+        out, plain = half.fused()(x), half(x)
+    assert out.dtype == torch.float32 and ((out * plain).sum(dim=1) > 0.995).all()
+    with pytest.raises(ValueError, match="x"):
+        half.fused()(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="eval"):
+        half.train().fused()

@@ -1,7 +1,8 @@
 """Langevin identity sampling: the batched step against the per-identity reference loop, and its properties.
 
 The models are the registry's tiny presets (real StyleGAN2 and iResNet architectures, real checkpoint
-files and loaders), built into a module-private directory; the exactness checks run them in float64.
+files and loaders), built into a module-private directory; the exactness checks run them in float64,
+the reference loop through the plain modules, the batched step through the fused embedder view.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def face64(registry: Registry) -> LatentFace:
     return LatentFace(registry.load("stylegan2-tiny").double(), registry.load("iresnet-tiny").double(), "center")
 
 
+@pytest.fixture(scope="module")
+def plain64(face64: LatentFace) -> LatentFace:
+    """The same models without the fused embedder view: what the reference loop runs."""
+    return LatentFace(face64.generator, face64.embedder, "center", fused=False)
+
+
 def other_embeddings(face: LatentFace, count: int) -> torch.Tensor:
     """Embeddings of faces that are not identities of the run (stand-ins for real faces): [count, E]."""
     seeds = [derive_seed(SEED + 1, "other", i) for i in range(count)]
@@ -67,7 +74,8 @@ def other_embeddings(face: LatentFace, count: int) -> torch.Tensor:
 def reference_forces(
     face: LatentFace, w: torch.Tensor, config: lv.LangevinConfig, references: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward loop: each identity re-rendered alone with gradients, the others' embeddings fixed.
+    """The straightforward loop: each identity re-rendered alone with gradients, the others' embeddings fixed
+    (`face` runs the plain modules).
 
     Returns (repulsion [N, D], latent pull [N, D]).
     """
@@ -111,30 +119,33 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- exactness against the per-identity loop ----------------------------------------------------
 
 
-def test_batched_forces_match_the_per_identity_loop(face64: LatentFace) -> None:
-    config = lv.LangevinConfig(batch_size=BATCH, reference_r0=1.5, tile=3)  # tiles that do not divide N
+def test_batched_forces_match_the_per_identity_loop(face64: LatentFace, plain64: LatentFace) -> None:
+    # tiles that do not divide N; one batch's graph kept, the others rendered twice
+    config = lv.LangevinConfig(batch_size=BATCH, reference_r0=1.5, tile=3, keep_graphs=0)
     refs = other_embeddings(face64, 3)
     w = lv.init_state(face64, N, SEED, config).latents
     assert w.dtype == torch.float64
     ours = lv.compute_forces(face64, w, config, refs)
-    rep, lat = reference_forces(face64, w, config, refs)
+    rep, lat = reference_forces(plain64, w, config, refs)
     assert float(rep.norm(dim=1).min()) > 1e-3  # every identity is pushed: the check has teeth
     assert rel_err(ours.repulsion, rep) < 1e-5
     assert rel_err(ours.latent, lat) < 1e-12
     no_refs = lv.compute_forces(face64, w, config)  # the references contribute
     assert rel_err(no_refs.repulsion, rep) > 1e-3
-    # one batch holding all identities takes the single-pass path: same forces
-    whole = lv.compute_forces(face64, w, replace(config, batch_size=N), refs)
-    assert rel_err(whole.repulsion, rep) < 1e-5
+    # one batch holding all identities, or every graph kept from the embedding pass: the same forces
+    for changed in (replace(config, batch_size=N), replace(config, keep_graphs=N), replace(config, keep_graphs=4)):
+        other = lv.compute_forces(face64, w, changed, refs)
+        assert rel_err(other.repulsion, ours.repulsion) < 1e-12
+        assert torch.allclose(other.embeddings, ours.embeddings, rtol=0, atol=1e-14)
 
 
-def test_noiseless_steps_match_the_per_identity_loop(face64: LatentFace) -> None:
+def test_noiseless_steps_match_the_per_identity_loop(face64: LatentFace, plain64: LatentFace) -> None:
     config = lv.LangevinConfig(batch_size=BATCH, noise=0.0, iterations=3, tile=4)
     state = lv.init_state(face64, N, SEED, config)
     w_ref = state.latents.clone()
     for t in range(3):
         stats = lv.step(face64, state, config, SEED)
-        w_ref, dt = reference_step(face64, w_ref, config, None)
+        w_ref, dt = reference_step(plain64, w_ref, config, None)
         assert stats.step == t + 1 and state.step == t + 1
         assert stats.dt == pytest.approx(dt, rel=1e-9)
         assert rel_err(state.latents, w_ref) < 1e-9
@@ -318,7 +329,7 @@ def test_initial_latents_are_the_random_samplers(face: LatentFace) -> None:
 
 
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("r0", 0.0), ("tau", 0.0), ("mu", -1.0),
-                                          ("cos_scale", 1.5), ("noise", math.nan), ("tile", 0)])
+                                          ("cos_scale", 1.5), ("noise", math.nan), ("tile", 0), ("keep_graphs", -1)])
 def test_invalid_config_is_refused(face: LatentFace, field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"config.{field}"):
         lv.init_state(face, 3, SEED, replace(lv.LangevinConfig(), **{field: value}))
