@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -51,6 +52,13 @@ class HyperFaceSampler(_Strict):
         10, ge=1, description="steps between recomputing each point's nearest gallery point")
 
 
+def _time_step_not_zero(v: float, info: ValidationInfo) -> float:
+    """A time-step setting: > 0 is a fixed step, < 0 an adaptive one; 0 is neither."""
+    if v == 0:
+        raise ValueError(f"{info.field_name} must be < 0 (adaptive time step) or > 0 (fixed), not 0")
+    return v
+
+
 class LangevinSampler(_Strict):
     """Langevin repulsion of StyleGAN2 latents in embedding space (Geissbuhler et al., ICML 2025)."""
 
@@ -68,12 +76,7 @@ class LangevinSampler(_Strict):
     batch_size: int = Field(64, ge=1, le=4096, description="identities per forward/backward pass "
                             "(memory only: results do not depend on it)")
 
-    @field_validator("tau")
-    @classmethod
-    def _tau_not_zero(cls, v: float) -> float:
-        if v == 0:
-            raise ValueError("tau must be < 0 (adaptive time step) or > 0 (fixed dt), not 0")
-        return v
+    _tau_not_zero = field_validator("tau")(_time_step_not_zero)
 
 
 def _method_or(default: str) -> Any:
@@ -120,12 +123,7 @@ class Dispersion(_Strict):
     batch_size: int = Field(64, ge=1, le=4096, description="latents per forward/backward pass "
                             "(memory only: results do not depend on it)")
 
-    @field_validator("dt")
-    @classmethod
-    def _dt_not_zero(cls, v: float) -> float:
-        if v == 0:
-            raise ValueError("dt must be > 0 (fixed) or < 0 (adaptive), not 0")
-        return v
+    _dt_not_zero = field_validator("dt")(_time_step_not_zero)
 
 
 class DisCo(Dispersion):

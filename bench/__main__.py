@@ -12,11 +12,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build tiny presets; nothing is downloaded
 
-import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from bench import arc2face, dispersion, embedders, hyperface, langevin, render, stylegan2
+from bench import arc2face, dispersion, embedders, hyperface, langevin, render, set_threads, stylegan2
 
 # name -> callable returning its summary line
 BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,
@@ -29,10 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     diffusers_logging.disable_progress_bar()  # keep the output to the summary lines
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     for name in args.only or BENCHMARKS:

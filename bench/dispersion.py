@@ -19,8 +19,6 @@ subset only (it is slow), and the rate of each is reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import tempfile
 import time
@@ -29,6 +27,7 @@ from dataclasses import replace
 
 import torch
 
+from bench import quick_summary, set_threads
 from models.sampling.dispersion import DispersionConfig, disperse, initial_variations, step_noise
 from models.sampling.latent_face import LatentFace
 
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--batch", type=int, default=None, help="variations per pass (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     device = torch.device("cpu" if args.quick else args.device)
     batch = args.batch or 64
     if batch < 1:
@@ -148,9 +144,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def run() -> str:
     """`python -m bench` entry: the quick subset, as one summary line."""
-    with contextlib.redirect_stdout(io.StringIO()):  # main() prints its lines; return them instead
-        lines = main(["--quick"])
-    return " || ".join(lines)
+    return quick_summary(main)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench import quick_summary, set_threads
 from models.embedders.iresnet import IResNetConfig, IResNetEmbedder
 from models.seeding import make_generator, seeded_construction
 
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--iters", type=int, default=None, help=f"timed iterations (default {ITERS})")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     default_device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     device = torch.device(args.device or default_device)
     batch = args.batch or (QUICK_BATCH if args.quick else BATCH)
@@ -145,9 +142,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def run() -> str:
     """`python -m bench` entry: the quick CPU smoke run, as one summary line."""
-    with contextlib.redirect_stdout(io.StringIO()):  # main() prints its lines; return them instead
-        lines = main(["--quick"])
-    return " || ".join(lines)
+    return quick_summary(main)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 
+from bench import set_threads
 from models.embedders.iresnet import IResNetConfig, IResNetEmbedder
 from models.generators.stylegan2 import CONFIG_256, StyleGAN2Generator
 from models.registry import Registry
@@ -207,10 +208,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                    help="cpu: (a) only; cuda: (b) only; auto: (a), and (b) when CUDA is available")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     lines: list[str] = []

@@ -16,13 +16,12 @@ and one line times forward + backward to W (what Langevin / DisCo steps cost).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import time
 
 import torch
 
+from bench import quick_summary, set_threads
 from models.generators.stylegan2 import CONFIG_256, StyleGAN2Generator
 from models.seeding import make_generator, seeded_construction
 
@@ -125,8 +124,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     images = args.images or (4 if args.quick else 256 if cuda else 16)
     if batch < 1 or images < 1:
         p.error(f"--batch, --images: must be >= 1, got {batch}, {images}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     gen = build(device)
     z = torch.randn(images, gen.style_dim, generator=make_generator(SEED)).to(device)  # [n, 512]
     with torch.no_grad():
@@ -144,9 +142,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 def run() -> str:
     """`python -m bench` entry: the quick subset, as one summary line."""
-    with contextlib.redirect_stdout(io.StringIO()):  # main() prints its lines; return them instead
-        lines = main(["--quick"])
-    return " || ".join(lines)
+    return quick_summary(main)
 
 
 if __name__ == "__main__":

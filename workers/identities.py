@@ -138,22 +138,16 @@ def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Te
     config = hyperface.HyperFaceConfig(
         iterations=sampler.iterations, learning_rate=sampler.learning_rate, alpha=sampler.alpha,
         batch_size=sampler.batch_size, gallery_refresh=sampler.gallery_refresh)
-    ckpt_key = keys.key("identities/checkpoint.safetensors")
     init = hyperface.init_from_gallery(gallery, spec.identities,
                                        make_generator(derive_seed(spec.seed, "hyperface-init")))
     state = None
-    try:
-        state = hyperface.HyperFaceState.from_tensors(st_load(storage.get_bytes(ckpt_key)))
+    saved = pipeline.identities_checkpoint(storage, keys)
+    if saved is not None:
+        state = hyperface.HyperFaceState.from_tensors(saved)
         hooks.event("resumed", stage="sampling_identities", step=int(state.step))
-    except StorageKeyMissing:
-        pass
-
-    def on_step(stats: Any, st: Any) -> None:
-        hooks.progress(stats.step, sampler.iterations, "optimiser steps")
-        if stats.step % checkpoint_steps == 0 and stats.step < sampler.iterations:
-            storage.put_bytes(ckpt_key, st_save(st.to_tensors()))
-            hooks.event("checkpoint", step=stats.step)
-        hooks.check()
+    on_step = pipeline.checkpoint_every(storage, keys, every=checkpoint_steps, total=sampler.iterations,
+                                        unit="optimiser steps", progress=hooks.progress,
+                                        event=hooks.event, check=hooks.check)
 
     result = hyperface.optimize(init, gallery, config,
                                 generator=make_generator(derive_seed(spec.seed, "hyperface")),

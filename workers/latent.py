@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from app.errors import StorageKeyMissing
 from app.spec import DisCo, Dispersion, JobSpec, LangevinSampler
 from app.storage import JobKeys, Storage
 from models.modelspec import ModelUnavailable
@@ -25,6 +23,7 @@ from models.sampling import covariates as covariates_mod
 from models.sampling import dispersion, langevin, metrics
 from models.sampling.latent_face import LatentCrop, LatentFace
 from models.seeding import derive_seed
+from workers import pipeline
 from workers.pipeline import Canceled, ImageBatch, ShardResult, write_shard
 
 RANDOM_TRUNCATION = 0.7  # psi of the random sampler's latents, as Langevin's initial latents
@@ -73,21 +72,17 @@ def sample_langevin(spec: JobSpec, sampler: LangevinSampler, face: LatentFace, s
                     keys: JobKeys, *, checkpoint_steps: int, hooks: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Langevin dynamics over all identities, one checkpointed task that resumes after a crash."""
     config = langevin_config(sampler)
-    ckpt_key = keys.key("identities/checkpoint.safetensors")
     seed = derive_seed(spec.seed, "langevin")
-    try:
-        state = langevin.LangevinState.from_tensors(st_load(storage.get_bytes(ckpt_key)))
+    saved = pipeline.identities_checkpoint(storage, keys)
+    if saved is not None:
+        state = langevin.LangevinState.from_tensors(saved)
         hooks.event("resumed", stage="sampling_identities", step=int(state.step))
-    except StorageKeyMissing:
+    else:
         state = langevin.init_state(face, spec.identities, spec.seed, config)
     init_angle = _min_angle_deg(embed_latents(face, state.latents, config.batch_size))
-
-    def on_step(stats: Any, st: Any) -> None:
-        hooks.progress(stats.step, sampler.iterations, "Langevin steps")
-        if stats.step % checkpoint_steps == 0 and stats.step < sampler.iterations:
-            storage.put_bytes(ckpt_key, st_save(st.to_tensors()))
-            hooks.event("checkpoint", step=stats.step)
-        hooks.check()
+    on_step = pipeline.checkpoint_every(storage, keys, every=checkpoint_steps, total=sampler.iterations,
+                                        unit="Langevin steps", progress=hooks.progress,
+                                        event=hooks.event, check=hooks.check)
 
     last = langevin.run(face, state, config, seed, on_step=on_step)
     latents = state.latents.float().cpu()

@@ -111,6 +111,28 @@ def models_used(spec: JobSpec, models: Any) -> dict[str, dict[str, Any]]:
     return {role: models.weights(name) for role, name in roles}
 
 
+def identities_checkpoint(storage: Storage, keys: JobKeys) -> dict[str, torch.Tensor] | None:
+    """The sampler's latest saved state (tensors), or None when it has not saved one."""
+    try:
+        return st_load(storage.get_bytes(keys.key("identities/checkpoint.safetensors")))
+    except StorageKeyMissing:
+        return None
+
+
+def checkpoint_every(storage: Storage, keys: JobKeys, *, every: int, total: int, unit: str,
+                     progress: Callable[[int, int, str], None], event: Callable[..., None],
+                     check: Callable[[], None]) -> Callable[[Any, Any], None]:
+    """An optimiser's `on_step(stats, state)`: report progress, save `state.to_tensors()` every
+    `every` steps (not at the last), then check for cancellation."""
+    def on_step(stats: Any, state: Any) -> None:
+        progress(stats.step, total, unit)
+        if stats.step % every == 0 and stats.step < total:
+            storage.put_bytes(keys.key("identities/checkpoint.safetensors"), st_save(state.to_tensors()))
+            event("checkpoint", step=stats.step)
+        check()
+    return on_step
+
+
 def load_identities(storage: Storage, keys: JobKeys) -> torch.Tensor:
     return st_load(storage.get_bytes(keys.identities))["embeddings"]  # [N, D]
 
