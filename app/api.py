@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import __version__, problems
 from app.deps import KeyRing, Services
 from app.queue import TaskQueue
-from app.routes import files, jobs, system
+from app.routes import files, jobs, system, ui
 from app.settings import Settings
 from app.storage import Storage, storage_from_settings
 from app.store import JobStore
@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(system.router)
+    app.include_router(ui.router)
     return app

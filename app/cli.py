@@ -225,6 +225,66 @@ def download(job_id: str, out_dir: Path, url: str, api_key: str | None) -> None:
 
 
 @main.command()
+@click.argument("job_id")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where to write the report  [default: ./report-JOB_ID]")
+@click.option("--open", "open_browser", is_flag=True, help="open report.html in the web browser")
+def report(job_id: str, url: str, api_key: str | None, out_dir: Path | None, open_browser: bool) -> None:
+    """Download a succeeded job's quality report (HTML, JSON, plots) and print its summary."""
+    c = _client(url, api_key)
+    out = out_dir or Path(f"report-{job_id}")
+    try:
+        job = c.job(job_id)
+        if job["status"] != "succeeded":
+            why = f": {job['error'].get('message')}" if job.get("error") else ""
+            raise click.ClickException(f"job {job_id} is {job['status']}{why}; "
+                                       "a job has a report once it has succeeded")
+        files = c.download_report(job_id, out)
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+    if files is None:
+        off = (job.get("spec") or {}).get("quality", {}).get("report") is False
+        raise click.ClickException(f"job {job_id} has no quality report" + (
+            ": it was submitted with quality.report = false" if off else " in storage"))
+    for line in _quality_lines((job.get("result") or {}).get("quality") or {}):
+        click.echo(line)
+    html = out / "report.html"
+    click.echo(f"report: {html if html in files else out}")
+    if open_browser:
+        import webbrowser
+
+        if html not in files:
+            raise click.ClickException(f"job {job_id}'s report has no report.html to open")
+        webbrowser.open(html.resolve().as_uri())
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """A few lines of the report summary: each model's EER, FNMR@FMR=1e-3 and label flips, and
+    the leakage check."""
+    def pct(x: Any) -> str:
+        return f"{100 * x:.2f}%" if isinstance(x, int | float) else "n/a"
+
+    if not q:
+        return ["the job's result has no quality summary"]
+    lines = [f"{q.get('images', '?')} images of {q.get('identities', '?')} identities"]
+    for role, m in (q.get("models") or {}).items():
+        if m is None:
+            lines.append(f"  {role}: not evaluated")
+            continue
+        lines.append(f"  {role} ({m.get('name')}): EER {pct(m.get('eer'))}, "
+                     f"FNMR@FMR=1e-3 {pct((m.get('fnmr_at_fmr') or {}).get('1e-3'))}, "
+                     f"label flips {m.get('label_flips', 'n/a')}")
+    leak = q.get("leakage")
+    lines.append(f"  leakage: {leak['identities']} identities above cosine {leak['threshold']:.3f} to "
+                 f"{leak['reference']} (max cosine {leak['max_cosine']:.3f})" if leak
+                 else "  leakage: not checked (no reference set)")
+    return lines
+
+
+@main.command()
 @click.argument("spec_file")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def generate(spec_file: str, out_dir: Path) -> None:
@@ -247,6 +307,55 @@ def generate(spec_file: str, out_dir: Path) -> None:
     click.echo("", err=True)
     click.echo(f"{manifest['counts']['images']} images in {out_dir} "
                f"({time.perf_counter() - t0:.1f} s); manifest: {out_dir / 'manifest.json'}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="where to render (default ./reproduce-JOB)")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--skip-weight-check", is_flag=True,
+              help="run even when local weights differ from the job's (the bytes will differ)")
+def reproduce(job: str, out_dir: Path | None, url: str, api_key: str | None, skip_weight_check: bool) -> None:
+    """Re-run JOB from its manifest on this machine and check the dataset is byte-identical.
+
+    JOB is a job id (its manifest is fetched from the service) or a manifest.json file. Exits 0 when
+    every image and dataset object matches the manifest's sha256, 1 otherwise.
+    """
+    import httpx
+
+    from workers.reproduce import WeightsDiffer
+    from workers.reproduce import reproduce as run
+
+    path = Path(job)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+    else:
+        try:
+            art = _client(url, api_key).artifacts(job, limit=1)
+        except ApiError as e:
+            raise click.ClickException(str(e)) from e
+        manifest = httpx.get(art["manifest_url"], timeout=60).raise_for_status().json()
+    out = out_dir or Path(f"reproduce-{manifest.get('job_id', 'job')}")
+    try:
+        result = run(manifest, out, check=not skip_weight_check, on_progress=lambda d, t: click.echo(
+            f"\r{d}/{t} images", nl=False, err=True))
+    except WeightsDiffer as e:
+        raise click.ClickException(f"{e} (--skip-weight-check runs anyway)") from e
+    click.echo("", err=True)
+    theirs, ours = result.code_version
+    if theirs != ours:
+        click.echo(f"note: the job ran idforge {theirs}; this is {ours}")
+    click.echo(f"images: {result.images_identical}/{result.images} byte-identical; dataset objects: "
+               f"{result.objects_identical}/{result.objects} byte-identical; in {out}")
+    for line in result.differences[:20]:
+        click.echo(f"  {line}")
+    if len(result.differences) > 20:
+        click.echo(f"  ... and {len(result.differences) - 20} more")
+    sys.exit(0 if result.identical else 1)
 
 
 @main.group()

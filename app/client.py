@@ -86,3 +86,28 @@ class Client:
             if not art["has_more"]:
                 return n
             after = art["next"]
+
+    def download_report(self, job_id: str, out: Path) -> list[Path] | None:
+        """Fetch a succeeded job's quality report (report.html, report.json, plots/*) into `out`
+        through its presigned URLs; the files written, or None when the job has no report."""
+        report = self.artifacts(job_id, limit=1).get("report")
+        if report is None:
+            return None
+        wanted = {"report.html": report.get("html"), "report.json": report.get("json")}
+        for name, url in (report.get("plots") or {}).items():
+            if "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise ValueError(f"report plot name {name!r} is not a plain file name")
+            wanted[f"plots/{name}"] = url
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        with httpx.Client(timeout=60) as plain:  # presigned URLs: no API key to the object store
+            for rel, url in wanted.items():
+                if url is None:
+                    continue
+                r = plain.get(url)
+                r.raise_for_status()
+                dest = out / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(r.content)
+                written.append(dest)
+        return written

@@ -167,18 +167,59 @@ class RenderSpec(_Strict):
         return data
 
 
+DatasetFormat = Literal["imagefolder", "webdataset", "recordio"]
+
+
 class OutputSpec(_Strict):
-    formats: list[Literal["imagefolder"]] = Field(
-        default=["imagefolder"], min_length=1, description="dataset layouts"
-    )
+    formats: list[DatasetFormat] = Field(
+        default=["imagefolder", "webdataset"], min_length=1,
+        description="dataset layouts: imagefolder (dataset/imagefolder/{identity:06d}/{sample:03d}.jpg, "
+        "always written: the index and the other layouts name its files), webdataset (a tar per shard: "
+        ".jpg + .cls + .json per sample), recordio (insightface's train.rec/.idx/.lst/property)")
     image_size: Literal[112] = Field(112, description="aligned crop size, pixels (ArcFace template)")
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=50, le=100)
 
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats lists a layout twice: {v}")
+        if "imagefolder" not in v:
+            raise ValueError("formats must include 'imagefolder': it is always written, because the image "
+                             "index and the other layouts name its files")
+        return v
+
+
+class LeakageSpec(_Strict):
+    """Compare every identity with a set of real people's embeddings the operator installed."""
+
+    reference: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="name of a reference set: the workers read reference_sets/{name}.safetensors (tensor "
+        "'embeddings' [M, E], unit rows in the job embedder's space) from their model directory")
+    threshold: float = Field(0.4, ge=-1, le=1, description="cosine between an identity's centre and a "
+                             "reference embedding at or above which the identity counts as leaked")
+
 
 class QualitySpec(_Strict):
-    report: bool = True
-    min_identity_similarity: float | None = Field(None, ge=-1, le=1)
+    report: bool = Field(True, description="evaluate the dataset (stage `evaluating`) and write report/")
+    min_identity_similarity: float | None = Field(
+        None, ge=-1, le=1,
+        description="filter: an image whose cosine to its identity's centre (job embedder, centre of "
+        "the identity's first images) is below this is dropped and replaced by a new sample, so every "
+        "identity still has images_per_identity images")
+    max_topup_rounds: int = Field(
+        3, ge=1, le=10, description="rounds of replacement samples (each renders images_per_identity "
+        "candidates for every identity short of images) before the job fails with a reason")
+    leakage: LeakageSpec | None = Field(None, description="optional leakage check against real faces")
+
+    @field_validator("leakage")
+    @classmethod
+    def _leakage_needs_report(cls, v: LeakageSpec | None, info: ValidationInfo) -> LeakageSpec | None:
+        if v is not None and info.data.get("report") is False:
+            raise ValueError("the leakage check is part of the quality report: set quality.report to true")
+        return v
 
 
 class WebhookSpec(_Strict):

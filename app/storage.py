@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from app.errors import StorageError, StorageKeyMissing
 class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes, content_type: str = ...) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def put_file(self, key: str, path: Path, content_type: str = ...) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -69,6 +72,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+MULTIPART_PART = 8 * 1024 * 1024  # S3 objects of this size and up go as multipart uploads in parts of it
+
+
 class LocalStorage:
     """A directory. Download URLs point at the API's `/v1/files/...` route, HMAC-signed."""
 
@@ -100,6 +106,35 @@ class LocalStorage:
             raise StorageKeyMissing(f"no object {key}") from e
         except OSError as e:
             raise StorageError(f"cannot read {key}: {e}") from e
+
+    def put_file(self, key: str, path: Path, content_type: str = "") -> None:
+        """Copy the local file `path` in as `key`, atomically like put_bytes."""
+        p = self._path(key)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, p)
+        except OSError as e:
+            raise StorageError(f"cannot write {key} from {path}: {e}") from e
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Copy object `key` to the local file `path` (replaced atomically)."""
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageKeyMissing(f"no object {key}")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, path)
+        except FileNotFoundError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageKeyMissing(f"no object {key}") from e
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot read {key} into {path}: {e}") from e
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -180,6 +215,28 @@ class S3Storage:
         finally:
             body.close()
 
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """Upload the local file `path` as `key`: one PUT below MULTIPART_PART bytes, else a multipart
+        upload in MULTIPART_PART parts (fixed, so the same bytes always give the same ETag)."""
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self._call("put", key, self.client.upload_file, Filename=str(path), Key=key,
+                       ExtraArgs={"ContentType": content_type}, Config=transfer_config())
+        except S3UploadFailedError as e:  # boto3's transfer wraps the ClientError
+            raise StorageError(f"S3 put {key}: {e}") from e
+        except OSError as e:
+            raise StorageError(f"cannot upload {path} as {key}: {e}") from e
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Download `key` to the local file `path`, streaming (boto3 writes a temp file, then renames)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._call("get", key, self.client.download_file, Key=key, Filename=str(path),
+                       Config=transfer_config())
+        except OSError as e:
+            raise StorageError(f"cannot download {key} to {path}: {e}") from e
+
     def exists(self, key: str) -> bool:
         try:
             self._call("head", key, self.client.head_object, Key=key)
@@ -214,6 +271,13 @@ class S3Storage:
 
     def ping(self) -> None:
         self._call("head bucket", "", self.client.head_bucket)
+
+
+def transfer_config() -> Any:
+    """boto3's managed-transfer settings: multipart above MULTIPART_PART, in MULTIPART_PART parts."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_PART, multipart_chunksize=MULTIPART_PART)
 
 
 def s3_client(s: Any, endpoint: str) -> Any:

@@ -15,12 +15,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build tiny presets; n
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from bench import arc2face, dispersion, embedders, hyperface, langevin, render, set_threads, stylegan2
+from bench import (
+    arc2face,
+    dispersion,
+    embedders,
+    hyperface,
+    langevin,
+    packaging,
+    render,
+    set_threads,
+    stylegan2,
+)
 
 # name -> callable returning its summary line
 BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,
               "embedders": embedders.run, "stylegan2": stylegan2.run, "langevin": langevin.run,
-              "dispersion": dispersion.run}
+              "dispersion": dispersion.run, "packaging": packaging.run}
 
 
 def main(argv: list[str] | None = None) -> None:

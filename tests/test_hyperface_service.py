@@ -84,7 +84,7 @@ def test_hyperface_job_end_to_end_in_process(tmp_path: Path, model_dir: Path) ->
     assert m["counts"]["images"] == 24
     assert m["sampling"]["method"] == "hyperface" and m["sampling"]["gallery_size"] == 40
     assert set(m["models"]) == {"generator", "embedder", "gallery_generator"}
-    assert m["quality"]["variation_reference_cosine"]["noise_scale"] == 0.05
+    assert m["realised"]["noise_scale"] == 0.05 and m["realised"]["variations"] == "embedding_noise"
 
 
 def test_target_cosine_sets_the_noise_scale_and_is_realised(tmp_path: Path,
@@ -94,7 +94,7 @@ def test_target_cosine_sets_the_noise_scale_and_is_realised(tmp_path: Path,
                                                   "target_cosine": 0.9},
                                    "render": {"steps": 1, "batch_size": 16}})
     m = generate(spec, tmp_path, settings=Settings(model_dir=model_dir))
-    realised = m["quality"]["variation_reference_cosine"]
+    realised = m["realised"]["reference_cosine"] | {"noise_scale": m["realised"]["noise_scale"]}
     assert abs(realised["mean"] - 0.9) < 0.02 and realised["noise_scale"] < 0.05
     marker = json.loads((tmp_path / "shards" / "00000" / "done.json").read_text())
     assert len(marker["reference_cosine"]) == 6

@@ -71,7 +71,8 @@ def test_random_latents_with_dispersion_end_to_end_and_shard_size_does_not_matte
     generate(spec, tmp_path / "b", settings=Settings(model_dir=model_dir, shard_identities=5))
     assert a["counts"]["images"] == 15 and a["sampling"]["method"] == "random"
     assert a["seed_derivation"]["dispersion_init"] == "derive_seed(seed, 'dispersion.init', i, s)"
-    assert a["quality"]["alignment"] == {"method": "center", "failures": 0, "failure_rate": 0.0}
+    assert a["realised"]["alignment"] == {"method": "center", "failures": 0}
+    assert a["quality"]["alignment_failures"] == 0 and a["quality"]["models"]["evaluator"] is not None
     files_a = _files(tmp_path / "a" / "dataset")
     assert len(files_a) == 15 and files_a == _files(tmp_path / "again" / "dataset")  # byte-identical rerun
     # Another shard plan: the same images up to float rounding in differently composed batches.

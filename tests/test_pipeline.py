@@ -18,7 +18,7 @@ from app.storage import JobKeys, LocalStorage
 from app.store import JobStore
 from models.cropping import Cropper
 from models.registry import Registry
-from workers import jobs, pipeline
+from workers import jobs, package, pipeline
 from workers.local import generate
 from workers.runtime import ModelCache, Runtime
 
@@ -47,14 +47,18 @@ def test_generate_is_reproducible_and_shard_size_does_not_change_images(
     m2 = generate(spec, tmp_path / "b", settings=Settings(model_dir=model_dir, shard_identities=2))
     m3 = generate(spec, tmp_path / "c", settings=Settings(model_dir=model_dir, shard_identities=5))
     a, b = _files(tmp_path / "a" / "dataset"), _files(tmp_path / "b" / "dataset")
-    assert len(a) == 10 and a == b  # byte-identical reruns
+    # 10 images, a WebDataset tar per shard and the Parquet index: byte-identical reruns
+    assert sorted(k for k in a if not k.startswith("imagefolder/")) == [
+        "index.parquet", "webdataset/000000.tar", "webdataset/000001.tar", "webdataset/000002.tar"]
+    assert len(a) == 14 and a == b
     assert m1["files"] == m2["files"] and m1["spec_hash"] == m2["spec_hash"]
+    assert m1["outputs"] == m2["outputs"]
     # Same images whatever the shard plan: each depends only on (seed, identity, sample), up to
     # float rounding in differently composed batches.
     import numpy as np
     from PIL import Image
 
-    for rel in a:
+    for rel in (k for k in a if k.startswith("imagefolder/")):
         x = np.asarray(Image.open(tmp_path / "a" / "dataset" / rel), dtype=np.int16)
         y = np.asarray(Image.open(tmp_path / "c" / "dataset" / rel), dtype=np.int16)
         assert np.abs(x - y).max() <= 3, rel
@@ -67,7 +71,7 @@ def test_other_seed_gives_other_images(tmp_path: Path, model_dir: Path) -> None:
     generate(JobSpec.model_validate({**SPEC, "identities": 1, "seed": 4}), tmp_path / "b",
              settings=s)
     a, b = _files(tmp_path / "a" / "dataset"), _files(tmp_path / "b" / "dataset")
-    assert a.keys() == b.keys() and all(a[k] != b[k] for k in a)
+    assert len(a) == 4 and a.keys() == b.keys() and all(a[k] != b[k] for k in a)
 
 
 @pytest.fixture
@@ -148,8 +152,10 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
         pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
                               rt.models.embedder("iresnet-tiny"), rt.storage, keys,
                               should_stop=stop_after_two)
-    written = list(rt.storage.list_keys(keys.key("dataset")))
-    assert len(written) == 2  # two batches of one image, then it stopped
+    assert len(batches) == 3  # two batches of one image rendered, then it stopped before the third
+    # A shard's outputs are written when it completes: a canceled shard leaves none.
+    assert list(rt.storage.list_keys(keys.key("dataset"))) == []
+    assert not rt.storage.exists(keys.shard_done(0))
     with pytest.raises(jobs.JobGone):
         jobs.render_shard(rt, job_id, 1)  # the next task sees `canceling` and finishes the cancel
     job = rt.store.get(job_id)
@@ -203,8 +209,9 @@ def test_images_without_a_face_are_flagged_and_counted(rt: Runtime) -> None:
                                 crop=Cropper("landmarks"))
     assert res.alignment == "landmarks" and res.alignment_failures == 4
     assert [f["aligned"] for f in res.files] == [False] * 4
-    quality = pipeline.quality_summary(rt.storage, keys, [pipeline.load_shard(rt.storage, keys, 0)])
-    assert quality["alignment"] == {"method": "landmarks", "failures": 4, "failure_rate": 1.0}
+    shard = pipeline.load_shard(rt.storage, keys, 0)
+    assert shard["alignment"] == "landmarks"
+    assert package.counts(spec, [shard])["alignment_failures"] == 4
 
 
 def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(

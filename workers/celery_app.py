@@ -19,7 +19,8 @@ from app.errors import (
 from app.settings import Settings
 from models.modelspec import ModelUnavailable
 from workers import jobs
-from workers.pipeline import Canceled
+from workers.package import ReferenceSetUnavailable
+from workers.shard import Canceled, QualityShortfall
 from workers.runtime import get_runtime, quiet_libraries, reset_runtime
 
 log = logging.getLogger("idforge.worker")
@@ -51,6 +52,10 @@ def _run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
         raise task.retry(countdown=min(30, 2 ** task.request.retries), exc=e) from e
     except ModelUnavailable as e:  # not transient: the operator must place or pin the weights
         jobs.fail(rt, job_id, "model_unavailable", f"{key}: {e}")
+    except ReferenceSetUnavailable as e:
+        jobs.fail(rt, job_id, "reference_unavailable", f"{key}: {e}")
+    except QualityShortfall as e:
+        jobs.fail(rt, job_id, "quality_shortfall", f"{key}: {e}")
     except Exception as e:
         log.exception("job %s %s failed", job_id, key)
         jobs.fail(rt, job_id, "task_error", f"{key}: {type(e).__name__}: {e}")

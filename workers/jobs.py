@@ -17,7 +17,7 @@ from app.errors import StorageKeyMissing
 from app.spec import JobSpec
 from app.storage import JobKeys
 from app.store import TERMINAL
-from workers import identities, pipeline, render
+from workers import identities, package, pipeline, render
 from workers.runtime import Runtime
 
 log = logging.getLogger("idforge.worker")
@@ -67,6 +67,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
         else (m.generator,)
     rt.models.require(*generators, m.embedder,  # fail fast
                       fast=generators if spec.render.mode == "fast" else ())
+    package.reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
     rt.store.transition(job_id, "running")
     rt.store.set_stage(job_id, "sampling_identities")
     t0 = time.perf_counter()
@@ -80,7 +81,9 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
         got = identities.sample(spec, rt.models, rt.storage, keys,
                                 checkpoint_steps=rt.settings.checkpoint_steps,
                                 gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
-        pipeline.save_identities(rt.storage, keys, got.embeddings, got.stats, latents=got.latents)
+        pipeline.save_identities(rt.storage, keys, got.embeddings,
+                                 {**got.stats, "seconds": round(time.perf_counter() - t0, 3)},
+                                 latents=got.latents)
     shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
@@ -115,23 +118,16 @@ def finalize(rt: Runtime, job_id: str) -> None:
     except StorageKeyMissing as e:  # finalize raced a redelivered shard: that shard resends it
         log.warning("job %s: finalize before every shard is done (%s)", job_id, e.detail)
         return
-    t0 = time.perf_counter()
-    rt.store.set_stage(job_id, "evaluating")
-    quality = pipeline.quality_summary(rt.storage, keys, shards) if spec.quality.report else {}
-    t_eval = time.perf_counter() - t0
-    rt.store.set_stage(job_id, "packaging")
-    models = pipeline.models_used(spec, rt.models)
-    render_s = sum(s["seconds"] for s in shards)
-    manifest = pipeline.build_manifest(
-        job_id=job_id, spec=spec, shards=shards, models=models, quality=quality,
-        sampling=pipeline.identities_stats(rt.storage, keys),
-        timings={"render_shards_sum": render_s, "evaluating": t_eval})
-    expected = spec.identities * spec.images_per_identity
-    if manifest["counts"]["images"] != expected:
-        fail(rt, job_id, "incomplete", f"{manifest['counts']['images']} images for {expected} expected")
+    try:
+        manifest = package.finish(
+            job_id, spec, rt.storage, keys, shards, shard_identities=rt.settings.shard_identities,
+            models=pipeline.models_used(spec, rt.models), reference=package.reference_for(spec, rt.settings.model_dir),
+            on_stage=lambda stage: rt.store.set_stage(job_id, stage))
+    except package.Incomplete as e:
+        fail(rt, job_id, "incomplete", str(e))
         return
-    pipeline.write_manifest(rt.storage, keys, manifest)
-    result = {"manifest": keys.manifest, "images": expected, "identities": spec.identities,
-              "quality": quality}
+    result = {"manifest": keys.manifest, "images": manifest["counts"]["images"], "identities": spec.identities,
+              "counts": manifest["counts"], "quality": manifest["quality"],
+              "report": keys.key("report/report.html") if spec.quality.report else None}
     rt.store.transition(job_id, "succeeded", result=result)
-    rt.store.add_event(job_id, "completed", images=expected)
+    rt.store.add_event(job_id, "completed", images=result["images"])

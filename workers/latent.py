@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
 from app.spec import DisCo, Dispersion, JobSpec, LangevinSampler
 from app.storage import JobKeys, Storage
@@ -24,7 +23,7 @@ from models.sampling import dispersion, langevin, metrics
 from models.sampling.latent_face import LatentCrop, LatentFace
 from models.seeding import derive_seed
 from workers import pipeline
-from workers.pipeline import Canceled, ImageBatch, ShardResult, write_shard
+from workers.shard import Batch, Canceled, ShardResult, write_shard
 
 RANDOM_TRUNCATION = 0.7  # psi of the random sampler's latents, as Langevin's initial latents
 COVARIATES_FILE = "covariates.safetensors"  # DisCo's directions, in the generator's model directory
@@ -118,38 +117,45 @@ def load_covariates(models: Any, generator: str) -> Any:
 
 def render_latent_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor, face: LatentFace,
                         embedder: Any, storage: Storage, keys: JobKeys, *, crop: Any,
-                        covariates: Any = None, on_progress: Any = lambda i, m: None,
+                        covariates: Any = None, evaluator: Any = None, on_progress: Any = lambda i, m: None,
                         on_stage: Any = lambda done, total, unit: None,
                         should_stop: Any = lambda: False) -> ShardResult:
-    """Variations of identities `ids` (reference latents [n, D]) by Dispersion or DisCo, rendered."""
+    """Variations of identities `ids` (reference latents [n, D]) by Dispersion or DisCo, rendered.
+
+    Each block of A variations of an identity is dispersed together (their latents repel each
+    other); a quality top-up disperses a further block with its own streams.
+    """
     v = spec.variations
     if not isinstance(v, Dispersion):
         raise ValueError(f"variations {v.method!r} cannot drive a latent generator")
     a = spec.images_per_identity
-    offsets = None
-    if isinstance(v, DisCo):
-        offsets = covariates_mod.disco_offsets(covariates, list(ids), a, spec.seed)  # [n, A, D]
+    result = ShardResult(shard=shard, identities=list(ids))
 
     def on_step(stats: Any) -> None:
         on_stage(stats.step, v.iterations, "dispersion steps")
         if should_stop():
             raise Canceled()
 
-    result_v = dispersion.disperse(face, references, list(ids), spec.seed, a, dispersion_config(v),
-                                   offsets=offsets, on_step=on_step)
-    latents = result_v.latents.float().cpu()  # [n, A, D]
-    storage.put_bytes(keys.key(f"shards/{shard:05d}/latents.safetensors"),
-                      st_save({"latents": latents.contiguous()}))
-    result = ShardResult(shard=shard, identities=list(ids))
-
-    def batches() -> Iterator[ImageBatch]:
-        items = [(i, s) for i in ids for s in range(a)]
-        for b0 in range(0, len(items), spec.render.batch_size):
-            batch = items[b0:b0 + spec.render.batch_size]
-            w = torch.stack([latents[i - ids.start, s] for i, s in batch])  # [B, D]
+    def blocks(subset: list[int], first: int) -> Iterator[Batch]:
+        refs = references[[i - ids.start for i in subset]]  # [m, D]
+        offsets = None
+        if isinstance(v, DisCo):
+            offsets = covariates_mod.disco_offsets(covariates, subset, a, spec.seed, first_variation=first)
+        latents = dispersion.disperse(face, refs, subset, spec.seed, a, dispersion_config(v), offsets=offsets,
+                                      on_step=on_step, first_variation=first).latents.float().cpu()  # [m, A, D]
+        items = [(k, i, first + j) for k, i in enumerate(subset) for j in range(a)]
+        for batch in pipeline.batched(items, spec.render.batch_size):
+            w = torch.stack([latents[k, s - first] for k, _, s in batch])  # [B, D]
             with torch.no_grad():
                 images = LatentFace.to_uint8(face.images(w))  # [B, S, S, 3]
-            yield batch, [derive_seed(spec.seed, dispersion.INIT_PURPOSE, i, s) for i, s in batch], images
+            seeds = [derive_seed(spec.seed, dispersion.INIT_PURPOSE, i, s) for _, i, s in batch]
+            yield Batch([(i, s) for _, i, s in batch], seeds, images, latents=w)
 
-    return write_shard(spec, ids, batches(), embedder, storage, keys, result, crop=crop,
-                       on_progress=on_progress, should_stop=should_stop)
+    return write_shard(spec, ids, blocks, embedder, storage, keys, result, crop=crop, evaluator=evaluator,
+                       references=face_references(storage, keys, ids), on_progress=on_progress,
+                       should_stop=should_stop)
+
+
+def face_references(storage: Storage, keys: JobKeys, ids: range) -> torch.Tensor:
+    """The identities' reference embeddings: their reference latents' images, embedded [n, E]."""
+    return pipeline.load_identities(storage, keys)[ids.start:ids.stop]

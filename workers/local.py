@@ -10,7 +10,7 @@ from typing import Any
 from app.settings import Settings
 from app.spec import JobSpec, check_models
 from app.storage import JobKeys, LocalStorage
-from workers import identities, pipeline, render
+from workers import identities, package, pipeline, render
 from workers.runtime import ModelCache, model_registry, pick_device, quiet_libraries
 
 
@@ -25,7 +25,8 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     t0 = time.perf_counter()
     got = identities.sample(spec, models, storage, keys, checkpoint_steps=s.checkpoint_steps,
                             gallery_chunk=s.gallery_chunk)
-    pipeline.save_identities(storage, keys, got.embeddings, got.stats, latents=got.latents)
+    pipeline.save_identities(storage, keys, got.embeddings,
+                             {**got.stats, "seconds": round(time.perf_counter() - t0, 3)}, latents=got.latents)
     total = spec.identities * spec.images_per_identity
     shards, done = [], 0
     for k, ids in enumerate(pipeline.plan_shards(spec.identities, s.shard_identities)):
@@ -35,10 +36,6 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
         res = render.render_shard(spec, k, ids, models, storage, keys, on_progress=progress)
         done += len(res.files)
         shards.append(pipeline.load_shard(storage, keys, k))
-    quality = pipeline.quality_summary(storage, keys, shards) if spec.quality.report else {}
-    manifest = pipeline.build_manifest(job_id="local", spec=spec, shards=shards,
-                                       models=pipeline.models_used(spec, models), quality=quality,
-                                       sampling=got.stats,
-                                       timings={"total": time.perf_counter() - t0})
-    pipeline.write_manifest(storage, keys, manifest)
-    return manifest
+    return package.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
+                          models=pipeline.models_used(spec, models),
+                          reference=package.reference_for(spec, s.model_dir))

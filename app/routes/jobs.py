@@ -225,4 +225,20 @@ def job_artifacts(job_id: str, svc: Svc, team: Team,
                   for f in page],
         "has_more": more,
         "next": page[-1]["path"] if more and page else None,
+        "report": _report_urls(svc, keys, ttl),
     }
+
+
+def _report_urls(svc: Services, keys: JobKeys, ttl: int) -> dict[str, Any] | None:
+    """Presigned URLs of the quality report's objects that exist (`report/report.html`,
+    `report/report.json`, `report/plots/*`), or None when the job has no report."""
+    names = {keys.relative(k).removeprefix("report/") for k in svc.storage.list_keys(keys.key("report/"))}
+    if not names & {"report.html", "report.json"}:
+        return None
+
+    def url(name: str) -> str | None:
+        return svc.storage.presign_get(keys.key(f"report/{name}"), ttl) if name in names else None
+
+    plots = sorted(n for n in names if n.startswith("plots/") and n.count("/") == 1)
+    return {"html": url("report.html"), "json": url("report.json"),
+            "plots": {n.removeprefix("plots/"): url(n) for n in plots}}

@@ -122,8 +122,9 @@ class Covariates:
 
 
 def disco_offsets(covariates: Covariates, identities: Sequence[int], variations: int, seed: int,
-                  scaling: Mapping[str, float] | None = None) -> torch.Tensor:
-    """sum_k u_iak scaling_k scale_k dir_k, u ~ U(-0.5, 0.5): [n, A, D] on the directions' device.
+                  scaling: Mapping[str, float] | None = None, first_variation: int = 0) -> torch.Tensor:
+    """sum_k u_iak scaling_k scale_k dir_k, u ~ U(-0.5, 0.5): [n, A, D] on the directions' device;
+    column a is variation `first_variation + a`.
 
     scaling: optional per-name multipliers (the reference's pose / illumination / expression
     scalings, all 1 by default); names not given keep 1.
@@ -146,7 +147,8 @@ def disco_offsets(covariates: Covariates, identities: Sequence[int], variations:
     u = torch.empty(len(ids), variations, k)  # [n, A, K]
     for i, identity in enumerate(ids):
         for a in range(variations):
-            torch.rand(k, generator=make_generator(derive_seed(seed, DISCO_PURPOSE, identity, a)), out=u[i, a])
+            torch.rand(k, generator=make_generator(derive_seed(seed, DISCO_PURPOSE, identity, first_variation + a)),
+                       out=u[i, a])
     u -= 0.5
     directions = covariates.directions.float()  # [K, D]
     scaled = (factors * covariates.scales.float().cpu()).to(directions.device)[:, None] * directions  # [K, D]

@@ -117,30 +117,34 @@ class DispersionResult:
 
 
 def _normals(purpose: str, seed: int, identities: Sequence[int], variations: int, dim: int,
-             *step: int) -> torch.Tensor:
-    """Standard normals [n, A, dim] on the CPU (float32), one stream per (identity, variation[, step])."""
+             *step: int, first: int = 0) -> torch.Tensor:
+    """Standard normals [n, A, dim] on the CPU (float32), one stream per (identity, variation[, step]);
+    column a is variation `first + a`."""
     out = torch.empty(len(identities), variations, dim)  # [n, A, D]
     for i, identity in enumerate(identities):
         for a in range(variations):
-            g = make_generator(derive_seed(seed, purpose, int(identity), a, *step))
+            g = make_generator(derive_seed(seed, purpose, int(identity), first + a, *step))
             torch.randn(dim, generator=g, out=out[i, a])
     return out
 
 
 def initial_variations(w_ref: torch.Tensor, identities: Sequence[int], seed: int, variations: int,
-                       initial_noise: float, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """w_ia = w_ref_i + initial_noise xi_ia (+ offsets_ia): [n, A, D] on w_ref's device and dtype."""
+                       initial_noise: float, offsets: torch.Tensor | None = None,
+                       first: int = 0) -> torch.Tensor:
+    """w_ia = w_ref_i + initial_noise xi_ia (+ offsets_ia): [n, A, D] on w_ref's device and dtype;
+    column a is variation `first + a`."""
     d = w_ref.shape[1]
-    xi = _normals(INIT_PURPOSE, seed, identities, variations, d).to(w_ref.device, w_ref.dtype)  # [n, A, D]
+    xi = _normals(INIT_PURPOSE, seed, identities, variations, d, first=first).to(w_ref.device, w_ref.dtype)
     w = w_ref[:, None, :] + initial_noise * xi  # [n, A, D]
     if offsets is not None:
         w = w + offsets.to(w_ref.device, w_ref.dtype)
     return w
 
 
-def step_noise(identities: Sequence[int], seed: int, variations: int, step: int, dim: int) -> torch.Tensor:
+def step_noise(identities: Sequence[int], seed: int, variations: int, step: int, dim: int,
+               first: int = 0) -> torch.Tensor:
     """The unit-variance random force of step `step` (0-based): [n, A, dim] float32 on the CPU."""
-    return _normals(NOISE_PURPOSE, seed, identities, variations, dim, step)
+    return _normals(NOISE_PURPOSE, seed, identities, variations, dim, step, first=first)
 
 
 # --- forces -------------------------------------------------------------------------------------
@@ -272,6 +276,7 @@ def disperse(
     offsets: torch.Tensor | None = None,
     on_step: Callable[[StepStats], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    first_variation: int = 0,
 ) -> DispersionResult:
     """A = `variations` latents per identity around its reference latent w_ref [n, D].
 
@@ -279,17 +284,22 @@ def disperse(
     index of each w_ref row (it addresses the random streams). offsets [n, A, D]: DisCo's initial
     offsets (`covariates.disco_offsets`), added to the initial noise. on_step(stats) runs after
     every step; should_stop() is asked before every step, and True ends the run early.
+    first_variation: the index of the first of the A variations (their random streams); quality
+    top-ups disperse a further block of A variations that starts past the first block.
     """
+    if isinstance(first_variation, bool) or not isinstance(first_variation, int) or first_variation < 0:
+        raise ValueError(f"first_variation: expected an int >= 0, got {first_variation!r}")
     ids = _check_inputs(face, w_ref, identities, seed, variations, config, offsets)
     d = w_ref.shape[1]
     e_ref = reference_embeddings(face, w_ref.detach(), config.batch_size)  # [n, E]
-    w = initial_variations(w_ref.detach(), ids, seed, variations, config.initial_noise, offsets)  # [n, A, D]
+    w = initial_variations(w_ref.detach(), ids, seed, variations, config.initial_noise, offsets,
+                           first_variation)  # [n, A, D]
     history: list[StepStats] = []
     for t in range(config.iterations):
         if should_stop is not None and should_stop():
             break
         f = forces(face, w, e_ref, config)
-        noise = config.random_force * step_noise(ids, seed, variations, t, d).to(w.device, w.dtype)  # [n, A, D]
+        noise = config.random_force * step_noise(ids, seed, variations, t, d, first_variation).to(w.device, w.dtype)  # [n, A, D]
         total = f.embedding + f.repulsion + f.pull + noise  # [n, A, D]
         dt = time_steps(total, f.min_distance, config)  # [n]
         w = w + (dt / config.viscosity)[:, None, None] * total  # [n, A, D]

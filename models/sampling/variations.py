@@ -31,19 +31,21 @@ def embedding_noise(
     samples: int,
     job_seed: int,
     config: EmbeddingNoiseConfig = EmbeddingNoiseConfig(),
+    first_sample: int = 0,
 ) -> torch.Tensor:
     """Perturbed embeddings for `samples` images of each identity: [N, samples, D] unit rows.
 
     references: [N, D] reference embeddings (unit rows); identity_ids: the N global identity
-    indices, which address the noise streams.
+    indices, which address the noise streams. Column j is sample `first_sample + j` (quality
+    top-ups render samples past the first A).
     """
     if references.ndim != 2:
         raise ValueError(f"references: expected [N, D], got shape {tuple(references.shape)}")
     n, d = references.shape
     if len(identity_ids) != n:
         raise ValueError(f"identity_ids: expected {n} ids (one per reference), got {len(identity_ids)}")
-    if samples < 0:
-        raise ValueError(f"samples: must be >= 0, got {samples}")
+    if samples < 0 or first_sample < 0:
+        raise ValueError(f"samples and first_sample: must be >= 0, got {samples} and {first_sample}")
     if not config.scale >= 0:
         raise ValueError(f"config.scale: must be >= 0, got {config.scale}")
     refs = normalize(references.float())  # [N, D]
@@ -51,9 +53,9 @@ def embedding_noise(
         return refs[:, None, :].expand(n, samples, d).clone()  # [N, samples, D]
     noise = torch.empty(n, samples, d, dtype=torch.float32)  # [N, samples, D]
     for row, i in enumerate(identity_ids):
-        for s in range(samples):
-            g = make_generator(derive_seed(job_seed, "variation", int(i), s))
-            noise[row, s] = torch.randn(d, generator=g, dtype=torch.float32)
+        for j in range(samples):
+            g = make_generator(derive_seed(job_seed, "variation", int(i), first_sample + j))
+            noise[row, j] = torch.randn(d, generator=g, dtype=torch.float32)
     noise = noise.to(refs.device)
     return normalize(refs[:, None, :] + config.scale * noise)  # [N, samples, D]
 

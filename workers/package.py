@@ -1,0 +1,312 @@
+"""The job's last two stages, once every shard is done: `evaluating` (the quality report) and
+`packaging` (RecordIO, the Parquet index of every image, the manifest).
+
+Both stream over the shards' stored outputs: one shard's features or one RecordIO segment at a
+time, never the dataset.
+
+  report/report.json, report/report.html, report/plots/*.png
+  dataset/recordio/train.rec, train.idx, train.lst, property    (recordio)
+  dataset/index.parquet                                          every image, kept or filtered
+  manifest.json                                                  written last
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
+
+from app import __version__, catalog
+from app.spec import JobSpec
+from app.storage import JobKeys, Storage, sha256_hex
+from models.evaluator import SFACE_COSINE_THRESHOLD
+from workers import formats, pipeline, report
+from workers.shard import IMAGE_EXT, file_sha256
+
+THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
+THUMBNAIL_SAMPLES = 8  # images of each
+REFERENCE_SETS_DIR = "reference_sets"  # in the worker's model directory: {name}.safetensors
+
+
+class ReferenceSetUnavailable(Exception):
+    """The leakage check's reference set is missing or does not fit the job."""
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    name: str
+    embeddings: torch.Tensor  # [M, E] unit rows
+    sha256: str
+
+
+def load_reference_set(model_dir: Path, name: str, embedding_dim: int, embedder: str) -> ReferenceSet:
+    """`{model_dir}/reference_sets/{name}.safetensors`: tensor `embeddings` [M, E] in the job
+    embedder's space; its metadata may name that embedder (`embedder`), which must then match."""
+    path = Path(model_dir) / REFERENCE_SETS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise ReferenceSetUnavailable(f"reference set {name!r}: no file {path} on the workers (a safetensors "
+                                      f"file with tensor 'embeddings' [M, {embedding_dim}])")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    named = meta.get("embedder")
+    if named and named != embedder:
+        raise ReferenceSetUnavailable(f"reference set {name!r} holds {named!r} embeddings; the job's embedder is "
+                                      f"{embedder!r}")
+    tensors = st_load_file(str(path))
+    emb = tensors.get("embeddings")
+    if emb is None or emb.ndim != 2 or emb.shape[1] != embedding_dim or emb.shape[0] < 1:
+        shape = None if emb is None else tuple(emb.shape)
+        raise ReferenceSetUnavailable(f"reference set {name!r}: expected tensor 'embeddings' [M, {embedding_dim}], "
+                                      f"got {shape}")
+    emb = torch.nn.functional.normalize(emb.float(), dim=1)  # [M, E]
+    return ReferenceSet(name, emb, file_sha256(path))
+
+
+def reference_for(spec: JobSpec, model_dir: Path) -> ReferenceSet | None:
+    """The job's leakage reference set, or None when it asks for no leakage check."""
+    leakage = spec.quality.leakage
+    if leakage is None:
+        return None
+    dim = catalog.CATALOG[spec.models.embedder].embedding_dim
+    if dim is None:
+        raise ReferenceSetUnavailable(f"embedder {spec.models.embedder!r} has no known embedding size")
+    return load_reference_set(model_dir, leakage.reference, dim, spec.models.embedder)
+
+
+# ---- evaluating --------------------------------------------------------------------------------
+
+def _features(storage: Storage, keys: JobKeys, shard: int) -> dict[str, torch.Tensor]:
+    return st_load(storage.get_bytes(keys.key(f"shards/{shard:05d}/features.safetensors")))
+
+
+def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
+                   ) -> Callable[[], Iterator[report.ShardFeatures]]:
+    """A pass over the shards' stored features, one shard in memory at a time."""
+    def passes() -> Iterator[report.ShardFeatures]:
+        for s in shards:
+            t = _features(storage, keys, s["shard"])
+            yield report.ShardFeatures(identities=[int(i) for i in t["identities"]], job=t["job"],
+                                       evaluator=t.get("evaluator"), aligned=t["aligned"].bool())
+    return passes
+
+
+def thumbnails(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
+    """The first identities' first images, for the contact sheet."""
+    out: dict[int, list[bytes]] = {}
+    for s in shards:
+        for f in s["files"]:
+            i = f["identity"]
+            if len(out) >= THUMBNAIL_IDENTITIES and i not in out:
+                return list(out.items())
+            if len(out.setdefault(i, [])) < THUMBNAIL_SAMPLES:
+                out[i].append(storage.get_bytes(keys.key(f["path"])))
+    return list(out.items())
+
+
+def counts(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "requested": spec.identities * spec.images_per_identity,
+        "rendered": sum(int(s.get("rendered", len(s["files"]))) for s in shards),
+        "alignment_failures": sum(int(s.get("alignment_failures", 0)) for s in shards),
+        "filtered": sum(len(s.get("filtered", [])) for s in shards),
+        "topped_up": sum(int(s.get("topped_up", 0)) for s in shards),
+        "images": sum(len(s["files"]) for s in shards),
+        # top-up candidates that passed the filter after their identity was full again
+        "unused_candidates": sum(int(s.get("rendered", len(s["files"]))) - len(s["files"])
+                                 - len(s.get("filtered", [])) for s in shards),
+    }
+
+
+def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
+             reference: ReferenceSet | None) -> dict[str, Any]:
+    """Build the quality report, write report/..., return its summary (the job result's `quality`)."""
+    has_evaluator = bool(shards) and "evaluator" in _features(storage, keys, shards[0]["shard"])
+    leakage = None
+    if reference is not None and spec.quality.leakage is not None:
+        leakage = report.Leakage(reference.name, reference.embeddings, spec.quality.leakage.threshold)
+    built = report.build_report(report.ReportInputs(
+        job_id=job_id, embedder=spec.models.embedder,
+        evaluator="sface-2021dec-int8bq" if has_evaluator else None,
+        evaluator_threshold=SFACE_COSINE_THRESHOLD if has_evaluator else None,
+        identities=spec.identities, images_per_identity=spec.images_per_identity, seed=spec.seed,
+        shards=shard_features(storage, keys, shards), thumbnails=thumbnails(storage, keys, shards),
+        counts=counts(spec, shards), leakage=leakage))
+    for name, data in sorted(built.files.items()):
+        storage.put_bytes(keys.key(f"report/{name}"), data, _content_type(name))
+    return built.summary
+
+
+def _content_type(name: str) -> str:
+    return {"json": "application/json", "html": "text/html; charset=utf-8", "png": "image/png"}.get(
+        name.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+# ---- packaging ---------------------------------------------------------------------------------
+
+def _upload(storage: Storage, keys: JobKeys, rel: str, path: Path, content_type: str,
+            outputs: dict[str, dict[str, Any]]) -> None:
+    storage.put_file(keys.key(rel), path, content_type)
+    outputs[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_recordio(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
+                   outputs: dict[str, dict[str, Any]]) -> None:
+    """insightface's train.rec/.idx/.lst/property from the shards' segments, streamed through files."""
+    ext = IMAGE_EXT[spec.output.image_format]
+    n_images = spec.identities * spec.images_per_identity
+    with tempfile.TemporaryDirectory(prefix="idforge-rec-") as tmp:
+        d = Path(tmp)
+        with (d / "train.rec").open("wb") as rec, (d / "train.idx").open("w") as idx, \
+                (d / "train.lst").open("w") as lst:
+            packer = formats.RecordIOPackager(
+                rec, idx, lst, n_images=n_images, n_identities=spec.identities,
+                path_template="dataset/imagefolder/{identity:06d}/{sample:03d}." + ext)
+            for s in shards:
+                segment = d / "segment.rec"
+                storage.get_file(keys.key(f"shards/{s['shard']:05d}/images.rec"), segment)
+                with segment.open("rb") as f:
+                    packer.add_segment(f)
+                segment.unlink()
+            (d / "property").write_text(packer.close(spec.output.image_size))
+        for name, ctype in (("train.rec", "application/octet-stream"), ("train.idx", "text/plain"),
+                            ("train.lst", "text/plain"), ("property", "text/plain")):
+            _upload(storage, keys, f"dataset/recordio/{name}", d / name, ctype, outputs)
+
+
+def index_rows(shard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped."""
+    columns = set(formats.INDEX_SCHEMA.names)
+    rows = [{**{k: v for k, v in f.items() if k in columns}, "filtered": False} for f in shard["files"]]
+    rows += [{**{k: v for k, v in f.items() if k in columns}, "filtered": True, "path": None}
+             for f in shard.get("filtered", [])]
+    return rows
+
+
+def write_index(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
+                outputs: dict[str, dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="idforge-index-") as tmp:
+        path = Path(tmp) / "index.parquet"
+        with path.open("wb") as out, formats.ParquetIndexWriter(out) as writer:
+            for s in shards:
+                writer.write_rows(index_rows(s))
+        _upload(storage, keys, "dataset/index.parquet", path, "application/vnd.apache.parquet", outputs)
+
+
+def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Write the job-level dataset objects; returns every dataset object's size and sha256 (the
+    shards' tars included), for the manifest."""
+    outputs: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        outputs.update({k: v for k, v in s.get("outputs", {}).items() if k.startswith("dataset/")})
+    if "recordio" in spec.output.formats:
+        write_recordio(spec, storage, keys, shards, outputs)
+    write_index(storage, keys, shards, outputs)
+    identities = storage.get_bytes(keys.identities)
+    outputs[keys.relative(keys.identities)] = {"size": len(identities),
+                                               "sha256": sha256_hex(identities)}
+    return dict(sorted(outputs.items()))
+
+
+# ---- the manifest ------------------------------------------------------------------------------
+
+def realised(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the variations and the cropping did: for embedding noise, the sigma used and the realised
+    cosine of each identity's sample embeddings to its reference; how images were aligned and how
+    many had no detectable face (kept as centre crops, flagged `aligned: false`)."""
+    out: dict[str, Any] = {"variations": spec.variations.method,
+                           "alignment": {"method": shards[0].get("alignment") if shards else None,
+                                         "failures": sum(int(s.get("alignment_failures", 0)) for s in shards)}}
+    cos = [c for s in shards for c in s.get("reference_cosine", [])]
+    if cos:
+        out["noise_scale"] = shards[0].get("noise_scale")
+        out["reference_cosine"] = {"mean": round(sum(cos) / len(cos), 6), "min": min(cos)}
+    return out
+
+
+def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], shard_identities: int,
+                   models: dict[str, dict[str, Any]], quality: dict[str, Any], sampling: dict[str, Any],
+                   timings: dict[str, float], outputs: dict[str, dict[str, Any]],
+                   reference: ReferenceSet | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce the job and to check a reproduction, byte for byte."""
+    files = sorted((f for s in shards for f in s["files"]), key=lambda f: (f["identity"], f["sample"]))
+    ext = IMAGE_EXT[spec.output.image_format]
+    latent = spec.variations.method in ("dispersion", "disco")
+    return {
+        "format": "idforge.manifest/2",
+        "job_id": job_id,
+        "code_version": __version__,
+        "spec": spec.normalized(),
+        "spec_hash": spec.spec_hash(),
+        "seed": spec.seed,
+        "seed_derivation": {**(pipeline.LATENT_SEED_DERIVATION if latent else pipeline.SEED_DERIVATION),
+                            "top_up": "replacement candidates are samples A..2A-1, 2A..3A-1, ... of the "
+                                      "identity, with the same derivations"},
+        # The shard plan: latent generators batch an identity's samples together, so the plan is part
+        # of what reproduces the exact bytes.
+        "plan": {"shard_identities": shard_identities, "shards": len(shards)},
+        "models": models,
+        "licenses": sorted({m["license"] for m in models.values() if m.get("license")}),
+        "reference_set": {"name": reference.name, "sha256": reference.sha256} if reference else None,
+        "counts": {**counts(spec, shards), "identities": spec.identities,
+                   "images_per_identity": spec.images_per_identity, "shards": len(shards)},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "realised": realised(spec, shards),
+        "quality": quality,
+        "sampling": sampling,
+        "layout": {
+            "imagefolder": "dataset/imagefolder/{identity:06d}/{sample:03d}." + ext,
+            "webdataset": "dataset/webdataset/{shard:06d}.tar" if "webdataset" in spec.output.formats else None,
+            "recordio": "dataset/recordio/{train.rec,train.idx,train.lst,property}"
+            if "recordio" in spec.output.formats else None,
+            "index": "dataset/index.parquet",
+            "identities": "identities/embeddings.safetensors",
+            "report": "report/report.html" if spec.quality.report else None,
+        },
+        "outputs": outputs,
+        "files": files,
+    }
+
+
+def write_manifest(storage: Storage, keys: JobKeys, manifest: dict[str, Any]) -> None:
+    """Written last: the dataset exists iff the manifest exists."""
+    storage.put_bytes(keys.manifest, json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                      "application/json")
+
+
+class Incomplete(Exception):
+    """The shards hold fewer images than the job asked for."""
+
+
+def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
+           shard_identities: int, models: dict[str, dict[str, Any]], reference: ReferenceSet | None,
+           on_stage: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
+    """Evaluate, package and write the manifest (last); returns the manifest."""
+    expected = spec.identities * spec.images_per_identity
+    images = sum(len(s["files"]) for s in shards)
+    if images != expected:
+        raise Incomplete(f"{images} images in the shards for {expected} expected")
+    t0 = time.perf_counter()
+    on_stage("evaluating")
+    quality = evaluate(job_id, spec, storage, keys, shards, reference=reference) if spec.quality.report else {}
+    t1 = time.perf_counter()
+    on_stage("packaging")
+    outputs = package(spec, storage, keys, shards)
+    sampling = pipeline.identities_stats(storage, keys)
+    manifest = build_manifest(
+        job_id=job_id, spec=spec, shards=shards, shard_identities=shard_identities, models=models,
+        quality=quality, sampling=sampling, outputs=outputs, reference=reference,
+        timings={"sampling_identities": float(sampling.get("seconds", 0.0)),
+                 "rendering_shards_sum": sum(float(s["seconds"]) for s in shards), "evaluating": t1 - t0,
+                 "packaging": time.perf_counter() - t1})
+    write_manifest(storage, keys, manifest)
+    return manifest

@@ -1,0 +1,525 @@
+"""The quality report of a job (stage `evaluating`): report.json, PNG plots and report.html.
+
+`build_report` reads the dataset's features shard by shard, in two passes over `inputs.shards()`:
+
+  1. per shard and model: every genuine pair's cosine into a score histogram, each identity's
+     centre and intra-class consistency, alignment failures, and the images of the impostor subset;
+     then all cross-identity pairs of that subset (tiled) into the impostor histogram, the error
+     rates, centre separability and close identity pairs;
+  2. per shard: label flips, i.e. images closer to another identity's centre than to their own.
+
+Memory is the centres [N, E], the impostor subset [<= impostor_images, E] and one shard, never
+every image's features. The metrics' exact definitions are in `models.quality`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from models import quality as q
+from models.seeding import derive_seed, make_generator
+
+FMRS = {"1e-3": 1e-3, "1e-4": 1e-4}  # operating points reported, by their summary key
+TOP_K = 20  # examples kept per list (worst identities, label flips, leakage pairs)
+CLOSE_TOP_K = 50  # close centre pairs listed per model
+DPI = 100  # plots are 6 x 4 in at 100 dpi: 600 x 400 px
+THUMB = 112  # contact sheet cell, px (the aligned crop size)
+LABEL_W = 120  # contact sheet label column, px
+PLOT_ORDER = ("scores_job", "scores_evaluator", "roc", "det", "contact_sheet")  # plots/<name>.png, as shown
+SUBSET_RULE = (
+    "all images when identities x images_per_identity <= cap; otherwise every identity gives "
+    "floor(cap / identities) images and (cap mod identities) identities, the first of a permutation "
+    "of the identities seeded with derive_seed(seed, 'report.impostor'), give one more; identity i's "
+    "images are the first of a permutation of its samples seeded with derive_seed(seed, "
+    "'report.impostor', i). Impostor pairs: every pair of subset images of different identities."
+)
+
+
+@dataclass
+class ShardFeatures:
+    identities: list[int]  # global identity indices of this shard, length n
+    job: torch.Tensor  # float [n, A, E] unit embeddings by the job's FR model
+    evaluator: torch.Tensor | None  # float [n, A, 128] unit SFace embeddings, or None
+    aligned: torch.Tensor  # bool [n, A]: the face was found and aligned
+
+
+@dataclass
+class Leakage:
+    reference: str  # the reference set's name
+    embeddings: torch.Tensor  # [M, E] unit embeddings in the job FR model's space
+    threshold: float  # cosine at or above which an identity counts as leaked
+
+
+@dataclass
+class ReportInputs:
+    job_id: str
+    embedder: str  # job FR model name
+    evaluator: str | None  # e.g. "sface-2021dec-int8bq"; None when not run
+    evaluator_threshold: float | None  # e.g. 0.363 (SFace's published same-person cosine)
+    identities: int
+    images_per_identity: int
+    seed: int  # for any deterministic subsampling
+    shards: Callable[[], Iterable[ShardFeatures]]  # may be called several times (one call = one pass)
+    thumbnails: list[tuple[int, list[bytes]]]  # a few identities' encoded JPEG/PNG images (contact sheet)
+    counts: dict[str, int]  # requested, rendered, alignment_failures, filtered, topped_up (passed through)
+    leakage: Leakage | None = None
+    impostor_images: int = 20_000  # cap on images used for impostor pairs (deterministic subset from seed)
+
+
+@dataclass
+class Report:
+    summary: dict[str, Any]  # small: goes into the job's result
+    data: dict[str, Any]  # report.json (includes "summary")
+    files: dict[str, bytes]  # relative name -> bytes: "report.json", "report.html", "plots/<name>.png"
+
+
+@dataclass
+class _Model:
+    """One FR model's accumulators over the passes."""
+    key: str  # "job" or "evaluator"
+    name: str
+    n: int  # identities
+    published: float | None = None  # the model's published same-person threshold, if any
+    dim: int = 0  # embedding size, set by the first shard
+    genuine: q.ScoreHistogram = field(default_factory=q.ScoreHistogram)
+    impostor: q.ScoreHistogram = field(default_factory=q.ScoreHistogram)
+    centres: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [N, E]
+    intra: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [N]
+    subset: list[torch.Tensor] = field(default_factory=list)  # impostor subset rows [k, E] per shard
+    flips: int = 0
+    flip_first: list[dict[str, Any]] = field(default_factory=list)
+    flip_worst: list[dict[str, Any]] = field(default_factory=list)
+    rates: q.ErrorRates | None = None
+
+
+def build_report(inputs: ReportInputs) -> Report:
+    """Evaluate the dataset with the job's FR model and the evaluator; render report.json/html and plots."""
+    _check_inputs(inputs)
+    n, a = inputs.identities, inputs.images_per_identity
+    models = {"job": _Model("job", inputs.embedder, n)}
+    if inputs.evaluator is not None:
+        models["evaluator"] = _Model("evaluator", inputs.evaluator, n, inputs.evaluator_threshold)
+    quota = impostor_quota(n, a, inputs.impostor_images, inputs.seed)  # [N]
+    failures = torch.zeros(n, dtype=torch.long)  # [N] alignment failures per identity
+    labels: list[torch.Tensor] = []
+    for shard in _pass(inputs):
+        ids = torch.tensor(shard.identities, dtype=torch.long)  # [n_s]
+        failures[ids] = (~shard.aligned.cpu()).sum(dim=1)
+        rows, samples = _subset_picks(shard.identities, quota, a, inputs.seed)
+        labels.append(ids[rows])
+        for m, x in _features(models, shard):  # x [n_s, A, E]
+            m.genuine.add(q.genuine_scores(x))  # [n_s, A(A-1)/2]
+            c = q.centres(x)  # [n_s, E]
+            m.centres[ids], m.intra[ids] = c, q.intra_class_cosine(x, c)
+            m.subset.append(x[rows, samples])  # [k, E]
+    subset_labels = torch.cat(labels)  # [S]
+    details = {key: _evaluate(m, subset_labels) for key, m in models.items()}
+    if n >= 2:
+        for shard in _pass(inputs):
+            for m, x in _features(models, shard):
+                _add_flips(m, x, shard.identities)
+    leak = _leakage(inputs.leakage, models["job"].centres) if inputs.leakage else None
+    summary = {
+        "images": n * a, "identities": n,
+        "models": {"job": _model_summary(models["job"], details["job"]),
+                   "evaluator": _model_summary(models["evaluator"], details["evaluator"])
+                   if "evaluator" in models else None},
+        "alignment_failures": int(failures.sum()),
+        "counts": dict(inputs.counts),
+        "leakage": leak[0] if leak else None,
+    }
+    worst_align = torch.argsort(failures, descending=True, stable=True)[:TOP_K]
+    data = {
+        "format": "idforge.report/1", "job_id": inputs.job_id, "summary": summary,
+        "scores": {"bins": q.DEFAULT_BINS, "bin_width": 2 / q.DEFAULT_BINS, "range": [-1, 1],
+                   "accept": "cosine >= threshold; thresholds are bin edges"},
+        "impostor_subset": {"cap": inputs.impostor_images, "images": int(subset_labels.numel()),
+                            "identities": int(torch.unique(subset_labels).numel()), "rule": SUBSET_RULE},
+        "models": {"job": _model_detail(models["job"], details["job"]),
+                   "evaluator": _model_detail(models["evaluator"], details["evaluator"])
+                   if "evaluator" in models else None},
+        "alignment": {"failures": int(failures.sum()),
+                      "worst_identities": [{"identity": int(i), "failures": int(failures[i])}
+                                           for i in worst_align if failures[i] > 0]},
+        "leakage": leak[1] if leak else None,
+    }
+    files = _plots(models, inputs.thumbnails)
+    files["report.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
+    files["report.html"] = render_html(data, files).encode()
+    return Report(summary=summary, data=data, files=files)
+
+
+# ---- inputs and passes ---------------------------------------------------------------------
+
+
+def _check_inputs(inputs: ReportInputs) -> None:
+    if inputs.identities < 1 or inputs.images_per_identity < 1:
+        raise ValueError(f"identities={inputs.identities} and images_per_identity="
+                         f"{inputs.images_per_identity} must be >= 1")
+    if inputs.impostor_images < 2:
+        raise ValueError(f"impostor_images: must be >= 2, got {inputs.impostor_images}")
+    if inputs.leakage is not None:
+        emb = inputs.leakage.embeddings
+        if emb.ndim != 2 or emb.shape[0] == 0:
+            raise ValueError(f"leakage.embeddings: expected [M >= 1, E], got {tuple(emb.shape)}")
+        q.check_unit(emb, "leakage.embeddings")
+        if not -1 <= inputs.leakage.threshold <= 1:
+            raise ValueError(f"leakage.threshold: must lie in [-1, 1], got {inputs.leakage.threshold}")
+
+
+def _pass(inputs: ReportInputs) -> Iterable[ShardFeatures]:
+    """One pass over the shards, checked: shapes, unit norms, each identity exactly once."""
+    n, a = inputs.identities, inputs.images_per_identity
+    seen = torch.zeros(n, dtype=torch.bool)
+    for k, shard in enumerate(inputs.shards()):
+        ids = shard.identities
+        where = f"shard {k}"
+        if shard.job.ndim != 3 or shard.job.shape[:2] != (len(ids), a):
+            raise ValueError(f"{where}: job features must be [{len(ids)}, {a}, E], got {tuple(shard.job.shape)}")
+        if shard.aligned.dtype != torch.bool or tuple(shard.aligned.shape) != (len(ids), a):
+            raise ValueError(f"{where}: aligned must be bool [{len(ids)}, {a}], got "
+                             f"{shard.aligned.dtype} {tuple(shard.aligned.shape)}")
+        if (shard.evaluator is None) != (inputs.evaluator is None):
+            raise ValueError(f"{where}: evaluator features must be given exactly when inputs.evaluator is set")
+        if shard.evaluator is not None and (shard.evaluator.ndim != 3
+                                            or shard.evaluator.shape[:2] != (len(ids), a)):
+            raise ValueError(f"{where}: evaluator features must be [{len(ids)}, {a}, D], "
+                             f"got {tuple(shard.evaluator.shape)}")
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{where}: identities {bad[:5]} lie outside [0, {n})")
+        t = torch.tensor(ids, dtype=torch.long)
+        if bool(seen[t].any()) or len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: identities appear twice in one pass")
+        seen[t] = True
+        yield shard
+    if not bool(seen.all()):
+        missing = (~seen).nonzero(as_tuple=True)[0][:5].tolist()
+        raise ValueError(f"shards cover {int(seen.sum())} of {n} identities (missing e.g. {missing})")
+
+
+def _features(models: dict[str, _Model], shard: ShardFeatures) -> Iterable[tuple[_Model, torch.Tensor]]:
+    """Each model's float32 CPU features of the shard, checked; the first shard sizes the accumulators."""
+    for key, m in models.items():
+        raw = shard.job if key == "job" else shard.evaluator
+        assert raw is not None  # _pass checked it
+        x = raw.detach().float().cpu()  # [n_s, A, E]
+        if m.dim == 0:
+            m.dim = x.shape[2]
+            m.centres, m.intra = torch.zeros(m.n, m.dim), torch.zeros(m.n)
+        q.check_unit(x, f"{key} features", m.dim)
+        yield m, x
+
+
+def impostor_quota(identities: int, per_identity: int, cap: int, seed: int) -> torch.Tensor:
+    """Images each identity gives to the impostor subset (see SUBSET_RULE): [N] int64, sum min(cap, N*A)."""
+    if identities * per_identity <= cap:
+        return torch.full((identities,), per_identity, dtype=torch.long)
+    base, extra = divmod(cap, identities)
+    order = torch.randperm(identities, generator=make_generator(derive_seed(seed, "report.impostor")))
+    quota = torch.full((identities,), base, dtype=torch.long)
+    quota[order[:extra]] += 1
+    return quota
+
+
+def _subset_picks(ids: list[int], quota: torch.Tensor, a: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in the shard, sample) of the shard's impostor-subset images: ([k], [k])."""
+    rows, samples = [], []
+    for r, i in enumerate(ids):
+        k = int(quota[i])
+        if k == a:
+            picked = torch.arange(a)
+        else:
+            gen = make_generator(derive_seed(seed, "report.impostor", i))
+            picked = torch.randperm(a, generator=gen)[:k].sort().values
+        rows.append(torch.full((k,), r, dtype=torch.long))
+        samples.append(picked)
+    return torch.cat(rows), torch.cat(samples)
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def _evaluate(m: _Model, labels: torch.Tensor) -> dict[str, Any]:
+    """Impostor scores, error rates, thresholds and centre separability of one model after pass 1."""
+    subset = torch.cat(m.subset)  # [S, E]
+    m.subset = []
+    for scores in q.impostor_scores(subset, labels):
+        m.impostor.add(scores)
+    d: dict[str, Any] = {"eer": None, "eer_threshold": None,
+                         "fnmr_at_fmr": dict.fromkeys(FMRS), "threshold_at_fmr": dict.fromkeys(FMRS)}
+    if m.genuine.n and m.impostor.n:
+        m.rates = q.error_rates(m.genuine, m.impostor)
+        d["eer"], d["eer_threshold"] = q.equal_error_rate(m.rates)
+        for key, fmr in FMRS.items():
+            got = q.fnmr_at_fmr(m.rates, fmr)
+            if got is not None:
+                d["fnmr_at_fmr"][key], d["threshold_at_fmr"][key] = got
+    if m.published is not None:
+        d["close_threshold"], d["close_threshold_rule"] = m.published, "published same-person threshold"
+    elif d["threshold_at_fmr"]["1e-3"] is not None:
+        d["close_threshold"], d["close_threshold_rule"] = d["threshold_at_fmr"]["1e-3"], "threshold at FMR 1e-3"
+    elif d["eer_threshold"] is not None:
+        d["close_threshold"], d["close_threshold_rule"] = d["eer_threshold"], \
+            "threshold at the EER (too few impostor pairs for FMR 1e-3)"
+    else:
+        d["close_threshold"], d["close_threshold_rule"] = None, "none: no genuine or impostor pairs"
+    d["nn_deg"] = None
+    d["close"] = q.ClosePairs([], 0, 0)
+    if m.n >= 2:
+        sep = q.separability(m.centres)
+        d["nn_deg"] = torch.rad2deg(sep.nn_angle).double()  # [N]
+        if d["close_threshold"] is not None:
+            d["close"] = q.close_pairs(m.centres, d["close_threshold"], CLOSE_TOP_K)
+    return d
+
+
+def _add_flips(m: _Model, x: torch.Tensor, ids: list[int]) -> None:
+    """Pass 2: count one shard's label flips and keep the first and worst examples."""
+    n_s, a, _ = x.shape
+    own = torch.tensor(ids, dtype=torch.long).repeat_interleave(a)  # [n_s * A]
+    f = q.label_flips(x.reshape(n_s * a, -1), own, m.centres)
+    m.flips += f.count
+
+    def example(p: int) -> dict[str, Any]:
+        return {"identity": ids[p // a], "sample": p % a, "own_cosine": _r(f.own[p]),
+                "other_identity": int(f.other_index[p]), "other_cosine": _r(f.other[p])}
+
+    m.flip_first += [example(p) for p in f.first(TOP_K - len(m.flip_first))]
+    worst = m.flip_worst + [example(p) for p in f.worst(TOP_K)]
+    worst.sort(key=lambda e: (-(e["other_cosine"] - e["own_cosine"]), e["identity"], e["sample"]))
+    m.flip_worst = worst[:TOP_K]
+
+
+def _leakage(leak: Leakage, centres: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary, detail) of the identities' closeness to the reference set."""
+    ref = leak.embeddings.detach().float().cpu()  # [M, E]
+    if ref.shape[1] != centres.shape[1]:
+        raise ValueError(f"leakage.embeddings: {ref.shape[1]} features, the job's FR model has {centres.shape[1]}")
+    got = q.leakage(centres, ref, leak.threshold, TOP_K)
+    summary = {"reference": leak.reference, "threshold": _r(leak.threshold), "identities": len(got.leaked),
+               "max_cosine": _r(got.max_cosine.max())}
+    detail = dict(summary, references=int(ref.shape[0]), leaked=got.leaked,
+                  top_pairs=[{"identity": i, "reference_row": j, "cosine": _r(c)} for i, j, c in got.top_pairs])
+    return summary, detail
+
+
+def _model_summary(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
+    nn = d["nn_deg"]
+    return {
+        "name": m.name, "eer": _r(d["eer"]),
+        "fnmr_at_fmr": {k: _r(v) for k, v in d["fnmr_at_fmr"].items()},
+        "threshold_at_fmr": {k: _r(v) for k, v in d["threshold_at_fmr"].items()},
+        "genuine_mean": _r(m.genuine.mean), "impostor_mean": _r(m.impostor.mean),
+        "genuine_pairs": m.genuine.n, "impostor_pairs": m.impostor.n,
+        "min_centre_angle_deg": _r(nn.min()) if nn is not None else None,
+        "nn_centre_angle_deg_mean": _r(nn.mean()) if nn is not None else None,
+        "close_identities": d["close"].identities, "label_flips": m.flips,
+        "intra_class_cosine_mean": _r(m.intra.double().mean()),
+        "eer_threshold": _r(d["eer_threshold"]),
+        "close_threshold": _r(d["close_threshold"]), "close_threshold_rule": d["close_threshold_rule"],
+    }
+
+
+def _model_detail(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
+    nn, close = d["nn_deg"], d["close"]
+    worst = torch.argsort(m.intra, stable=True)[:TOP_K].tolist()
+    detail: dict[str, Any] = {
+        "name": m.name,
+        "histograms": {"genuine": m.genuine.compact(), "impostor": m.impostor.compact()},
+        "roc": None,
+        "nn_centre_angle_deg": None if nn is None else {
+            "mean": _r(nn.mean()), "std": _r(nn.std()) if nn.numel() > 1 else 0.0,
+            **{f"p{p}": _r(v) for p, v in zip((0, 1, 5, 50, 95, 100),
+                                               torch.quantile(nn, torch.tensor([0, .01, .05, .5, .95, 1.],
+                                                                               dtype=torch.float64)))}},
+        "close_pairs": {"threshold": _r(d["close_threshold"]), "rule": d["close_threshold_rule"],
+                        "pairs": close.count, "identities": close.identities,
+                        "top": [{"identity_a": i, "identity_b": j, "cosine": _r(c)} for i, j, c in close.pairs]},
+        "intra_class": {"mean": _r(m.intra.double().mean()), "min": _r(m.intra.min()),
+                        "worst": [{"identity": i, "cosine": _r(m.intra[i])} for i in worst]},
+        "label_flips": {"count": m.flips, "first": m.flip_first, "worst": m.flip_worst},
+    }
+    if m.rates is not None:
+        t, fmr, fnmr = q.roc_points(m.rates)
+        detail["roc"] = {"threshold": [_r(v) for v in t], "fmr": [_r(v) for v in fmr],
+                         "fnmr": [_r(v) for v in fnmr]}
+    return detail
+
+
+def _r(x: Any) -> Any:
+    """A float (or 0-d tensor) rounded to 6 decimals; None stays None."""
+    return None if x is None else round(float(x), 6)
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _score_plot(m: _Model) -> bytes:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    group = 10 if m.genuine.bins % 10 == 0 else 1  # display bins of 10 score bins (0.01)
+    edges = m.genuine.edges[::group]
+    lo, hi = 1.0, -1.0
+    for label, h, colour in (("genuine", m.genuine, "tab:blue"), ("impostor", m.impostor, "tab:red")):
+        if h.n:
+            counts = h.counts.reshape(-1, group).sum(axis=1)
+            ax.stairs(counts / (h.n * (edges[1] - edges[0])), edges, label=f"{label} ({h.n} pairs)",
+                      color=colour, fill=True, alpha=0.4)
+            nz = np.flatnonzero(counts)
+            lo, hi = min(lo, edges[nz[0]]), max(hi, edges[nz[-1] + 1])
+    for value, text, style in ((_fmr_threshold(m), "FMR 1e-3", "--"), (m.published, "published", ":")):
+        if value is not None:
+            ax.axvline(value, color="black", linestyle=style, label=f"{text}: {value:.3f}")
+    if lo < hi:
+        ax.set_xlim(max(-1.0, lo - 0.05), min(1.0, hi + 0.05))
+    ax.set(xlabel="cosine similarity", ylabel="density", title=f"{m.key}: {m.name}")
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def _fmr_threshold(m: _Model) -> float | None:
+    got = q.fnmr_at_fmr(m.rates, 1e-3) if m.rates is not None else None
+    return got[1] if got else None
+
+
+def _curve_plot(models: dict[str, _Model], det: bool) -> bytes:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for m in models.values():
+        if m.rates is None:
+            continue
+        _, fmr, fnmr = q.roc_points(m.rates)
+        y = fnmr if det else 1 - fnmr
+        keep = (fmr > 0) & (y > 0) if det else fmr > 0
+        ax.plot(fmr[keep], y[keep], drawstyle="steps-post", label=f"{m.key}: {m.name}")
+    ax.set_xscale("log")
+    if det:
+        ax.set_yscale("log")
+    ax.set(xlabel="false match rate", ylabel="false non-match rate" if det else "true match rate",
+           title="DET" if det else "ROC")
+    if any(m.rates is not None for m in models.values()):
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no genuine or impostor pairs", transform=ax.transAxes, ha="center")
+    ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
+def contact_sheet(thumbnails: list[tuple[int, list[bytes]]]) -> bytes:
+    """A PNG grid: one row per identity, its label on the left, its images at THUMB x THUMB px."""
+    cols = max(len(images) for _, images in thumbnails)
+    sheet = Image.new("RGB", (LABEL_W + cols * THUMB, len(thumbnails) * THUMB), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (identity, images) in enumerate(thumbnails):
+        draw.text((6, r * THUMB + THUMB // 2 - 6), f"identity {identity}", fill="black")
+        for c, data in enumerate(images):
+            try:
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"thumbnails: image {c} of identity {identity} does not decode: {e}") from e
+            sheet.paste(img.resize((THUMB, THUMB)), (LABEL_W + c * THUMB, r * THUMB))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _plots(models: dict[str, _Model], thumbnails: list[tuple[int, list[bytes]]]) -> dict[str, bytes]:
+    files = {f"plots/scores_{key}.png": _score_plot(m) for key, m in models.items()}
+    files["plots/roc.png"] = _curve_plot(models, det=False)
+    files["plots/det.png"] = _curve_plot(models, det=True)
+    if any(images for _, images in thumbnails):
+        files["plots/contact_sheet.png"] = contact_sheet([t for t in thumbnails if t[1]])
+    return files
+
+
+# ---- html ----------------------------------------------------------------------------------
+
+_ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [  # (label, getter on a model summary)
+    ("model", lambda s: s["name"]), ("EER", lambda s: s["eer"]),
+    ("FNMR at FMR 1e-3", lambda s: s["fnmr_at_fmr"]["1e-3"]),
+    ("threshold at FMR 1e-3", lambda s: s["threshold_at_fmr"]["1e-3"]),
+    ("FNMR at FMR 1e-4", lambda s: s["fnmr_at_fmr"]["1e-4"]),
+    ("threshold at FMR 1e-4", lambda s: s["threshold_at_fmr"]["1e-4"]),
+    ("genuine mean cosine", lambda s: s["genuine_mean"]), ("impostor mean cosine", lambda s: s["impostor_mean"]),
+    ("genuine pairs", lambda s: s["genuine_pairs"]), ("impostor pairs", lambda s: s["impostor_pairs"]),
+    ("min centre angle (deg)", lambda s: s["min_centre_angle_deg"]),
+    ("mean NN centre angle (deg)", lambda s: s["nn_centre_angle_deg_mean"]),
+    ("close identities", lambda s: s["close_identities"]),
+    ("close threshold", lambda s: s["close_threshold"]), ("label flips", lambda s: s["label_flips"]),
+    ("intra-class cosine mean", lambda s: s["intra_class_cosine_mean"]),
+]
+
+
+def fmt(v: Any) -> str:
+    """How report.html shows a value: floats to 4 significant digits, None as n/a; escaped."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def render_html(data: dict[str, Any], files: dict[str, bytes]) -> str:
+    """One self-contained page: summary tables, plots as data: URIs, close pairs, leakage pairs."""
+    s = data["summary"]
+    keys = [k for k in ("job", "evaluator") if s["models"][k] is not None]
+    parts = [f"<h1>Quality report: job {html.escape(data['job_id'])}</h1>",
+             _table(["", "images", "identities", "alignment failures"],
+                    [["dataset", s["images"], s["identities"], s["alignment_failures"]]]),
+             "<h2>Verification and separability</h2>",
+             _table(["metric"] + keys, [[label] + [get(s["models"][k]) for k in keys] for label, get in _ROWS]),
+             "<h2>Counts</h2>", _table(list(s["counts"]), [list(s["counts"].values())])]
+    for name in (f"plots/{p}.png" for p in PLOT_ORDER):
+        if name in files:
+            uri = "data:image/png;base64," + base64.b64encode(files[name]).decode()
+            parts.append(f'<figure><img alt="{html.escape(name)}" src="{uri}">'
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    for k in keys:
+        close = data["models"][k]["close_pairs"]
+        parts.append(f"<h2>Close identity pairs ({html.escape(k)}, cosine &gt;= {fmt(close['threshold'])}: "
+                     f"{fmt(close['rule'])})</h2>")
+        parts.append(_table(["identity a", "identity b", "cosine"],
+                            [[p["identity_a"], p["identity_b"], p["cosine"]] for p in close["top"]]))
+        flips = data["models"][k]["label_flips"]["worst"]
+        parts.append(f"<h2>Label flips ({html.escape(k)}), worst first</h2>")
+        parts.append(_table(["identity", "sample", "own cosine", "other identity", "other cosine"],
+                            [[e["identity"], e["sample"], e["own_cosine"], e["other_identity"],
+                              e["other_cosine"]] for e in flips]))
+    leak = data["leakage"]
+    if leak is not None:
+        parts.append(f"<h2>Leakage against {html.escape(leak['reference'])} (threshold {fmt(leak['threshold'])}): "
+                     f"{fmt(leak['identities'])} identities, max cosine {fmt(leak['max_cosine'])}</h2>")
+        parts.append(_table(["identity", "reference row", "cosine"],
+                            [[p["identity"], p["reference_row"], p["cosine"]] for p in leak["top_pairs"]]))
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>idforge report '
+            f"{html.escape(data['job_id'])}</title><style>{style}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")

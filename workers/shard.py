@@ -1,0 +1,286 @@
+"""One shard of a job, from rendered images to its stored outputs.
+
+A shard is a range of identities. Its images come from a `Blocks` function (the generator's path:
+embedding noise + diffusion, or Dispersion + StyleGAN2) that renders A = images_per_identity samples
+for each of a list of identities, starting at a given sample index. Every image is cropped to
+112x112, embedded by the job's FR model (and by the independent evaluator when the job has a quality
+report) and encoded once.
+
+Quality filter (`quality.min_identity_similarity`): an identity's centre is the normalised mean of its
+first A samples' embeddings (leaving out the sample being judged, so that first samples and later
+candidates are measured alike); a sample whose cosine to it is below the threshold is dropped.
+Identities short of A samples get a further block of A candidates (samples A..2A-1, then 2A..3A-1,
+...) and keep, in sample order, the first that pass, for at most `quality.max_topup_rounds` rounds;
+an identity still short fails the job with a reason. Every sample keeps its own (seed, identity,
+sample) streams, so the kept images are reproducible like the rest.
+
+Then the shard's outputs are written under deterministic keys, so a rerun writes identical objects:
+  dataset/imagefolder/{identity:06d}/{sample:03d}.jpg    the kept images
+  dataset/webdataset/{shard:06d}.tar                    (webdataset) .jpg + .cls + .json per image
+  shards/{shard:05d}/images.rec                         (recordio) this shard's image records
+  shards/{shard:05d}/features.safetensors               embeddings, centres, flags for the report
+  shards/{shard:05d}/latents.safetensors                (latent generators) the kept images' W latents
+  shards/{shard:05d}/done.json                          the file list; written last
+A shard's encoded images stay in memory until it is written (shards are sized to minutes of GPU
+time); the dataset as a whole never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import save as st_save
+
+from app.spec import JobSpec
+from app.storage import JobKeys, Storage, sha256_hex
+from models import align
+from models.cropping import Cropper
+from models.sampling.sphere import normalize
+from workers import formats
+
+IMAGE_EXT = {"jpeg": "jpg", "png": "png"}
+CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+class Canceled(Exception):
+    """The job was canceled; raised between batches."""
+
+
+class QualityShortfall(Exception):
+    """The quality filter left identities short of images after every top-up round."""
+
+
+@dataclass
+class Batch:
+    """Rendered images: the (identity, sample) and seed of each, uint8 [B, H, W, 3], and the W
+    latent of each for latent generators ([B, D] or None)."""
+
+    pairs: list[tuple[int, int]]
+    seeds: list[int]
+    images: torch.Tensor
+    latents: torch.Tensor | None = None
+
+
+# Renders A samples of each identity in the list, samples first..first+A-1, batch by batch.
+Blocks = Callable[[list[int], int], Iterator[Batch]]
+
+
+class Embedder(Protocol):
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class Evaluator(Protocol):
+    def embed(self, aligned: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    identities: list[int]
+    files: list[dict[str, Any]] = field(default_factory=list)  # the kept images, by (identity, sample)
+    filtered: list[dict[str, Any]] = field(default_factory=list)  # below the quality filter's threshold
+    seconds: float = 0.0
+    noise_scale: float = 0.0  # the embedding-noise sigma used
+    # Per identity: realised mean cosine of its sample embeddings to its reference.
+    reference_cosine: list[float] = field(default_factory=list)
+    alignment: str = "center"  # how images were cropped: center, ffhq or landmarks
+    alignment_failures: int = 0  # kept images where no face was found (centre crops, flagged)
+    rendered: int = 0  # images rendered, top-up candidates included
+    topped_up: int = 0  # kept images from top-up rounds (candidates past the ones needed go unused)
+    rounds: int = 1  # rendering rounds (1 = no top-up)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard-level objects: size, sha256
+
+    def to_json(self) -> bytes:
+        return json.dumps({"shard": self.shard, "identities": self.identities,
+                           "files": self.files, "filtered": self.filtered,
+                           "seconds": round(self.seconds, 3), "noise_scale": self.noise_scale,
+                           "reference_cosine": self.reference_cosine, "alignment": self.alignment,
+                           "alignment_failures": self.alignment_failures, "rendered": self.rendered,
+                           "topped_up": self.topped_up, "rounds": self.rounds,
+                           "outputs": self.outputs}, sort_keys=True).encode()
+
+
+@dataclass
+class _Sample:
+    seed: int
+    data: bytes  # the encoded 112x112 crop
+    aligned: bool
+    feature: torch.Tensor  # [E] job embedder
+    evaluation: torch.Tensor | None  # [128] evaluator
+    latent: torch.Tensor | None  # [D] W latent
+
+
+def write_shard(spec: JobSpec, ids: range, blocks: Blocks, embedder: Embedder, storage: Storage,
+                keys: JobKeys, result: ShardResult, *, crop: Cropper | None = None,
+                evaluator: Evaluator | None = None, references: torch.Tensor | None = None,
+                on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
+                should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
+    """Render, filter and top up identities `ids`, then write the shard's outputs (module docstring).
+
+    references [n, E]: the identities' reference embeddings in the job embedder's space, when they
+    live there; each image's cosine to its reference is then recorded (else None).
+    """
+    crop = crop or Cropper("center")
+    t0 = time.perf_counter()
+    a, q = spec.images_per_identity, spec.quality
+    result.alignment = crop.alignment
+    samples: dict[tuple[int, int], _Sample] = {}
+
+    def render(subset: list[int], first: int) -> None:
+        pending = blocks(subset, first)
+        while True:
+            if should_stop():  # before rendering the next batch
+                raise Canceled()
+            batch = next(pending, None)
+            if batch is None:
+                return
+            cropped = crop(batch.images)
+            feats = embedder.embed_images(cropped.crops).float().cpu()  # [B, E]
+            evals = evaluator.embed(cropped.crops).float().cpu() if evaluator is not None else None  # [B, 128]
+            for j, (i, s) in enumerate(batch.pairs):
+                samples[(i, s)] = _Sample(
+                    seed=batch.seeds[j], aligned=bool(cropped.ok[j]), feature=feats[j],
+                    evaluation=evals[j] if evals is not None else None,
+                    latent=batch.latents[j].float().cpu() if batch.latents is not None else None,
+                    data=align.encode_image(cropped.crops[j], spec.output.image_format,
+                                            quality=spec.output.jpeg_quality))
+            result.rendered += len(batch.pairs)
+            on_progress(min(result.rendered, len(ids) * a) // a, min(result.rendered, len(ids) * a))
+
+    render(list(ids), 0)
+    kept = {i: list(range(a)) for i in ids}
+    if q.min_identity_similarity is not None:
+        sums = torch.stack([torch.stack([samples[(i, s)].feature for s in range(a)]).sum(dim=0)
+                            for i in ids])  # [n, E]
+        threshold = q.min_identity_similarity
+
+        def similarity(i: int, s: int) -> float:
+            """Cosine to the centre of the identity's first A samples, leaving the sample itself out
+            of the centre, so first samples and top-up candidates are measured alike."""
+            x = samples[(i, s)].feature
+            centre = sums[i - ids.start] - x if s < a and a > 1 else sums[i - ids.start]
+            return float(x @ normalize(centre[None])[0])
+
+        def passes(i: int, s: int) -> bool:
+            return similarity(i, s) >= threshold
+
+        kept = {i: [s for s in range(a) if passes(i, s)] for i in ids}
+        for r in range(1, q.max_topup_rounds + 1):
+            short = [i for i in ids if len(kept[i]) < a]
+            if not short:
+                break
+            result.rounds = r + 1
+            render(short, r * a)
+            for i in short:
+                extra = [s for s in range(r * a, (r + 1) * a) if passes(i, s)][:a - len(kept[i])]
+                kept[i] += extra
+                result.topped_up += len(extra)
+        short = [i for i in ids if len(kept[i]) < a]
+        if short:
+            i = short[0]
+            raise QualityShortfall(
+                f"quality.min_identity_similarity {threshold}: identity {i} has {len(kept[i])} of {a} images "
+                f"at or above it after {q.max_topup_rounds} top-up rounds ({len(short)} identities short in "
+                f"shard {result.shard}); lower the threshold or raise quality.max_topup_rounds")
+        for (i, s), smp in sorted(samples.items()):
+            if not passes(i, s):
+                result.filtered.append({"identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
+                                        "aligned": smp.aligned, "centre_cosine": round(similarity(i, s), 6)})
+
+    _write_outputs(spec, ids, kept, samples, storage, keys, result, references)
+    result.seconds = time.perf_counter() - t0
+    storage.put_bytes(keys.shard_done(result.shard), result.to_json(), "application/json")
+    on_progress(len(ids), len(ids) * a)
+    return result
+
+
+def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]], samples: dict[tuple[int, int], _Sample],
+                   storage: Storage, keys: JobKeys, result: ShardResult, references: torch.Tensor | None) -> None:
+    fmt = spec.output.image_format
+    ext = IMAGE_EXT[fmt]
+    order = [(i, s) for i in ids for s in kept[i]]  # [n * A] in (identity, sample) order
+    n, a = len(ids), spec.images_per_identity
+    job = torch.stack([samples[p].feature for p in order]).view(n, a, -1)  # [n, A, E]
+    centres = normalize(job.mean(dim=1))  # [n, E]
+    centre_cos = torch.einsum("nae,ne->na", job, centres)  # [n, A]
+    ref_cos = None
+    if references is not None and references.shape[1] == job.shape[2]:
+        ref_cos = torch.einsum("nae,ne->na", job, normalize(references.float()))  # [n, A]
+    evals = None
+    if samples[order[0]].evaluation is not None:
+        evals = torch.stack([samples[p].evaluation for p in order]).view(n, a, -1)  # type: ignore[misc]
+        eval_cos = torch.einsum("nae,ne->na", evals, normalize(evals.mean(dim=1)))  # [n, A]
+    aligned = torch.tensor([samples[p].aligned for p in order]).view(n, a)  # [n, A]
+    result.alignment_failures = int((~aligned).sum())
+
+    for k, (i, s) in enumerate(order):
+        smp, row, col = samples[(i, s)], k // a, k % a
+        key = keys.image(i, s, ext)
+        storage.put_bytes(key, smp.data, CONTENT_TYPE[fmt])
+        result.files.append({
+            "path": keys.relative(key), "identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
+            "size": len(smp.data), "sha256": sha256_hex(smp.data), "aligned": smp.aligned,
+            "centre_cosine": round(float(centre_cos[row, col]), 6),
+            "reference_cosine": round(float(ref_cos[row, col]), 6) if ref_cos is not None else None,
+            "evaluator_centre_cosine": round(float(eval_cos[row, col]), 6) if evals is not None else None})
+
+    tensors = {"job": job.contiguous(), "centres": centres.contiguous(), "aligned": aligned.to(torch.uint8),
+               "identities": torch.tensor(list(ids), dtype=torch.int64),
+               "samples": torch.tensor([s for _, s in order], dtype=torch.int64).view(n, a)}
+    if evals is not None:
+        tensors["evaluator"] = evals.contiguous()
+    storage.put_bytes(keys.key(f"shards/{result.shard:05d}/features.safetensors"), st_save(tensors))
+    if samples[order[0]].latent is not None:
+        latents = torch.stack([samples[p].latent for p in order]).view(n, a, -1)  # type: ignore[misc]
+        storage.put_bytes(keys.key(f"shards/{result.shard:05d}/latents.safetensors"),
+                          st_save({"latents": latents.contiguous(), "samples": tensors["samples"]}))
+
+    by_key = {(f["identity"], f["sample"]): f for f in result.files}
+    if "webdataset" in spec.output.formats:
+        def wds_samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+            for i, s in order:
+                f = by_key[(i, s)]
+                meta = {k: f[k] for k in ("identity", "sample", "seed", "reference_cosine", "centre_cosine",
+                                          "aligned")}
+                yield formats.webdataset_sample(i, s, ext, samples[(i, s)].data, meta)
+
+        _put_stream(storage, keys, keys.key(f"dataset/webdataset/{result.shard:06d}.tar"), "application/x-tar",
+                    lambda out: formats.write_webdataset_tar(out, wds_samples()), result)
+    if "recordio" in spec.output.formats:
+        records = ((recordio_id(i, slot, a), i, s, samples[(i, s)].data)
+                   for i in ids for slot, s in enumerate(kept[i]))
+        _put_stream(storage, keys, keys.key(f"shards/{result.shard:05d}/images.rec"), "application/octet-stream",
+                    lambda out: formats.write_recordio_segment(out, records), result)
+
+
+def recordio_id(identity: int, slot: int, images_per_identity: int) -> int:
+    """Record id of an identity's `slot`-th kept image in train.rec: 1 + identity * A + slot (record 0
+    is the header; the identity records follow the images)."""
+    return 1 + identity * images_per_identity + slot
+
+
+def _put_stream(storage: Storage, keys: JobKeys, key: str, content_type: str, write: Callable[[Any], Any],
+                result: ShardResult) -> None:
+    """Write an object through a temporary file (a multipart upload when large) and record its digest."""
+    with tempfile.TemporaryDirectory(prefix="idforge-") as tmp:
+        path = Path(tmp) / "object"
+        with path.open("wb") as out:
+            write(out)
+        storage.put_file(key, path, content_type)
+        result.outputs[keys.relative(key)] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
