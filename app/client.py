@@ -59,7 +59,8 @@ class Client:
             time.sleep(interval)
 
     def download(self, job_id: str, out: Path, *, page: int = 1000) -> int:
-        """Fetch the manifest and every file through the presigned URLs; check each sha256."""
+        """Fetch the manifest, every image and every dataset object (tars, RecordIO, the index)
+        through the presigned URLs; check each sha256. Returns the number of images."""
         import hashlib
 
         out.mkdir(parents=True, exist_ok=True)
@@ -74,12 +75,14 @@ class Client:
                 r = plain.get(art["manifest_url"])
                 r.raise_for_status()
                 (out / "manifest.json").write_bytes(r.content)
+                for obj in art.get("objects", []):
+                    _fetch_to_file(plain, obj["url"], _inside(out, obj["path"]), obj["sha256"])
             for f in art["files"]:
                 r = plain.get(f["url"])
                 r.raise_for_status()
                 if hashlib.sha256(r.content).hexdigest() != f["sha256"]:
                     raise OSError(f"{f['path']}: checksum mismatch")
-                dest = out / f["path"]
+                dest = _inside(out, f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(r.content)
                 n += 1
@@ -111,3 +114,29 @@ class Client:
                 dest.write_bytes(r.content)
                 written.append(dest)
         return written
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """`root / rel`, refusing a path that would land outside `root`."""
+    dest = (root / rel).resolve()
+    if not dest.is_relative_to(root.resolve()):
+        raise ValueError(f"artifact path {rel!r} leaves the download directory")
+    return dest
+
+
+def _fetch_to_file(http: httpx.Client, url: str, dest: Path, sha256: str) -> None:
+    """Stream a (possibly large) object to `dest`, checking its sha256 before it takes the name."""
+    import hashlib
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    h = hashlib.sha256()
+    with http.stream("GET", url) as r, tmp.open("wb") as f:
+        r.raise_for_status()
+        for chunk in r.iter_bytes(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+    if h.hexdigest() != sha256:
+        tmp.unlink()
+        raise OSError(f"{dest.name}: checksum mismatch")
+    tmp.replace(dest)

@@ -77,6 +77,9 @@ def test_cli_submit_wait_status_and_download(up: tuple[str, str, Path], tmp_path
     assert [p.relative_to(tmp_path / "ds" / "dataset" / "imagefolder").as_posix()
             for p in images] == [f"{i:06d}/{s:03d}.jpg" for i in range(2) for s in range(3)]
     assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["job_id"] == job_id
+    # The dataset's other objects come along, checked against the manifest's sha256.
+    assert (tmp_path / "ds" / "dataset" / "index.parquet").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "ds" / "dataset" / "webdataset").iterdir()) == ["000000.tar"]
 
 
 def test_cli_submit_refused_spec_and_wrong_key(up: tuple[str, str, Path]) -> None:

@@ -87,6 +87,8 @@ def test_parquet_index_lists_every_image(job: tuple[Path, dict[str, Any]]) -> No
             f["identity"], f["sample"], f["seed"], f["shard"], f["sha256"], f["aligned"])
         assert r["centre_cosine"] == pytest.approx(f["centre_cosine"], abs=1e-6)
         assert r["evaluator_centre_cosine"] == pytest.approx(f["evaluator_centre_cosine"], abs=1e-6)
+    assert all(isinstance(r["label_flip"], bool) for r in table)
+    assert sum(r["label_flip"] for r in table) == m["quality"]["models"]["job"]["label_flips"]
 
 
 def test_report_and_provenance(job: tuple[Path, dict[str, Any]]) -> None:
@@ -200,3 +202,22 @@ def test_contact_sheet_shows_the_dataset_images(job: tuple[Path, dict[str, Any]]
     sheet = Image.open(out / "report/plots/contact_sheet.png")
     first = Image.open(io.BytesIO((out / m["files"][0]["path"]).read_bytes()))
     assert sheet.mode in ("RGB", "RGBA") and sheet.size[1] >= first.size[1] * 0.5
+
+
+def test_index_rows_map_label_flips_through_each_identitys_kept_samples() -> None:
+    from workers.package import index_rows
+
+    def f(i: int, s: int) -> dict[str, Any]:
+        return {"path": f"dataset/imagefolder/{i:06d}/{s:03d}.jpg", "identity": i, "sample": s, "seed": 1,
+                "shard": 0, "size": 1, "sha256": "0" * 64, "aligned": True, "centre_cosine": 0.5}
+
+    # Identity 1 kept samples 0, 2 and 5 (1, 3 and 4 were filtered or unused): slot 2 is sample 5.
+    shard = {"files": [f(1, 5), f(0, 0), f(1, 0), f(0, 1), f(0, 2), f(1, 2)],
+             "filtered": [{"identity": 1, "sample": 1, "seed": 2, "shard": 0, "aligned": True, "centre_cosine": 0.1}]}
+    flips = torch.zeros(2, 3, dtype=torch.bool)
+    flips[1, 2] = flips[0, 0] = True
+    rows = index_rows(shard, flips)
+    assert [(r["identity"], r["sample"], r["label_flip"], r["filtered"]) for r in rows] == [
+        (0, 0, True, False), (0, 1, False, False), (0, 2, False, False),
+        (1, 0, False, False), (1, 2, False, False), (1, 5, True, False), (1, 1, None, True)]
+    assert rows[-1]["path"] is None and all(r["label_flip"] is None for r in index_rows(shard)[:6])

@@ -96,7 +96,8 @@ def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
         for s in shards:
             t = _features(storage, keys, s["shard"])
             yield report.ShardFeatures(identities=[int(i) for i in t["identities"]], job=t["job"],
-                                       evaluator=t.get("evaluator"), aligned=t["aligned"].bool())
+                                       evaluator=t.get("evaluator"), aligned=t["aligned"].bool(),
+                                       samples=t["samples"])
     return passes
 
 
@@ -128,8 +129,9 @@ def counts(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
-             reference: ReferenceSet | None) -> dict[str, Any]:
-    """Build the quality report, write report/..., return its summary (the job result's `quality`)."""
+             reference: ReferenceSet | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Build the quality report and write report/...; returns its summary (the job result's `quality`)
+    and the job FR model's label flips, bool [N, A] (None with a single identity)."""
     has_evaluator = bool(shards) and "evaluator" in _features(storage, keys, shards[0]["shard"])
     leakage = None
     if reference is not None and spec.quality.leakage is not None:
@@ -143,7 +145,7 @@ def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards
         counts=counts(spec, shards), leakage=leakage))
     for name, data in sorted(built.files.items()):
         storage.put_bytes(keys.key(f"report/{name}"), data, _content_type(name))
-    return built.summary
+    return built.summary, built.label_flips
 
 
 def _content_type(name: str) -> str:
@@ -183,26 +185,34 @@ def write_recordio(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[
             _upload(storage, keys, f"dataset/recordio/{name}", d / name, ctype, outputs)
 
 
-def index_rows(shard: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped."""
+def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped.
+    label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's."""
     columns = set(formats.INDEX_SCHEMA.names)
-    rows = [{**{k: v for k, v in f.items() if k in columns}, "filtered": False} for f in shard["files"]]
-    rows += [{**{k: v for k, v in f.items() if k in columns}, "filtered": True, "path": None}
+    rows, slot = [], {}
+    for f in sorted(shard["files"], key=lambda f: (f["identity"], f["sample"])):
+        i = f["identity"]
+        slot[i] = slot.get(i, -1) + 1
+        flip = bool(label_flips[i, slot[i]]) if label_flips is not None else None
+        rows.append({**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip})
+    rows += [{**{k: v for k, v in f.items() if k in columns}, "filtered": True, "path": None,
+              "label_flip": None}
              for f in shard.get("filtered", [])]
     return rows
 
 
 def write_index(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
-                outputs: dict[str, dict[str, Any]]) -> None:
+                outputs: dict[str, dict[str, Any]], label_flips: torch.Tensor | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="idforge-index-") as tmp:
         path = Path(tmp) / "index.parquet"
         with path.open("wb") as out, formats.ParquetIndexWriter(out) as writer:
             for s in shards:
-                writer.write_rows(index_rows(s))
+                writer.write_rows(index_rows(s, label_flips))
         _upload(storage, keys, "dataset/index.parquet", path, "application/vnd.apache.parquet", outputs)
 
 
-def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
+            label_flips: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
     """Write the job-level dataset objects; returns every dataset object's size and sha256 (the
     shards' tars included), for the manifest."""
     outputs: dict[str, dict[str, Any]] = {}
@@ -210,7 +220,7 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[st
         outputs.update({k: v for k, v in s.get("outputs", {}).items() if k.startswith("dataset/")})
     if "recordio" in spec.output.formats:
         write_recordio(spec, storage, keys, shards, outputs)
-    write_index(storage, keys, shards, outputs)
+    write_index(storage, keys, shards, outputs, label_flips)
     identities = storage.get_bytes(keys.identities)
     outputs[keys.relative(keys.identities)] = {"size": len(identities),
                                                "sha256": sha256_hex(identities)}
@@ -297,10 +307,13 @@ def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: 
         raise Incomplete(f"{images} images in the shards for {expected} expected")
     t0 = time.perf_counter()
     on_stage("evaluating")
-    quality = evaluate(job_id, spec, storage, keys, shards, reference=reference) if spec.quality.report else {}
+    quality: dict[str, Any] = {}
+    flips = None
+    if spec.quality.report:
+        quality, flips = evaluate(job_id, spec, storage, keys, shards, reference=reference)
     t1 = time.perf_counter()
     on_stage("packaging")
-    outputs = package(spec, storage, keys, shards)
+    outputs = package(spec, storage, keys, shards, flips)
     sampling = pipeline.identities_stats(storage, keys)
     manifest = build_manifest(
         job_id=job_id, spec=spec, shards=shards, shard_identities=shard_identities, models=models,

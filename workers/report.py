@@ -54,6 +54,7 @@ class ShardFeatures:
     job: torch.Tensor  # float [n, A, E] unit embeddings by the job's FR model
     evaluator: torch.Tensor | None  # float [n, A, 128] unit SFace embeddings, or None
     aligned: torch.Tensor  # bool [n, A]: the face was found and aligned
+    samples: torch.Tensor | None = None  # int [n, A]: each image's sample index (None: 0..A-1)
 
 
 @dataclass
@@ -84,6 +85,9 @@ class Report:
     summary: dict[str, Any]  # small: goes into the job's result
     data: dict[str, Any]  # report.json (includes "summary")
     files: dict[str, bytes]  # relative name -> bytes: "report.json", "report.html", "plots/<name>.png"
+    # bool [N, A]: image (identity, slot) lies closer to another identity's centre (job FR model);
+    # slots follow each shard's image order. None with a single identity.
+    label_flips: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,6 +104,7 @@ class _Model:
     intra: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [N]
     subset: list[torch.Tensor] = field(default_factory=list)  # impostor subset rows [k, E] per shard
     flips: int = 0
+    flip_mask: torch.Tensor | None = None  # bool [N, A]
     flip_first: list[dict[str, Any]] = field(default_factory=list)
     flip_worst: list[dict[str, Any]] = field(default_factory=list)
     rates: q.ErrorRates | None = None
@@ -130,7 +135,7 @@ def build_report(inputs: ReportInputs) -> Report:
     if n >= 2:
         for shard in _pass(inputs):
             for m, x in _features(models, shard):
-                _add_flips(m, x, shard.identities)
+                _add_flips(m, x, shard.identities, shard.samples)
     leak = _leakage(inputs.leakage, models["job"].centres) if inputs.leakage else None
     summary = {
         "images": n * a, "identities": n,
@@ -159,7 +164,7 @@ def build_report(inputs: ReportInputs) -> Report:
     files = _plots(models, inputs.thumbnails)
     files["report.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
     files["report.html"] = render_html(data, files).encode()
-    return Report(summary=summary, data=data, files=files)
+    return Report(summary=summary, data=data, files=files, label_flips=models["job"].flip_mask)
 
 
 # ---- inputs and passes ---------------------------------------------------------------------
@@ -287,15 +292,19 @@ def _evaluate(m: _Model, labels: torch.Tensor) -> dict[str, Any]:
     return d
 
 
-def _add_flips(m: _Model, x: torch.Tensor, ids: list[int]) -> None:
-    """Pass 2: count one shard's label flips and keep the first and worst examples."""
+def _add_flips(m: _Model, x: torch.Tensor, ids: list[int], samples: torch.Tensor | None) -> None:
+    """Pass 2: count one shard's label flips, mark them, and keep the first and worst examples."""
     n_s, a, _ = x.shape
     own = torch.tensor(ids, dtype=torch.long).repeat_interleave(a)  # [n_s * A]
     f = q.label_flips(x.reshape(n_s * a, -1), own, m.centres)
     m.flips += f.count
+    if m.flip_mask is None:
+        m.flip_mask = torch.zeros(m.n, a, dtype=torch.bool)
+    m.flip_mask[torch.tensor(ids, dtype=torch.long)] = f.flipped.view(n_s, a)
+    sample_of = samples.reshape(-1).tolist() if samples is not None else [p % a for p in range(n_s * a)]
 
     def example(p: int) -> dict[str, Any]:
-        return {"identity": ids[p // a], "sample": p % a, "own_cosine": _r(f.own[p]),
+        return {"identity": ids[p // a], "sample": sample_of[p], "own_cosine": _r(f.own[p]),
                 "other_identity": int(f.other_index[p]), "other_cosine": _r(f.other[p])}
 
     m.flip_first += [example(p) for p in f.first(TOP_K - len(m.flip_first))]

@@ -225,6 +225,9 @@ def job_artifacts(job_id: str, svc: Svc, team: Team,
                   for f in page],
         "has_more": more,
         "next": page[-1]["path"] if more and page else None,
+        # The dataset's other objects: WebDataset tars, RecordIO files, the Parquet index, identities.
+        "objects": [{"path": path, **meta, "url": svc.storage.presign_get(keys.key(path), ttl)}
+                    for path, meta in sorted(manifest.get("outputs", {}).items())],
         "report": _report_urls(svc, keys, ttl),
     }
 
