@@ -19,6 +19,16 @@ def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def emit(lines: list[str], where: str) -> list[str]:
+    """Print a benchmark's lines, the last one tagged with where it ran and the load; return them."""
+    import os
+
+    lines[-1] += f"  [{where}, load avg {os.getloadavg()[0]:.1f}]"
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
 def quick_summary(main: Callable[[list[str]], list[str]]) -> str:
     """`python -m bench`'s line for a benchmark whose `main` prints and returns its lines: the
     `--quick` run, its lines joined, nothing printed."""

@@ -19,7 +19,6 @@ subset only (it is slow), and the rate of each is reported.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from bench import quick_summary, set_threads
+from bench import emit, quick_summary, set_threads
 from models.sampling.dispersion import DispersionConfig, disperse, initial_variations, step_noise
 from models.sampling.latent_face import LatentFace
 
@@ -136,10 +135,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         lines += compare(face, device, n=8, variations=64, steps=3, batch=batch, loop_n=1,
                          label="stylegan2-256+r50 cuda")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    lines[-1] += f"  [{where}, load avg {os.getloadavg()[0]:.1f}]"
-    for line in lines:
-        print(line, flush=True)
-    return lines
+    return emit(lines, where)
 
 
 def run() -> str:

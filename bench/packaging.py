@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from app.storage import MULTIPART_PART, JobKeys, LocalStorage, S3Storage, Storage
-from bench import quick_summary, set_threads
+from bench import emit, quick_summary, set_threads
 from models.align import encode_image
 from models.seeding import derive_seed
 from workers.formats import webdataset_sample, write_webdataset_tar
@@ -206,10 +206,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     set_threads(p, 1)  # one core: the rates are per core
     cv2.setNumThreads(1)
     lines = measure(n, shard, args.storage)
-    lines[-1] += f"  [cpu, 1 thread, load avg {os.getloadavg()[0]:.1f}]"
-    for line in lines:
-        print(line, flush=True)
-    return lines
+    return emit(lines, "cpu, 1 thread")
 
 
 def run() -> str:

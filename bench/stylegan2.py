@@ -16,12 +16,11 @@ and one line times forward + backward to W (what Langevin / DisCo steps cost).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from bench import quick_summary, set_threads
+from bench import emit, quick_summary, set_threads
 from models.generators.stylegan2 import CONFIG_256, StyleGAN2Generator
 from models.seeding import make_generator, seeded_construction
 
@@ -134,10 +133,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         lines += bench_autocast(gen, z, batch)
         lines.append(bench_backward(gen, z, batch))
     where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    lines[-1] += f"  [{where}, load avg {os.getloadavg()[0]:.1f}]"
-    for line in lines:
-        print(line, flush=True)
-    return lines
+    return emit(lines, where)
 
 
 def run() -> str:

@@ -74,6 +74,10 @@ def test_artifacts_report_lists_only_the_objects_that_exist(redis_server: RedisS
         r = c.get(report["plots"]["roc.png"].removeprefix("http://testserver"))
         assert r.status_code == 200 and r.content == files["plots/roc.png"]
         assert r.headers["content-type"] == "image/png"
+        page = c.get(report["html"].removeprefix("http://testserver"))
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        policy = csp(page.headers["content-security-policy"])  # no script runs on the API's origin
+        assert policy["default-src"] == ["'none'"] and "sandbox" in policy and "script-src" not in policy
         (tmp_path / keys.key("report/report.html")).unlink()  # plots alone are not a report
         assert c.get(f"/v1/jobs/{jid}/artifacts", headers=A).json()["report"] is None
 

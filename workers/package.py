@@ -60,14 +60,14 @@ def load_reference_set(model_dir: Path, name: str, embedding_dim: int, embedder:
         meta = f.metadata() or {}
     named = meta.get("embedder")
     if named and named != embedder:
-        raise ReferenceSetUnavailable(f"reference set {name!r} holds {named!r} embeddings; the job's embedder is "
-                                      f"{embedder!r}")
+        raise ReferenceSetUnavailable(f"reference set {name!r} holds {named!r} embeddings; the job's "
+                                      f"embedder is {embedder!r}")
     tensors = st_load_file(str(path))
     emb = tensors.get("embeddings")
     if emb is None or emb.ndim != 2 or emb.shape[1] != embedding_dim or emb.shape[0] < 1:
         shape = None if emb is None else tuple(emb.shape)
-        raise ReferenceSetUnavailable(f"reference set {name!r}: expected tensor 'embeddings' [M, {embedding_dim}], "
-                                      f"got {shape}")
+        raise ReferenceSetUnavailable(f"reference set {name!r}: expected tensor 'embeddings' "
+                                      f"[M, {embedding_dim}], got {shape}")
     emb = torch.nn.functional.normalize(emb.float(), dim=1)  # [M, E]
     return ReferenceSet(name, emb, file_sha256(path))
 
@@ -101,7 +101,8 @@ def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
     return passes
 
 
-def thumbnails(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
+def thumbnails(storage: Storage, keys: JobKeys,
+               shards: list[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
     """The first identities' first images, for the contact sheet."""
     out: dict[int, list[bytes]] = {}
     for s in shards:
@@ -189,7 +190,8 @@ def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -
     """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped.
     label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's."""
     columns = set(formats.INDEX_SCHEMA.names)
-    rows, slot = [], {}
+    rows: list[dict[str, Any]] = []
+    slot: dict[int, int] = {}
     for f in sorted(shard["files"], key=lambda f: (f["identity"], f["sample"])):
         i = f["identity"]
         slot[i] = slot.get(i, -1) + 1
@@ -233,9 +235,10 @@ def realised(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, Any]:
     """What the variations and the cropping did: for embedding noise, the sigma used and the realised
     cosine of each identity's sample embeddings to its reference; how images were aligned and how
     many had no detectable face (kept as centre crops, flagged `aligned: false`)."""
+    failures = sum(int(s.get("alignment_failures", 0)) for s in shards)
     out: dict[str, Any] = {"variations": spec.variations.method,
                            "alignment": {"method": shards[0].get("alignment") if shards else None,
-                                         "failures": sum(int(s.get("alignment_failures", 0)) for s in shards)}}
+                                         "failures": failures}}
     cos = [c for s in shards for c in s.get("reference_cosine", [])]
     if cos:
         out["noise_scale"] = shards[0].get("noise_scale")
@@ -275,7 +278,8 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
         "sampling": sampling,
         "layout": {
             "imagefolder": "dataset/imagefolder/{identity:06d}/{sample:03d}." + ext,
-            "webdataset": "dataset/webdataset/{shard:06d}.tar" if "webdataset" in spec.output.formats else None,
+            "webdataset": "dataset/webdataset/{shard:06d}.tar"
+            if "webdataset" in spec.output.formats else None,
             "recordio": "dataset/recordio/{train.rec,train.idx,train.lst,property}"
             if "recordio" in spec.output.formats else None,
             "index": "dataset/index.parquet",

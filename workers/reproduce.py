@@ -48,7 +48,8 @@ def check_weights(manifest: dict[str, Any], models: ModelCache) -> None:
     for role, used in manifest["models"].items():
         local = ours.get(role)
         if local is None or local["name"] != used["name"]:
-            raise WeightsDiffer(f"{role}: the job used {used['name']!r}; this spec names {local and local['name']!r}")
+            raise WeightsDiffer(f"{role}: the job used {used['name']!r}; this spec names "
+                                f"{local and local['name']!r}")
         if local["sha256"] != used["sha256"]:
             files = sorted(k for k in set(used["sha256"]) | set(local["sha256"] or {})
                            if (local["sha256"] or {}).get(k) != used["sha256"].get(k))

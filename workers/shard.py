@@ -144,7 +144,7 @@ def write_shard(spec: JobSpec, ids: range, blocks: Blocks, embedder: Embedder, s
                 return
             cropped = crop(batch.images)
             feats = embedder.embed_images(cropped.crops).float().cpu()  # [B, E]
-            evals = evaluator.embed(cropped.crops).float().cpu() if evaluator is not None else None  # [B, 128]
+            evals = None if evaluator is None else evaluator.embed(cropped.crops).float().cpu()  # [B, 128]
             for j, (i, s) in enumerate(batch.pairs):
                 samples[(i, s)] = _Sample(
                     seed=batch.seeds[j], aligned=bool(cropped.ok[j]), feature=feats[j],
@@ -158,43 +158,7 @@ def write_shard(spec: JobSpec, ids: range, blocks: Blocks, embedder: Embedder, s
     render(list(ids), 0)
     kept = {i: list(range(a)) for i in ids}
     if q.min_identity_similarity is not None:
-        sums = torch.stack([torch.stack([samples[(i, s)].feature for s in range(a)]).sum(dim=0)
-                            for i in ids])  # [n, E]
-        threshold = q.min_identity_similarity
-
-        def similarity(i: int, s: int) -> float:
-            """Cosine to the centre of the identity's first A samples, leaving the sample itself out
-            of the centre, so first samples and top-up candidates are measured alike."""
-            x = samples[(i, s)].feature
-            centre = sums[i - ids.start] - x if s < a and a > 1 else sums[i - ids.start]
-            return float(x @ normalize(centre[None])[0])
-
-        def passes(i: int, s: int) -> bool:
-            return similarity(i, s) >= threshold
-
-        kept = {i: [s for s in range(a) if passes(i, s)] for i in ids}
-        for r in range(1, q.max_topup_rounds + 1):
-            short = [i for i in ids if len(kept[i]) < a]
-            if not short:
-                break
-            result.rounds = r + 1
-            render(short, r * a)
-            for i in short:
-                extra = [s for s in range(r * a, (r + 1) * a) if passes(i, s)][:a - len(kept[i])]
-                kept[i] += extra
-                result.topped_up += len(extra)
-        short = [i for i in ids if len(kept[i]) < a]
-        if short:
-            i = short[0]
-            raise QualityShortfall(
-                f"quality.min_identity_similarity {threshold}: identity {i} has {len(kept[i])} of {a} images "
-                f"at or above it after {q.max_topup_rounds} top-up rounds ({len(short)} identities short in "
-                f"shard {result.shard}); lower the threshold or raise quality.max_topup_rounds")
-        for (i, s), smp in sorted(samples.items()):
-            if not passes(i, s):
-                result.filtered.append({"identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
-                                        "aligned": smp.aligned, "centre_cosine": round(similarity(i, s), 6)})
-
+        kept = _filter_and_top_up(spec, ids, samples, render, result)
     _write_outputs(spec, ids, kept, samples, storage, keys, result, references)
     result.seconds = time.perf_counter() - t0
     storage.put_bytes(keys.shard_done(result.shard), result.to_json(), "application/json")
@@ -202,8 +166,54 @@ def write_shard(spec: JobSpec, ids: range, blocks: Blocks, embedder: Embedder, s
     return result
 
 
-def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]], samples: dict[tuple[int, int], _Sample],
-                   storage: Storage, keys: JobKeys, result: ShardResult, references: torch.Tensor | None) -> None:
+def _filter_and_top_up(spec: JobSpec, ids: range, samples: dict[tuple[int, int], _Sample],
+                       render: Callable[[list[int], int], None], result: ShardResult) -> dict[int, list[int]]:
+    """The samples each identity keeps under `quality.min_identity_similarity`, topping up short
+    identities with further blocks of A candidates (module docstring); QualityShortfall when rounds
+    run out. Records the filtered samples, the rounds and the top-ups in `result`."""
+    a, q = spec.images_per_identity, spec.quality
+    threshold = q.min_identity_similarity
+    assert threshold is not None
+    sums = torch.stack([torch.stack([samples[(i, s)].feature for s in range(a)]).sum(dim=0)
+                        for i in ids])  # [n, E]
+
+    def similarity(i: int, s: int) -> float:
+        """Cosine to the centre of the identity's first A samples, leaving the sample itself out
+        of the centre, so first samples and top-up candidates are measured alike."""
+        x = samples[(i, s)].feature
+        centre = sums[i - ids.start] - x if s < a and a > 1 else sums[i - ids.start]
+        return float(x @ normalize(centre[None])[0])
+
+    kept = {i: [s for s in range(a) if similarity(i, s) >= threshold] for i in ids}
+    for r in range(1, q.max_topup_rounds + 1):
+        short = [i for i in ids if len(kept[i]) < a]
+        if not short:
+            break
+        result.rounds = r + 1
+        render(short, r * a)
+        for i in short:
+            extra = [s for s in range(r * a, (r + 1) * a) if similarity(i, s) >= threshold][:a - len(kept[i])]
+            kept[i] += extra
+            result.topped_up += len(extra)
+    short = [i for i in ids if len(kept[i]) < a]
+    if short:
+        raise QualityShortfall(
+            f"quality.min_identity_similarity {threshold}: identity {short[0]} has {len(kept[short[0]])} "
+            f"of {a} images at or above it after {q.max_topup_rounds} top-up rounds ({len(short)} "
+            f"identities short in shard {result.shard}); lower the threshold or raise "
+            "quality.max_topup_rounds")
+    for (i, s), smp in sorted(samples.items()):
+        cos = similarity(i, s)
+        if cos < threshold:
+            result.filtered.append({"identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
+                                    "aligned": smp.aligned, "centre_cosine": round(cos, 6)})
+    return kept
+
+
+def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
+                   samples: dict[tuple[int, int], _Sample], storage: Storage, keys: JobKeys,
+                   result: ShardResult, references: torch.Tensor | None) -> None:
+    """The kept images in every layout asked for, their features and latents, and the file list."""
     fmt = spec.output.image_format
     ext = IMAGE_EXT[fmt]
     order = [(i, s) for i in ids for s in kept[i]]  # [n * A] in (identity, sample) order
@@ -252,12 +262,14 @@ def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]], sample
                                           "aligned")}
                 yield formats.webdataset_sample(i, s, ext, samples[(i, s)].data, meta)
 
-        _put_stream(storage, keys, keys.key(f"dataset/webdataset/{result.shard:06d}.tar"), "application/x-tar",
+        tar = keys.key(f"dataset/webdataset/{result.shard:06d}.tar")
+        _put_stream(storage, keys, tar, "application/x-tar",
                     lambda out: formats.write_webdataset_tar(out, wds_samples()), result)
     if "recordio" in spec.output.formats:
         records = ((recordio_id(i, slot, a), i, s, samples[(i, s)].data)
                    for i in ids for slot, s in enumerate(kept[i]))
-        _put_stream(storage, keys, keys.key(f"shards/{result.shard:05d}/images.rec"), "application/octet-stream",
+        segment = keys.key(f"shards/{result.shard:05d}/images.rec")
+        _put_stream(storage, keys, segment, "application/octet-stream",
                     lambda out: formats.write_recordio_segment(out, records), result)
 
 

@@ -14,6 +14,8 @@ from app.storage import LocalStorage
 
 router = APIRouter(tags=["files"])
 
+OBJECT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"
+
 
 @router.get("/v1/files/{key:path}", summary="Download an object by a signed URL (local storage)")
 def download(key: str, svc: Svc, expires: Annotated[int, Query()],
@@ -30,4 +32,7 @@ def download(key: str, svc: Svc, expires: Annotated[int, Query()],
     if not path.is_file():
         raise NotFound(f"no object {key}")
     media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media)
+    # Stored objects are data, never active content on the API's origin: a report page may show
+    # its inline styles and data: images, nothing else (no script, no requests, sandboxed).
+    headers = {"Content-Security-Policy": OBJECT_CSP, "X-Content-Type-Options": "nosniff"}
+    return FileResponse(path, media_type=media, headers=headers)
