@@ -138,3 +138,24 @@ def test_disco_without_covariates_fails_naming_the_file(tmp_path: Path, model_di
     (models / "stylegan2-tiny" / "covariates.safetensors").unlink()
     with pytest.raises(Exception, match="covariates.safetensors"):
         generate(JobSpec.model_validate(LANGEVIN), tmp_path / "out", settings=Settings(model_dir=models))
+
+
+def test_disco_top_up_disperses_new_blocks_and_keeps_the_first_images(tmp_path: Path, model_dir: Path) -> None:
+    """Latent path with the quality filter: replacements are a further dispersed block per short
+    identity (their own init, noise and DisCo streams); kept first images are unchanged."""
+    from safetensors.torch import load_file
+
+    spec = {**LANGEVIN, "identities": 3, "sampler": {"method": "random"}}
+    plain = generate(JobSpec.model_validate(spec), tmp_path / "plain", settings=Settings(model_dir=model_dir))
+    x = load_file(str(tmp_path / "plain" / "shards" / "00000" / "features.safetensors"))["job"]  # [3, 3, E]
+    loo = (x * torch.nn.functional.normalize(x.sum(1, keepdim=True) - x, dim=-1)).sum(-1)  # [3, 3]
+    threshold = round(float(loo.flatten().sort().values[2]), 5)  # the two lowest first images fail
+    filtered = {**spec, "quality": {"min_identity_similarity": threshold, "max_topup_rounds": 10}}
+    m = generate(JobSpec.model_validate(filtered), tmp_path / "f", settings=Settings(model_dir=model_dir))
+    assert m["counts"]["images"] == 9 and m["counts"]["filtered"] >= 2 and m["counts"]["topped_up"] >= 2
+    first = {f["path"]: f["sha256"] for f in plain["files"]}
+    kept_first = [f for f in m["files"] if f["sample"] < 3]
+    assert len(kept_first) <= 7 and all(first[f["path"]] == f["sha256"] for f in kept_first)
+    latents = load_file(str(tmp_path / "f" / "shards" / "00000" / "latents.safetensors"))
+    assert latents["latents"].shape[:2] == (3, 3)
+    assert sorted(latents["samples"].flatten().tolist()) == sorted(f["sample"] for f in m["files"])
