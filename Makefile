@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test soak bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
+
+# Minutes of random kill -9, Redis restarts and S3 faults over a stream of jobs (tests/test_faults.py).
+# IDFORGE_SOAK_SECONDS (default 300) sets how long; IDFORGE_SOAK_SEED picks the run.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -s -m soak
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

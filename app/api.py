@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import __version__, problems
-from app.deps import KeyRing, Services
+from app import __version__, openapi, problems
+from app.auth import KeyRing
+from app.deps import Services
+from app.logs import RequestLogContext
 from app.queue import TaskQueue
 from app.routes import files, jobs, system, ui
 from app.settings import Settings
@@ -31,9 +33,11 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
             storage=storage or storage_from_settings(settings),
             queue=queue or TaskQueue.from_settings(settings),
         )
-        app.state.keyring = KeyRing(settings.team_keys)
-        if not settings.team_keys:
-            log.warning("IDFORGE_API_KEYS is empty: every request will be refused with 401")
+        app.state.keyring = KeyRing(
+            app.state.services.store.r, settings.key_entries, rate_per_s=settings.rate_limit_per_s,
+            burst=settings.rate_limit_burst, exempt_teams=settings.rate_limit_exempt)
+        if not settings.key_entries:
+            log.warning("IDFORGE_API_KEYS is empty: only keys made with `idforge keys create` work")
         yield
 
     app = FastAPI(
@@ -43,8 +47,11 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(RequestLogContext)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(system.router)
     app.include_router(ui.router)
+    openapi.install(app)
+    app.add_middleware(openapi.AllowHeader)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -39,10 +40,14 @@ def serve(host: str, port: int) -> None:
     import uvicorn
 
     from app.api import create_app
+    from app.logs import setup_logging
     from app.settings import Settings
 
-    uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info",
-                access_log=False)
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)
+    # log_config=None: uvicorn's records go through the handler set up above.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
+                access_log=False, log_config=None)
 
 
 @main.command()
@@ -51,13 +56,19 @@ def serve(host: str, port: int) -> None:
 @click.option("--name", default=None, help="worker node name")
 def worker(queues: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker (models load once per process, after the fork)."""
+    from app.logs import resolve_format, setup_logging
+    from app.settings import Settings
     from workers.celery_app import create_celery
 
-    app = create_celery()
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)
+    app = create_celery(settings)
     argv = ["worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if name:
         argv += ["-n", name]
+    if resolve_format(settings.log_format) == "json":
+        argv = ["--quiet", *argv]  # no start-up banner: the output is JSON lines only
     app.worker_main(argv)
 
 
@@ -72,6 +83,7 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
     import uvicorn
 
     from app.api import create_app
+    from app.logs import setup_logging
     from app.servers import RedisServer, stop_group
     from app.settings import Settings
 
@@ -85,17 +97,24 @@ def up(data_dir: Path, host: str, port: int, redis_port: int) -> None:
     worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(),
                                    stdout=worker_log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    key = env["IDFORGE_API_KEYS"].split(",")[0].partition(":")[2]
+    from app.auth import parse_key_entries
+
+    key = next((e.plaintext for e in parse_key_entries(env["IDFORGE_API_KEYS"]) if e.plaintext),
+               "(IDFORGE_API_KEYS holds only digests)")
     url = env["IDFORGE_PUBLIC_URL"]
     click.echo(f"idforge is up at {url}\n  API key: {key}\n  data:    {data_dir}\n"
+               f"  redis:   {redis_srv.url}  (for `idforge keys ... --redis-url`)\n"
                f"  worker log: {data_dir / 'worker.log'}\n"
+               f"  webhooks are signed with the secret in {data_dir / 'webhook_secret'}\n"
                f"  try: curl -X POST {url}/v1/jobs -H 'Authorization: Bearer {key}' "
                "-H 'Content-Type: application/json' -d '{\"identities\": 4, "
                "\"images_per_identity\": 2}'", err=False)
     sys.stdout.flush()
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)
     try:
-        _serve_until_signal(uvicorn.Config(create_app(Settings()), host=host, port=port,
-                                           log_level="warning"))
+        _serve_until_signal(uvicorn.Config(create_app(settings), host=host, port=port,
+                                           log_level="warning", log_config=None))
     finally:
         stop_group(worker_proc)  # warm shutdown: the current batch finishes
         redis_srv.stop()
@@ -137,6 +156,8 @@ def _embedded_env(data_dir: Path, host: str, port: int) -> dict[str, str]:
     return {
         "IDFORGE_API_KEYS": keys,
         "IDFORGE_SECRET_KEY": persisted("secret_key", lambda: secrets.token_hex(32)),
+        "IDFORGE_WEBHOOK_SECRET": os.environ.get("IDFORGE_WEBHOOK_SECRET") or persisted(
+            "webhook_secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()),
         "IDFORGE_STORAGE": "local",
         "IDFORGE_STORAGE_DIR": str(data_dir / "storage"),
         "IDFORGE_MODEL_DIR": os.environ.get("IDFORGE_MODEL_DIR", str(data_dir / "models")),
@@ -444,6 +465,88 @@ def covariates_fit(input_file: Path, output_file: Path) -> None:
     for name, scale in zip(fitted.names, fitted.scales.tolist(), strict=True):
         click.echo(f"{name}: scale {scale:.4f}")
     click.echo(f"{len(fitted.names)} directions in {fitted.directions.shape[1]}-d -> {output_file}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys, stored hashed in the service's Redis: a key is shown once, when it is made.
+
+    Keys given in IDFORGE_API_KEYS are listed (and can be revoked) where that variable is set."""
+
+
+_redis_option = click.option("--redis-url", default=None,
+                             help="the service's Redis  [default: IDFORGE_REDIS_URL]")
+
+
+def _keyring(redis_url: str | None) -> Any:
+    import redis
+
+    from app.auth import KeyRing
+    from app.settings import Settings
+
+    s = Settings()
+    client = redis.Redis.from_url(redis_url or s.redis_url, decode_responses=True,
+                                  socket_connect_timeout=5, socket_timeout=10)
+    return KeyRing(client, s.key_entries)
+
+
+@keys.command("create")
+@click.option("--team", required=True, help="the team the key acts for")
+@click.option("--scopes", default="read,submit", show_default=True,
+              help="comma-separated, of read, submit (implies read), admin")
+@click.option("--name", default="", help="what the key is for (shown in listings)")
+@_redis_option
+def keys_create(team: str, scopes: str, name: str, redis_url: str | None) -> None:
+    """Make a key for TEAM: the key is printed on stdout, once; it is stored only as its sha256."""
+    from app.errors import ServiceError
+
+    try:
+        key, rec = _keyring(redis_url).create(team, scopes.split(","), name)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    except ServiceError as e:
+        raise click.ClickException(e.detail) from e
+    click.echo(key)
+    click.echo(f"made key {rec.id} for team {rec.team} with scopes {','.join(rec.scopes)}; store it "
+               "now: it is not shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--team", default=None, help="only this team's keys")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_redis_option
+def keys_list(team: str | None, as_json: bool, redis_url: str | None) -> None:
+    """Every key (of TEAM): id, team, scopes, name, when made, where from, revoked or not."""
+    from app.errors import ServiceError
+
+    try:
+        records = _keyring(redis_url).records(team)
+    except ServiceError as e:
+        raise click.ClickException(e.detail) from e
+    if as_json:
+        click.echo(json.dumps([r.public() for r in records], indent=1))
+        return
+    for r in records:
+        state = f"revoked {r.revoked_at}" if r.revoked_at else "active"
+        click.echo(f"{r.id}  {r.team:16} {','.join(r.scopes):18} {r.source:5} "
+                   f"{r.created_at or '-':20} {state:28} {r.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_redis_option
+def keys_revoke(key_id: str, redis_url: str | None) -> None:
+    """Revoke KEY_ID (as `keys list` shows it): every API process refuses it from now on."""
+    from app.errors import ServiceError
+
+    try:
+        rec = _keyring(redis_url).revoke(key_id)
+    except ServiceError as e:
+        raise click.ClickException(e.detail) from e
+    if rec is None:
+        raise click.ClickException(f"no key {key_id} (keys from IDFORGE_API_KEYS are known only where "
+                                   "that variable is set)")
+    click.echo(f"{rec.id} of team {rec.team} revoked at {rec.revoked_at}")
 
 
 if __name__ == "__main__":

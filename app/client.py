@@ -10,6 +10,12 @@ from typing import Any
 import httpx
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+RATE_LIMIT_WAIT_S = 60.0  # the longest an idempotent call waits out 429s before it raises
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    value = r.headers.get("retry-after", "")
+    return float(value) if value.replace(".", "", 1).isdigit() else None
 
 
 class ApiError(Exception):
@@ -37,14 +43,26 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._ok(self.http.post("/v1/jobs", json=spec, headers=headers))  # type: ignore[no-any-return]
 
+    def _idempotent(self, method: str, path: str, **kw: Any) -> Any:
+        """A request that is safe to repeat: rate-limited (429) ones wait for Retry-After (at most
+        RATE_LIMIT_WAIT_S in all), then go again."""
+        waited = 0.0
+        while True:
+            r = self.http.request(method, path, **kw)
+            delay = _retry_after(r) if r.status_code == 429 else None
+            if delay is None or waited + delay > RATE_LIMIT_WAIT_S:
+                return self._ok(r)
+            time.sleep(delay)
+            waited += delay
+
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._ok(self.http.get(f"/v1/jobs/{job_id}"))  # type: ignore[no-any-return]
+        return self._idempotent("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._ok(self.http.post(f"/v1/jobs/{job_id}/cancel"))  # type: ignore[no-any-return]
+        return self._idempotent("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 
     def artifacts(self, job_id: str, **params: Any) -> dict[str, Any]:
-        return self._ok(self.http.get(f"/v1/jobs/{job_id}/artifacts", params=params))  # type: ignore[no-any-return]
+        return self._idempotent("GET", f"/v1/jobs/{job_id}/artifacts", params=params)  # type: ignore[no-any-return]
 
     def wait(self, job_id: str, *, timeout: float = 600, interval: float = 0.5,
              on_update: Callable[[dict[str, Any]], None] = lambda job: None) -> dict[str, Any]:

@@ -1,14 +1,15 @@
-"""The services a request needs, built once in the lifespan, and the auth dependency."""
+"""The services a request needs, built once in the lifespan, and the auth dependencies: a route
+names the scope it needs (`Team` = read, `Submitter` = submit, `Admin` = admin)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.auth import Principal
 from app.errors import Unauthorized
 from app.queue import TaskQueue
 from app.settings import Settings
@@ -28,32 +29,35 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-class KeyRing:
-    """API keys, compared as sha256 digests in constant time; a key belongs to one team."""
-
-    def __init__(self, team_keys: dict[str, str]) -> None:
-        self._digests = [(hashlib.sha256(k.encode()).digest(), t) for k, t in team_keys.items()]
-
-    def team_for(self, key: str) -> str | None:
-        d = hashlib.sha256(key.encode()).digest()
-        team = None
-        for digest, t in self._digests:
-            if hmac.compare_digest(digest, d):
-                team = t
-        return team
-
-
-def current_team(request: Request) -> str:
+def current_principal(request: Request) -> Principal:
+    """The request's key (401 when missing, unknown or revoked; 429 over its rate limit): one Redis
+    round trip, in the thread pool."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send 'Authorization: Bearer <api key>'",
                            headers={"WWW-Authenticate": "Bearer"})
-    team = request.app.state.keyring.team_for(token.strip())
-    if team is None:
-        raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    return team  # type: ignore[no-any-return]
+    return request.app.state.keyring.authenticate(token.strip())  # type: ignore[no-any-return]
+
+
+def scoped(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency: the request's principal, 403 `insufficient_scope` unless it has `scope`."""
+    async def check(p: Principal = Depends(current_principal)) -> Principal:  # noqa: B008
+        p.require(scope)
+        return p
+    return check
+
+
+def _team(scope: str) -> Callable[[Principal], Awaitable[str]]:
+    async def team(p: Principal = Depends(scoped(scope))) -> str:  # noqa: B008
+        return p.team
+    return team
 
 
 Svc = Annotated[Services, Depends(services)]
-Team = Annotated[str, Depends(current_team)]
+# The caller's team, for routes that read (GET): needs the `read` scope (or `submit`).
+Team = Annotated[str, Depends(_team("read"))]
+# The caller's team, for routes that submit or cancel jobs: needs the `submit` scope.
+Submitter = Annotated[str, Depends(_team("submit"))]
+# The caller's key, for key management: needs the `admin` scope.
+Admin = Annotated[Principal, Depends(scoped("admin"))]

@@ -48,6 +48,16 @@ class Unauthorized(ServiceError):
     status, code, title = 401, "unauthorized", "Missing or invalid API key"
 
 
+class Forbidden(ServiceError):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class TooManyRequests(ServiceError):
+    """429: a rate limit or a quota; always sent with Retry-After (seconds)."""
+
+    status, code, title = 429, "too_many_requests", "Too many requests"
+
+
 class NotFound(ServiceError):
     status, code, title = 404, "not_found", "Not found"
 
@@ -62,6 +72,10 @@ class PayloadTooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class InvalidRequest(ServiceError):
+    status, code, title = 422, "invalid_request", "Invalid request"
 
 
 class InvalidSpec(ServiceError):

@@ -16,12 +16,15 @@ from app.settings import Settings
 SAMPLE_IDENTITIES = "idforge.sample_identities"
 RENDER_SHARD = "idforge.render_shard"
 FINALIZE = "idforge.finalize"
+# Sends one webhook event (args: job id, message id); retries itself with backoff.
+DELIVER_WEBHOOK = "idforge.deliver_webhook"
 
 # GPU work on `gpu`; bookkeeping on `cpu`. A CPU worker with tiny presets consumes both.
 ROUTES = {
     SAMPLE_IDENTITIES: {"queue": "gpu"},
     RENDER_SHARD: {"queue": "gpu"},
     FINALIZE: {"queue": "cpu"},
+    DELIVER_WEBHOOK: {"queue": "cpu"},
 }
 
 
@@ -35,13 +38,23 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "task_default_queue": "cpu",
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A hard time limit kills the pool process: requeue the task like any lost worker, so the
+        # attempt counter (not a silent ack) decides when the job fails.
+        "task_acks_on_timeout": False,
+        "task_time_limit": s.task_time_limit_s,
+        "task_soft_time_limit": s.task_soft_time_limit_s,
         "worker_prefetch_multiplier": 1,
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            # Must exceed the longest task: shards are sized to minutes.
+            # Should exceed the longest task (shards are sized to minutes). A task redelivered while
+            # its first delivery still runs finds that delivery's lease and waits (celery_app._run).
             "visibility_timeout": s.visibility_timeout_s,
+            # Sweep for unacknowledged tasks past the visibility timeout every few seconds (kombu's
+            # default sweeps every 100 s, which would dominate a short visibility timeout).
+            "unacked_restore_interval": max(1, min(10, s.visibility_timeout_s // 5)),
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },

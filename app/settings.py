@@ -7,14 +7,27 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.auth import KeyEntry, check_team, parse_key_entries
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "dev", "development"}
 
 
+class TeamQuota(BaseModel):
+    """One team's quotas in IDFORGE_TEAM_QUOTAS; a field left out takes the settings' default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrent_jobs: int | None = Field(None, ge=0)  # 0 = no limit
+    images_per_day: int | None = Field(None, ge=0)  # 0 = no limit
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IDFORGE_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value (a key list, a secret) is never echoed in the error.
+    model_config = SettingsConfigDict(env_prefix="IDFORGE_", extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     # "development" allows placeholder secrets; anything else refuses them at start-up.
     environment: Literal["development", "production"] = "development"
@@ -27,8 +40,27 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=10)
     # Deliveries of one task after which the job fails instead of looping on a crashing worker.
     max_task_attempts: int = Field(3, ge=1)
+    # Hard limit on one task's run, seconds (None = none): the pool process running it is killed and
+    # the task redelivered; that counts as a crash (max_task_attempts), and sampling resumes from its
+    # checkpoint. Guards a GPU worker against a task hung inside a library call.
+    task_time_limit_s: int | None = Field(6 * 3600, ge=1)
+    # Soft limit, seconds (None = none): the task is interrupted where it is and the job fails with
+    # code `task_timeout` and a reason naming this setting. Must be below task_time_limit_s.
+    task_soft_time_limit_s: int | None = Field(None, ge=1)
+    # A running task holds a lease on its (job, task) in Redis for this many seconds and renews it
+    # every third of that; a second delivery of the same task (Redis redelivers unacknowledged
+    # tasks after visibility_timeout_s) that finds the lease live does not run the work but checks
+    # again later. A killed worker's lease lapses after this long, and the redelivery resumes.
+    task_lease_s: int = Field(60, ge=3)
 
-    # --- API keys: comma-separated `team:key` pairs. A key belongs to exactly one team.
+    # --- API keys given at start-up (more live hashed in Redis: `idforge keys create`). Comma-
+    # separated entries, each
+    #     TEAM:KEY[:SCOPES]               the key itself (no ':' or ',' in it), or
+    #     TEAM:sha256:HEX[:SCOPES]        its sha256 (`printf %s "$KEY" | sha256sum`), so the
+    #                                     environment never holds a usable key;
+    # SCOPES is '+'-separated from read, submit, admin (submit implies read); default all three.
+    # TEAM is 1-64 of [A-Za-z0-9_.-]. A key belongs to exactly one team. Only digests are kept in
+    # memory and compared; `idforge keys revoke KEY_ID` revokes an entry without a restart.
     api_keys: SecretStr = SecretStr("")
     # Signs the URLs of the local storage backend (the embedded default's "presigned" URLs).
     secret_key: SecretStr = SecretStr("")
@@ -58,6 +90,19 @@ class Settings(BaseSettings):
     max_images_per_identity: int = Field(1024, ge=1)
     max_total_images: int = Field(50_000_000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    # --- Rate limit per API key (a token bucket in Redis): sustained requests per second (0 = off)
+    # and the burst a key may spend at once. Over it: 429 with Retry-After.
+    rate_limit_per_s: float = Field(100.0, ge=0)
+    rate_limit_burst: int = Field(300, ge=1)
+    # Comma-separated teams whose keys are never rate-limited (load tests, trusted pipelines).
+    rate_limit_exempt_teams: str = ""
+    # --- Quotas per team (0 = no limit). Unfinished (queued, running, canceling) jobs: over it,
+    # 429 `quota_concurrent_jobs`. Images submitted per UTC day: 429 `quota_images_per_day` until
+    # midnight, or 403 for a job larger than the whole quota.
+    max_concurrent_jobs: int = Field(32, ge=0)
+    max_images_per_day: int = Field(50_000_000, ge=0)
+    # Per-team overrides, JSON: {"ci": {"concurrent_jobs": 100, "images_per_day": 0}}.
+    team_quotas: dict[str, TeamQuota] = Field(default_factory=dict)
     # How long an Idempotency-Key is remembered, seconds.
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     # Retry-After sent with non-terminal jobs, seconds.
@@ -79,18 +124,71 @@ class Settings(BaseSettings):
     # torch device for workers: "auto" = cuda when available, else cpu.
     device: str = "auto"
 
+    # --- Observability.
+    # Log lines: "json" (one object per line, with job_id/task/shard in a job's context), "text",
+    # or "auto" (text on a terminal, JSON otherwise).
+    log_format: Literal["json", "text", "auto"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Bearer token that GET /metrics requires; empty = the scrape endpoint is open (it shows counts,
+    # queue lengths and worker names, never a team's name or jobs).
+    metrics_token: SecretStr = SecretStr("")
+    # Seconds between a worker process's heartbeats; it counts as live for 3 heartbeats.
+    worker_heartbeat_s: float = Field(10.0, gt=0, le=300)
+
+    # --- Webhooks (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature headers).
+    # Signing secret: `whsec_` + base64 of 24-64 random bytes. Several, space-separated, all sign
+    # during a rotation (current one first). Required outside development; in development without
+    # one, deliveries go out unsigned.
+    webhook_secret: SecretStr = SecretStr("")
+    # Deliver to private, loopback, link-local and other non-public addresses (receivers on the
+    # service's own network). Off: such URLs are refused at submission (literal IPs) and at
+    # delivery (after DNS).
+    webhook_allow_private: bool = False
+    # Delivery attempts per event, the first included.
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    # Seconds before the second attempt; doubles per attempt (with jitter) up to webhook_backoff_max_s.
+    webhook_backoff_s: float = Field(5.0, gt=0)
+    # Longest wait between attempts, seconds, Retry-After included; must stay below
+    # visibility_timeout_s (a waiting retry is an unacknowledged task).
+    webhook_backoff_max_s: float = Field(900.0, gt=0)
+    # Connect and read timeout of one attempt, seconds.
+    webhook_timeout_s: float = Field(15.0, gt=0, le=120)
+
     @field_validator("model_registry", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
 
+    @field_validator("task_time_limit_s", "task_soft_time_limit_s", mode="before")
+    @classmethod
+    def _no_limit(cls, v: object) -> object:
+        """`IDFORGE_TASK_TIME_LIMIT_S=` (empty) or `none` turns a limit off."""
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> Settings:
+        soft, hard = self.task_soft_time_limit_s, self.task_time_limit_s
+        if soft is not None and hard is not None and soft >= hard:
+            raise ValueError(f"IDFORGE_TASK_SOFT_TIME_LIMIT_S ({soft}) must be below "
+                             f"IDFORGE_TASK_TIME_LIMIT_S ({hard})")
+        return self
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
     @field_validator("api_keys")
     @classmethod
     def _parse_keys(cls, v: SecretStr) -> SecretStr:
-        for pair in filter(None, (p.strip() for p in v.get_secret_value().split(","))):
-            team, sep, key = pair.partition(":")
-            if not sep or not team or not key:
-                raise ValueError("IDFORGE_API_KEYS must be comma-separated 'team:key' pairs")
+        parse_key_entries(v.get_secret_value())  # errors name the entry, never the key
+        return v
+
+    @field_validator("team_quotas")
+    @classmethod
+    def _quota_teams(cls, v: dict[str, TeamQuota]) -> dict[str, TeamQuota]:
+        for team in v:
+            check_team(team)
         return v
 
     @model_validator(mode="after")
@@ -98,7 +196,7 @@ class Settings(BaseSettings):
         if self.environment != "development":
             if self.secret_key.get_secret_value() in PLACEHOLDER_SECRETS:
                 raise ValueError("IDFORGE_SECRET_KEY must be set outside development")
-            if not self.team_keys:
+            if not self.key_entries:
                 raise ValueError("IDFORGE_API_KEYS must be set outside development")
             if any(k in PLACEHOLDER_SECRETS for k in self.team_keys):
                 raise ValueError("IDFORGE_API_KEYS holds a placeholder key")
@@ -106,14 +204,42 @@ class Settings(BaseSettings):
             raise ValueError("IDFORGE_S3_BUCKET is required when IDFORGE_STORAGE=s3")
         return self
 
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        from app.webhooks import parse_secrets  # app.webhooks imports app.queue, which imports this
+
+        try:
+            parse_secrets(self.webhook_secret.get_secret_value())
+        except ValueError as e:
+            raise ValueError(f"IDFORGE_WEBHOOK_SECRET: {e}") from e
+        if self.environment != "development" and not self.webhook_secret.get_secret_value().strip():
+            raise ValueError("IDFORGE_WEBHOOK_SECRET must be set outside development "
+                             "(whsec_ + base64 of 24-64 random bytes)")
+        if self.webhook_backoff_max_s >= self.visibility_timeout_s:
+            raise ValueError(f"IDFORGE_WEBHOOK_BACKOFF_MAX_S ({self.webhook_backoff_max_s}) must be "
+                             f"below IDFORGE_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})")
+        return self
+
+    @cached_property
+    def webhook_keys(self) -> list[bytes]:
+        """HMAC keys that sign webhook deliveries (none in development without a secret)."""
+        from app.webhooks import parse_secrets
+
+        return parse_secrets(self.webhook_secret.get_secret_value())
+
+    @cached_property
+    def key_entries(self) -> list[KeyEntry]:
+        """The IDFORGE_API_KEYS entries: team, sha256 of the key, scopes."""
+        return parse_key_entries(self.api_keys.get_secret_value())
+
     @cached_property
     def team_keys(self) -> dict[str, str]:
-        """API key -> team."""
-        out: dict[str, str] = {}
-        for pair in filter(None, (p.strip() for p in self.api_keys.get_secret_value().split(","))):
-            team, _, key = pair.partition(":")
-            out[key.strip()] = team.strip()
-        return out
+        """Plaintext API key -> team, for the entries given as plaintext."""
+        return {e.plaintext: e.team for e in self.key_entries if e.plaintext is not None}
+
+    @property
+    def rate_limit_exempt(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.rate_limit_exempt_teams.split(",") if t.strip())
 
     @property
     def celery_broker_url(self) -> str:

@@ -73,6 +73,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 MULTIPART_PART = 8 * 1024 * 1024  # S3 objects of this size and up go as multipart uploads in parts of it
+GET_BODY_ATTEMPTS = 4  # a GET whose body stream breaks is sent again, at most this many times in all
 
 
 class LocalStorage:
@@ -193,9 +194,12 @@ class S3Storage:
 
     def _call(self, what: str, key: str, fn: Any, **kw: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError as URLLib3Error
 
         try:
             return fn(Bucket=self.bucket, **kw)
+        except URLLib3Error as e:  # botocore lets a connection lost inside an error reply's body through
+            raise StorageError(f"S3 {what} {key}: {e}") from e
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
@@ -208,12 +212,21 @@ class S3Storage:
         self._call("put", key, self.client.put_object, Key=key, Body=data, ContentType=content_type)
 
     def get_bytes(self, key: str) -> bytes:
-        body = self._call("get", key, self.client.get_object, Key=key)["Body"]
-        try:
-            data: bytes = body.read()
-            return data
-        finally:
-            body.close()
+        """The object's bytes. botocore retries a request until its response head arrives; a
+        connection lost while the body streams is retried here, GET_BODY_ATTEMPTS times in all."""
+        from botocore.exceptions import BotoCoreError
+
+        for attempt in range(1, GET_BODY_ATTEMPTS + 1):
+            body = self._call("get", key, self.client.get_object, Key=key)["Body"]
+            try:
+                data: bytes = body.read()
+                return data
+            except BotoCoreError as e:  # ResponseStreamingError, IncompleteReadError, ReadTimeoutError
+                if attempt == GET_BODY_ATTEMPTS:
+                    raise StorageError(f"S3 get {key}: the body broke off {attempt} times: {e}") from e
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         """Upload the local file `path` as `key`: one PUT below MULTIPART_PART bytes, else a multipart
@@ -246,6 +259,7 @@ class S3Storage:
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError as URLLib3Error
 
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
@@ -253,7 +267,7 @@ class S3Storage:
             ):
                 for obj in page.get("Contents", []):
                     yield obj["Key"]
-        except (ClientError, BotoCoreError) as e:
+        except (ClientError, BotoCoreError, URLLib3Error) as e:
             raise StorageError(f"S3 list {prefix}: {e}") from e
 
     def delete_prefix(self, prefix: str) -> int:

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from app.errors import JobStoreUnavailable
 
@@ -77,9 +79,99 @@ redis.call('XADD', job .. ':events', 'MAXLEN', '~', 10000, '*', 'type', 'status'
 return {'created', ARGV[1]}
 """
 
+# Sum the shards' progress fields (shard*:identities, shard*:images: what `_decode` sums) of the
+# progress hash KEYS[2]; used once per job to seed the running sums, and by reads of jobs without them.
+_SUM_SHARDS = """
+local function sum_shards(key)
+  local ids, imgs = 0, 0
+  local progress = redis.call('HGETALL', key)
+  for i = 1, #progress, 2 do
+    local part, what = string.match(progress[i], '^(.*):([^:]*)$')
+    if part and string.sub(part, 1, 5) == 'shard' then
+      if what == 'identities' then ids = ids + tonumber(progress[i + 1])
+      elseif what == 'images' then imgs = imgs + tonumber(progress[i + 1]) end
+    end
+  end
+  return ids, imgs
+end
+"""
+
+# Set one part's progress (KEYS[2] the progress hash, KEYS[1] the job) and move the running sums
+# `sum:identities`/`sum:images` by the change, so reads need not add up every shard.
+_RECORD_PROGRESS = _SUM_SHARDS + """
+local part, ids, imgs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('HEXISTS', KEYS[2], 'sum:identities') == 0 then
+  local si, sm = sum_shards(KEYS[2])
+  redis.call('HSET', KEYS[2], 'sum:identities', si, 'sum:images', sm)
+end
+local old_ids = tonumber(redis.call('HGET', KEYS[2], part .. ':identities') or '0')
+local old_imgs = tonumber(redis.call('HGET', KEYS[2], part .. ':images') or '0')
+redis.call('HSET', KEYS[2], part .. ':identities', ids, part .. ':images', imgs)
+if string.sub(part, 1, 5) == 'shard' then
+  redis.call('HINCRBY', KEYS[2], 'sum:identities', ids - old_ids)
+  redis.call('HINCRBY', KEYS[2], 'sum:images', imgs - old_imgs)
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+return 1
+"""
+
+# A job's hash and its shards' summed progress, or an empty reply when there is no such job.
+_READ = _SUM_SHARDS + """
+local job = redis.call('HGETALL', KEYS[1])
+if #job == 0 then return {} end
+local sums = redis.call('HMGET', KEYS[2], 'sum:identities', 'sum:images')
+if sums[1] then return {job, tonumber(sums[1]), tonumber(sums[2])} end
+local ids, imgs = sum_shards(KEYS[2])
+return {job, ids, imgs}
+"""
+
 _SHARD_DONE = """
 redis.call('SADD', KEYS[1], ARGV[1])
 return redis.call('SCARD', KEYS[1])
+"""
+
+# Quotas (app.limits), checked in the same script as the creation: this prelude runs first, then
+# _CREATE's text. Its own arguments are the last five of ARGV (owner, images, prefix, max concurrent
+# jobs, max images per UTC day; 0 = no limit), so _CREATE's stay as they are. An Idempotency-Key
+# that exists is a replay (or a 409/422): it is never refused and counts nothing.
+_QUOTA_PRELUDE = """
+local qn = #ARGV
+local q_team = ARGV[qn - 2] .. 'team:' .. ARGV[qn - 4]
+local q_images, q_conc, q_daymax = tonumber(ARGV[qn - 3]), tonumber(ARGV[qn - 1]), tonumber(ARGV[qn])
+local q_now = tonumber(redis.call('TIME')[1])
+local q_day = math.floor(q_now / 86400)
+local q_daykey = q_team .. ':images:' .. q_day
+local q_conc_now = redis.call('ZCARD', q_team .. ':status:queued')
+  + redis.call('ZCARD', q_team .. ':status:running') + redis.call('ZCARD', q_team .. ':status:canceling')
+local q_used = tonumber(redis.call('GET', q_daykey) or '0')
+local q_usage = {q_conc_now, q_used, q_day, 86400 - q_now % 86400}
+if KEYS[2] == '' or redis.call('EXISTS', KEYS[2]) == 0 then
+  if q_conc > 0 and q_conc_now >= q_conc then return {'quota', 'concurrent_jobs', unpack(q_usage)} end
+  if q_daymax > 0 and q_used + q_images > q_daymax then
+    return {'quota', 'images_per_day', unpack(q_usage)}
+  end
+  redis.call('INCRBY', q_daykey, q_images)
+  redis.call('EXPIRE', q_daykey, 2 * 86400)
+end
+"""
+
+_PUT_WEBHOOK = """
+if redis.call('HSETNX', KEYS[1], 'once:' .. ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'msg:' .. ARGV[2], ARGV[3])
+return 1
+"""
+
+# Extend the caller's lease; take it back if it lapsed (a Redis restart, a long pause) and is free.
+_RENEW_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -125,12 +217,22 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._shard_done = client.register_script(_SHARD_DONE)
+        self._put_webhook = client.register_script(_PUT_WEBHOOK)
+        self._create_quota = client.register_script(_QUOTA_PRELUDE + _CREATE)
+        self._read = client.register_script(_READ)
+        self._record_progress = client.register_script(_RECORD_PROGRESS)
+        self._renew_lease = client.register_script(_RENEW_LEASE)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
+        # Rides out a Redis restart of a few seconds (connection refused, reset, timeouts): six
+        # retries with capped exponential backoff and jitter, about 10 s in all.
+        retry = Retry(EqualJitterBackoff(cap=4.0, base=0.1), 6)
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                         socket_connect_timeout=5, health_check_interval=30,
-                                        retry_on_timeout=True))
+                                        retry=retry, retry_on_error=[redis.ConnectionError,
+                                                                     redis.TimeoutError]))
 
     def ping(self) -> bool:
         with _translate():
@@ -153,6 +255,53 @@ class JobStore:
             return Created(job_id, True)
         prior = json.loads(value)
         return Created(prior["job"], False, prior["hash"], prior["state"] == "pending")
+
+    def create_within_quota(self, owner: str, spec: dict[str, Any], spec_hash: str, *, identities: int,
+                            images: int, max_concurrent: int, max_images_per_day: int,
+                            idempotency_key: str | None = None, body_hash: str | None = None,
+                            idempotency_ttl_s: int = 86400) -> tuple[Created | None, dict[str, Any]]:
+        """`create`, unless the team's quotas refuse it, checked and counted in the same script:
+        `max_concurrent` non-terminal jobs, `max_images_per_day` images submitted in the current UTC
+        day (0 = no limit). Returns (Created, usage) or (None, usage) when refused, where usage has
+        `refused` ('concurrent_jobs', 'images_per_day' or ''), `concurrent`, `images_today`,
+        `day` (days since the epoch) and `seconds_left` (until 00:00 UTC): as the refusal saw them,
+        or after the creation."""
+        script = self._create_quota
+        job_id = new_job_id()
+        idem = self._idem_key(owner, idempotency_key) if idempotency_key else ""
+        with _translate():
+            got = script(keys=[P + f"job:{job_id}", idem], args=[
+                job_id, owner, json.dumps(spec, sort_keys=True), spec_hash, body_hash or "",
+                idempotency_ttl_s, now_iso(), identities, images, P,
+                owner, images, P, max_concurrent, max_images_per_day])
+        if got[0] == "quota":
+            conc, used, day, left = (int(x) for x in got[2:6])
+            return None, {"refused": got[1], "concurrent": conc, "images_today": used, "day": day,
+                          "seconds_left": left}
+        usage: dict[str, Any] = {**self.quota_usage(owner), "refused": ""}
+        if got[0] == "created":
+            return Created(job_id, True), usage
+        prior = json.loads(got[1])
+        return Created(prior["job"], False, prior["hash"], prior["state"] == "pending"), usage
+
+    def quota_usage(self, owner: str) -> dict[str, int]:
+        """The team's non-terminal jobs and today's (UTC) submitted images, by Redis' clock."""
+        team = P + f"team:{owner}"
+        with _translate():
+            now = int(self.r.time()[0])
+            day = now // 86400
+            pipe = self.r.pipeline(transaction=False)
+            for s in ("queued", "running", "canceling"):
+                pipe.zcard(f"{team}:status:{s}")
+            pipe.get(f"{team}:images:{day}")
+            *counts, used = pipe.execute()
+        return {"concurrent": sum(counts), "images_today": int(used or 0), "day": day,
+                "seconds_left": 86400 - now % 86400}
+
+    def refund_images(self, owner: str, images: int, day: int) -> None:
+        """Take back images counted by create_within_quota on `day` (a job that was not enqueued)."""
+        with _translate():
+            self.r.decrby(P + f"team:{owner}:images:{day}", images)
 
     def confirm_idempotency(self, owner: str, key: str, job_id: str, body_hash: str) -> None:
         value = json.dumps({"hash": body_hash, "job": job_id, "state": "done"})
@@ -180,6 +329,24 @@ class JobStore:
             return None
         return _decode(raw, progress)
 
+    def read(self, job_id: str) -> dict[str, Any] | None:
+        """What `get` returns, in one round trip whose size does not grow with the job's shards:
+        progress comes from the running sums that `record_progress` keeps (the status poll's read)."""
+        with _translate():
+            got = self._read(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"])
+        if not got:
+            return None
+        flat, identities, images = got
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return _decode(raw, {"shards:identities": identities, "shards:images": images})
+
+    def record_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
+        """Progress of one part (a shard, or sampling), and the job's running sums that `read`
+        returns. Set, not added: a redelivered shard that starts again moves the sums back."""
+        with _translate():
+            self._record_progress(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"],
+                                  args=[part, identities, images, now_iso()])
+
     def status(self, job_id: str) -> str | None:
         with _translate():
             status: str | None = self.r.hget(P + f"job:{job_id}", "status")
@@ -200,6 +367,20 @@ class JobStore:
         jobs = [_decode(rows[k], rows[k + 1]) for k in range(0, len(rows), 2) if rows[k]]
         nxt = ids[limit - 1] if len(ids) > limit else None
         return jobs, nxt
+
+    def count_by_status(self, owners: list[str]) -> dict[str, int]:
+        """Jobs in each status, summed over the teams `owners` (the sizes of their status indexes,
+        one round trip)."""
+        with _translate():
+            pipe = self.r.pipeline(transaction=False)
+            for owner in owners:
+                for s in STATUSES:
+                    pipe.zcard(P + f"team:{owner}:status:{s}")
+            sizes = pipe.execute() if owners else []
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        for k, n in enumerate(sizes):
+            counts[STATUSES[k % len(STATUSES)]] += int(n)
+        return counts
 
     # ---- transitions and progress -----------------------------------------------------
 
@@ -245,11 +426,8 @@ class JobStore:
 
     def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
         """Progress of one part (a shard, or sampling): set, not added, so redelivery can't
-        double-count."""
-        with _translate():
-            self.r.hset(P + f"job:{job_id}:progress",
-                        mapping={f"{part}:identities": identities, f"{part}:images": images})
-            self.r.hset(P + f"job:{job_id}", "updated_at", now_iso())
+        double-count; the job's running sums for `read` follow."""
+        self.record_progress(job_id, part, identities=identities, images=images)
 
     def add_event(self, job_id: str, type_: str, **data: Any) -> None:
         fields = {"type": type_, "at": now_iso()}
@@ -280,6 +458,64 @@ class JobStore:
         worker crash does not count as a retry)."""
         with _translate():
             return int(self.r.hincrby(P + f"job:{job_id}:attempts", task_key, by))
+
+    def attempts(self, job_id: str) -> dict[str, int]:
+        """The attempt counter of each task of a job."""
+        with _translate():
+            return {k: int(v) for k, v in self.r.hgetall(P + f"job:{job_id}:attempts").items()}
+
+    # ---- task leases: one running delivery per (job, task) --------------------------------
+
+    @staticmethod
+    def _lease_key(job_id: str, task_key: str) -> str:
+        return P + f"job:{job_id}:lease:{task_key}"
+
+    def acquire_lease(self, job_id: str, task_key: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease on one task of a job for `ttl_s` seconds; False while another holds it."""
+        with _translate():
+            return bool(self.r.set(self._lease_key(job_id, task_key), holder, nx=True,
+                                   px=max(1, int(ttl_s * 1000))))
+
+    def renew_lease(self, job_id: str, task_key: str, holder: str, ttl_s: float) -> bool:
+        """Extend `holder`'s lease by `ttl_s` seconds from now, taking it back if it lapsed and
+        nobody took it; False when another holder has it."""
+        with _translate():
+            return bool(self._renew_lease(keys=[self._lease_key(job_id, task_key)],
+                                               args=[holder, max(1, int(ttl_s * 1000))]))
+
+    def release_lease(self, job_id: str, task_key: str, holder: str) -> bool:
+        """Drop `holder`'s lease (never another holder's); False when it held none."""
+        with _translate():
+            return bool(self._release_lease(keys=[self._lease_key(job_id, task_key)], args=[holder]))
+
+    def lease_holder(self, job_id: str, task_key: str) -> str | None:
+        with _translate():
+            holder: str | None = self.r.get(self._lease_key(job_id, task_key))
+        return holder
+
+    def mark_task_done(self, job_id: str, task_key: str) -> None:
+        """Record that one task of a job ran to its end: later deliveries of it have nothing to do."""
+        with _translate():
+            self.r.sadd(P + f"job:{job_id}:tasks_done", task_key)
+
+    def task_done(self, job_id: str, task_key: str) -> bool:
+        with _translate():
+            return bool(self.r.sismember(P + f"job:{job_id}:tasks_done", task_key))
+
+    # ---- webhook messages ------------------------------------------------------------------
+
+    def put_webhook(self, job_id: str, once: str, msg_id: str, message: str) -> bool:
+        """Store a webhook message unless one was already stored for `once` (an event name, or
+        `stage:<stage>`); True when this call stored it. The message is re-read by id at each
+        delivery attempt, so every attempt sends the same bytes."""
+        with _translate():
+            return bool(self._put_webhook(keys=[P + f"job:{job_id}:webhooks"],
+                                          args=[once, msg_id, message]))
+
+    def get_webhook(self, job_id: str, msg_id: str) -> str | None:
+        with _translate():
+            message: str | None = self.r.hget(P + f"job:{job_id}:webhooks", f"msg:{msg_id}")
+        return message
 
     # ---- model status published by workers ----------------------------------------------
 

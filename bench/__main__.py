@@ -16,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from bench import (
+    api,
     arc2face,
     dispersion,
     embedders,
@@ -30,7 +31,7 @@ from bench import (
 # name -> callable returning its summary line
 BENCHMARKS = {"render": render.run, "hyperface": hyperface.run, "arc2face": arc2face.run,
               "embedders": embedders.run, "stylegan2": stylegan2.run, "langevin": langevin.run,
-              "dispersion": dispersion.run, "packaging": packaging.run}
+              "dispersion": dispersion.run, "packaging": packaging.run, "api": api.run}
 
 
 def main(argv: list[str] | None = None) -> None:

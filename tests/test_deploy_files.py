@@ -26,7 +26,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 APP_SERVICES = ("api", "worker-cpu", "worker-gpu")
 FINAL_STAGES = {"api", "worker-cpu", "worker-gpu"}
 REQUIRED_SECRETS = ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "IDFORGE_S3_SECRET_ACCESS_KEY",
-                    "MINIO_ROOT_PASSWORD")
+                    "IDFORGE_WEBHOOK_SECRET", "MINIO_ROOT_PASSWORD")
 REQUIRED_FORM = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:\?[^}]+\}$")
 
 
@@ -224,14 +224,15 @@ def test_required_secrets_use_the_error_if_unset_form(services):
                 assert REQUIRED_FORM.match(str(env[key])), f"{name}.{key} = {env[key]!r}"
     assert seen == set(REQUIRED_SECRETS)
     for name in APP_SERVICES:
-        for key in ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "IDFORGE_S3_SECRET_ACCESS_KEY"):
+        for key in ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "IDFORGE_S3_SECRET_ACCESS_KEY",
+                    "IDFORGE_WEBHOOK_SECRET"):
             assert key in services[name]["environment"], (name, key)
     assert "MINIO_ROOT_PASSWORD" in services["minio"]["environment"]
 
 
 def test_no_secret_has_a_default_anywhere():
     text = COMPOSE.read_text()
-    for key in ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "MINIO_ROOT_PASSWORD"):
+    for key in ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "IDFORGE_WEBHOOK_SECRET", "MINIO_ROOT_PASSWORD"):
         assert not re.search(r"\$\{" + key + r":?-", text), f"{key} has a default value"
 
 

@@ -68,6 +68,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         "IDFORGE_SHARD_IDENTITIES": "3",
         "IDFORGE_PRESIGN_EXPIRY_S": "600",
         "IDFORGE_CHECKPOINT_STEPS": "5",
+        "IDFORGE_TASK_LEASE_S": "3",  # a killed worker's task is taken over within seconds
     }
     worker = Proc(["worker", "--queues", "gpu,cpu", "--concurrency", "1"], env,
                   root / "worker.log")

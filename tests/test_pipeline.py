@@ -173,6 +173,8 @@ def test_a_task_that_keeps_killing_its_worker_fails_the_job(rt: Runtime, monkeyp
         rt.store.incr_attempt(job_id, "render_shard:0")
 
     class Task:
+        name = "idforge.test"
+
         class request:
             retries = 0
 
@@ -222,6 +224,8 @@ def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
     job_id, _ = _submit(rt, {**SPEC, "models": {"embedder": "arcface-r50"}})
 
     class Task:
+        name = "idforge.test"
+
         class request:
             retries = 0
 
@@ -246,6 +250,8 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
     assert JobSpec.model_validate(body).render.steps == 4  # the fast mode's own defaults
 
     class Task:
+        name = "idforge.test"
+
         class request:
             retries = 0
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app import queue as q
+from app import webhooks
 from app.errors import StorageKeyMissing
 from app.spec import JobSpec
 from app.storage import JobKeys
@@ -50,14 +52,38 @@ def finish_cancel(rt: Runtime, job_id: str) -> None:
     rt.storage.put_bytes(keys.key("CANCELED"), b"this job was canceled; outputs are partial\n",
                          "text/plain")
     if rt.store.transition(job_id, "canceled")[0]:
+        rt.telemetry.end_stage(job_id)
         log.info("job %s canceled", job_id)
+        webhooks.notify(rt.store, rt.queue, job_id, "canceled", {"status": "canceled"})
 
 
 def fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
     stage = (rt.store.get(job_id) or {}).get("stage")
-    if rt.store.transition(job_id, "failed", error={"code": code, "message": message,
-                                                    "stage": stage})[0]:
+    error = {"code": code, "message": message, "stage": stage}
+    if rt.store.transition(job_id, "failed", error=error)[0]:
+        rt.telemetry.end_stage(job_id)
         log.error("job %s failed at %s: %s", job_id, stage, message)
+        webhooks.notify(rt.store, rt.queue, job_id, "failed", {"status": "failed", "error": error})
+
+
+def enter_stage(rt: Runtime, job_id: str, stage: str) -> None:
+    """Set the job's stage and move its stage clock (the stage-duration histogram of /metrics)."""
+    rt.store.set_stage(job_id, stage)
+    rt.telemetry.enter_stage(job_id, stage)
+    webhooks.notify(rt.store, rt.queue, job_id, "stage", {"status": "running", "stage": stage})
+
+
+def shard_progress(rt: Runtime, job_id: str, part: str) -> Callable[[int, int], None]:
+    """A shard's progress callback: records the shard's progress and adds the images rendered since
+    the last report to the service's images counter."""
+    reported = [0]
+
+    def report(identities_done: int, images_done: int) -> None:
+        rt.store.record_progress(job_id, part, identities=identities_done, images=images_done)
+        rt.telemetry.count_images(max(0, images_done - reported[0]))
+        reported[0] = max(reported[0], images_done)
+
+    return report
 
 
 def sample_identities(rt: Runtime, job_id: str) -> None:
@@ -69,7 +95,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
                       fast=generators if spec.render.mode == "fast" else ())
     package.reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
     rt.store.transition(job_id, "running")
-    rt.store.set_stage(job_id, "sampling_identities")
+    enter_stage(rt, job_id, "sampling_identities")
     t0 = time.perf_counter()
     rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
@@ -88,7 +114,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
                        shards=len(shards), seconds=round(time.perf_counter() - t0, 3))
-    rt.store.set_stage(job_id, "rendering")
+    enter_stage(rt, job_id, "rendering")
     for k in range(len(shards)):
         rt.queue.send(q.RENDER_SHARD, job_id, k)
 
@@ -103,9 +129,9 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     if not rt.storage.exists(keys.shard_done(shard)):
         render.render_shard(
             spec, shard, ids, rt.models, rt.storage, keys, should_stop=_should_stop(rt, job_id),
-            on_progress=lambda i, m: rt.store.set_progress(job_id, part, identities=i, images=m))
-    rt.store.set_progress(job_id, part, identities=len(ids),
-                          images=len(ids) * spec.images_per_identity)
+            on_progress=shard_progress(rt, job_id, part))
+    rt.store.record_progress(job_id, part, identities=len(ids),
+                             images=len(ids) * spec.images_per_identity)
     if rt.store.shard_done(job_id, shard) == len(shards):
         rt.queue.send(q.FINALIZE, job_id)
 
@@ -122,12 +148,14 @@ def finalize(rt: Runtime, job_id: str) -> None:
         manifest = package.finish(
             job_id, spec, rt.storage, keys, shards, shard_identities=rt.settings.shard_identities,
             models=pipeline.models_used(spec, rt.models), reference=package.reference_for(spec, rt.settings.model_dir),
-            on_stage=lambda stage: rt.store.set_stage(job_id, stage))
+            on_stage=lambda stage: enter_stage(rt, job_id, stage))
     except package.Incomplete as e:
         fail(rt, job_id, "incomplete", str(e))
         return
     result = {"manifest": keys.manifest, "images": manifest["counts"]["images"], "identities": spec.identities,
               "counts": manifest["counts"], "quality": manifest["quality"],
               "report": keys.key("report/report.html") if spec.quality.report else None}
-    rt.store.transition(job_id, "succeeded", result=result)
+    if rt.store.transition(job_id, "succeeded", result=result)[0]:
+        rt.telemetry.end_stage(job_id)
+        webhooks.notify(rt.store, rt.queue, job_id, "completed", {"status": "succeeded", "result": result})
     rt.store.add_event(job_id, "completed", images=result["images"])

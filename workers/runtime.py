@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from app import catalog
+from app.metrics import Telemetry
 from app.queue import TaskQueue
 from app.settings import Settings
 from app.storage import Storage, fetch_s3_object, s3_client, storage_from_settings
@@ -124,6 +127,11 @@ class Runtime:
                    storage=storage_from_settings(s), queue=TaskQueue.from_settings(s),
                    models=ModelCache(model_registry(s), pick_device(s.device)))
 
+    @cached_property
+    def telemetry(self) -> Telemetry:
+        """Stage clocks, the images counter and heartbeats, on the job store's Redis."""
+        return Telemetry(self.store.r)
+
     def check_models(self) -> dict[str, dict[str, Any]]:
         """Verify every catalogue model's weights against the registry's pins; publish the result
         so `GET /v1/models` shows what this worker can run."""
@@ -139,8 +147,51 @@ class Runtime:
                 out[name] = {"ok": False, "reason": f"{type(e).__name__}: {e}", "sha256": None}
             if not out[name]["ok"]:
                 log.error("model %s refused: %s", name, out[name]["reason"])
-        self.store.publish_models(f"{socket.gethostname()}:{os.getpid()}", out)
+        self.store.publish_models(worker_name(), out)
         return out
+
+
+def worker_name() -> str:
+    """This process's name in heartbeats and model reports: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """A daemon thread that records this worker process's heartbeat every `interval_s` (the first
+    at once). A failed write is logged and retried at the next beat: a silent worker is the signal."""
+
+    def __init__(self, telemetry: Telemetry, interval_s: float, name: str | None = None,
+                 **info: Any) -> None:
+        self.telemetry, self.interval_s = telemetry, interval_s
+        self.name = name or worker_name()
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), **info}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="idforge-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self.telemetry.heartbeat(self.name, self.interval_s, **self.info)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception as e:
+                log.warning("heartbeat of %s not recorded: %s", self.name, e)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop beating and drop this worker from the table (best effort)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.telemetry.goodbye(self.name)
+        except Exception as e:
+            log.warning("heartbeat of %s not removed: %s", self.name, e)
 
 
 _runtime: Runtime | None = None

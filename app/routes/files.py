@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 
 from app.deps import Svc
 from app.errors import NotFound, Unauthorized
+from app.openapi import problems
 from app.storage import LocalStorage
 
 router = APIRouter(tags=["files"])
@@ -17,9 +18,13 @@ router = APIRouter(tags=["files"])
 OBJECT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"
 
 
-@router.get("/v1/files/{key:path}", summary="Download an object by a signed URL (local storage)")
+@router.get("/v1/files/{key:path}", summary="Download an object by a signed URL (local storage)",
+            response_class=FileResponse,
+            responses={200: {"description": "The object's bytes, with its media type",
+                             "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                       **problems(401)})
 def download(key: str, svc: Svc, expires: Annotated[int, Query()],
-             sig: Annotated[str, Query(max_length=128)]) -> FileResponse:
+             sig: Annotated[str, Query(max_length=128, pattern=r"^[0-9a-f]+$")]) -> FileResponse:
     storage = svc.storage
     if not isinstance(storage, LocalStorage):
         raise NotFound("downloads are served by the object store; use the presigned URL")

@@ -13,38 +13,39 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Services, Svc, Team
+from app.deps import Services, Submitter, Svc, Team
 from app.errors import (
     BadRequest,
     Conflict,
     InvalidSpec,
     NotFound,
-    PayloadTooLarge,
     ServiceError,
     UnsupportedMediaType,
 )
+from app.limits import create_job, read_body, refund
+from app.openapi import Artifacts, Job, JobEvents, JobList, problems
 from app.problems import field_errors
 from app.queue import SAMPLE_IDENTITIES
 from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
 from app.storage import JobKeys
 from app.store import TERMINAL
 from app.views import job_view
+from app.webhooks import check_spec_webhook, notify
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 StatusFilter = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-    return bytes(body)
+def _integral_as_int(v: Any) -> Any:
+    """JSON numbers as JSON Schema reads them: 2.0 is the integer 2."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _integral_as_int(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_integral_as_int(x) for x in v]
+    return v
 
 
 def parse_spec(body: bytes, svc: Services) -> JobSpec:
@@ -57,7 +58,8 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
         raise InvalidSpec("the job spec must be a JSON object",
                           errors=[{"field": "(body)", "message": "expected an object"}])
     try:
-        spec = JobSpec.model_validate(data)
+        # Strict: a value of the wrong JSON type ("5", true for a number) is refused, not coerced.
+        spec = JobSpec.model_validate(_integral_as_int(data), strict=True)
     except ValidationError as e:
         errors = field_errors(e)
         raise InvalidSpec("; ".join(f"{x['field']}: {x['message']}" for x in errors),
@@ -69,6 +71,7 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
                      max_images_per_identity=s.max_images_per_identity,
                      max_total_images=s.max_total_images)
         check_available(spec, svc.store.model_statuses())
+        check_spec_webhook(spec, allow_private=s.webhook_allow_private)
     except SpecError as e:
         raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
                           errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
@@ -85,7 +88,7 @@ def _job_response(job: dict[str, Any], svc: Services, status_code: int = 200,
 
 
 def _owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
-    job = svc.store.get(job_id) if job_id.isalnum() else None
+    job = svc.store.read(job_id) if job_id.isalnum() else None
     if job is None or job["owner"] != team:  # another team's job does not exist for you
         raise NotFound(f"no job {job_id}")
     return job
@@ -94,10 +97,10 @@ def _owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
 def _submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> JSONResponse:
     normalized = spec.normalized()
     h = spec.spec_hash()
-    made = svc.store.create(
-        team, normalized, h, identities=spec.identities,
-        images=spec.identities * spec.images_per_identity,
-        idempotency_key=idem_key, body_hash=h, idempotency_ttl_s=svc.settings.idempotency_ttl_s)
+    admitted = create_job(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
+                          images=spec.identities * spec.images_per_identity,
+                          idempotency_key=idem_key, body_hash=h)  # 429/403 over the team's quotas
+    made = admitted.made
     if not made.created:
         if made.body_hash != h:
             raise InvalidSpec("this Idempotency-Key was used with a different body",
@@ -119,6 +122,7 @@ def _submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> JS
                              error={"code": e.code, "message": f"could not enqueue: {e.detail}"})
         if idem_key:
             svc.store.forget_idempotency(team, idem_key)
+        refund(svc.store, team, admitted)
         raise
     if idem_key:
         svc.store.confirm_idempotency(team, idem_key, made.job_id, h)
@@ -129,21 +133,24 @@ def _submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> JS
 
 
 @router.post("", status_code=202, summary="Submit a dataset-generation job",
+             responses={202: {"model": Job, "description": "The job, new or (same Idempotency-Key and body) "
+                              "the earlier one", "headers": {"Location": {"schema": {"type": "string"}}}},
+                        **problems(400, 409, 413, 415)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": JobSpec.model_json_schema(
                      ref_template="#/components/schemas/{model}")}}}})
-async def submit_job(request: Request, svc: Svc, team: Team,
+async def submit_job(request: Request, svc: Svc, team: Submitter,
                      idempotency_key: Annotated[str | None, Header(max_length=255)] = None
                      ) -> JSONResponse:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType(f"send the job spec as application/json, not {ctype}")
-    body = await _read_body(request, svc.settings.max_body_bytes)
+    body = await read_body(request, svc.settings.max_body_bytes)
     spec = parse_spec(body, svc)
     return await run_in_threadpool(_submit, svc, team, spec, idempotency_key)
 
 
-@router.get("", summary="The team's jobs, newest first")
+@router.get("", summary="The team's jobs, newest first", responses={200: {"model": JobList}})
 def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None
@@ -153,7 +160,9 @@ def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
     return {"jobs": [job_view(j, base) for j in jobs], "has_more": nxt is not None, "next": nxt}
 
 
-@router.get("/{job_id}", summary="A job: status, stage, progress, result or error")
+@router.get("/{job_id}", summary="A job: status, stage, progress, result or error",
+            responses={200: {"model": Job, "headers": {"ETag": {"schema": {"type": "string"}}}},
+                       304: {"description": "Not modified (If-None-Match matched the ETag)"}})
 def get_job(job_id: str, request: Request, svc: Svc, team: Team) -> Response:
     job = _owned(svc, team, job_id)
     resp = _job_response(job, svc)
@@ -164,16 +173,20 @@ def get_job(job_id: str, request: Request, svc: Svc, team: Team) -> Response:
     return resp
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)")
-def cancel_job(job_id: str, svc: Svc, team: Team) -> JSONResponse:
+@router.post("/{job_id}/cancel", summary="Cancel a job (idempotent)",
+             responses={200: {"model": Job, "description": "The job, ended"},
+                        202: {"model": Job, "description": "The job, canceling until its workers stop"}})
+def cancel_job(job_id: str, svc: Svc, team: Submitter) -> JSONResponse:
     _owned(svc, team, job_id)
-    svc.store.request_cancel(job_id)
+    if svc.store.request_cancel(job_id) == "canceled":  # a queued job: no worker will see it
+        notify(svc.store, svc.queue, job_id, "canceled", {"status": "canceled"})  # at most once
     job = svc.store.get(job_id)
     assert job is not None
     return _job_response(job, svc, 202 if job["status"] == "canceling" else 200)
 
 
-@router.get("/{job_id}/events", summary="The job's event log; text/event-stream when asked")
+@router.get("/{job_id}/events", summary="The job's event log; text/event-stream when asked",
+            responses={200: {"model": JobEvents, "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def job_events(job_id: str, request: Request, svc: Svc, team: Team,
                after: Annotated[str, Query(max_length=40, pattern=r"^(-|\d+-\d+)$")] = "-",
                limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> Response:
@@ -199,7 +212,8 @@ def _sse(svc: Services, job_id: str, after: str, max_s: float = 3600) -> Iterato
             yield ": keep-alive\n\n"
 
 
-@router.get("/{job_id}/artifacts", summary="The manifest, with presigned download URLs")
+@router.get("/{job_id}/artifacts", summary="The manifest, with presigned download URLs",
+            responses={200: {"model": Artifacts}, **problems(409)})
 def job_artifacts(job_id: str, svc: Svc, team: Team,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                   after: Annotated[str | None, Query(max_length=256)] = None) -> dict[str, Any]:

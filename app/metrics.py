@@ -1,0 +1,257 @@
+"""Service metrics: what workers record in Redis, and the Prometheus text that `GET /metrics` serves.
+
+All state is in Redis, so every API process renders the same numbers:
+
+- jobs by status: the size of each team's status index (kept by the store's transitions), summed
+  over the teams with keys (remembered in a set, so a team whose key is later removed still counts);
+- stage durations: a histogram per stage. Workers call `Telemetry.enter_stage` when a job changes
+  stage and `end_stage` when it ends; a Lua script closes the previous stage against Redis' clock
+  (no skew between hosts) and adds its duration to the histogram's buckets;
+- images rendered: a counter the workers add to as shards report progress (`rate()` gives images/s);
+- queue length per broker queue;
+- worker heartbeats: each worker process writes its last-seen time (Redis' clock) every
+  `worker_heartbeat_s`; it is live for 3 heartbeats, and forgotten an hour after its last one.
+
+No metric carries a team's name or anything about a job but counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from app.store import STAGES, STATUSES, JobStore, P, _translate
+
+log = logging.getLogger("idforge.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Upper bounds (seconds) of the stage-duration histogram's buckets; +Inf is implied.
+STAGE_BUCKETS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
+                                    14400, 43200, 86400)
+LIVE_BEATS = 3  # a worker is live while its last heartbeat is younger than this many intervals
+FORGET_S = 3600  # a worker silent this long is dropped from the heartbeat table
+
+IMAGES = P + "metrics:images"
+STAGE = P + "metrics:stage:"  # + stage name: hash of b0..bN (per-bucket counts), sum, count
+WORKERS = P + "workers"  # hash: worker name -> JSON {seen, ttl, pid, host, queues}
+TEAMS = P + "metrics:teams"
+
+# Move a job's stage clock: observe the time spent in the stage it leaves, start the new one.
+# KEYS[1] = the job hash; ARGV = new stage ('' = stop the clock), histogram key prefix, bounds...
+_STAGE_CLOCK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local prev = redis.call('HGET', KEYS[1], 'stage_clock')
+if prev == ARGV[1] or (not prev and ARGV[1] == '') then return 0 end
+if prev then
+  local d = now - tonumber(redis.call('HGET', KEYS[1], 'stage_since'))
+  if d < 0 then d = 0 end
+  local idx = #ARGV - 2
+  for i = 3, #ARGV do
+    if d <= tonumber(ARGV[i]) then idx = i - 3; break end
+  end
+  local h = ARGV[2] .. prev
+  redis.call('HINCRBY', h, 'b' .. idx, 1)
+  redis.call('HINCRBYFLOAT', h, 'sum', string.format('%.6f', d))
+  redis.call('HINCRBY', h, 'count', 1)
+end
+if ARGV[1] == '' then
+  redis.call('HDEL', KEYS[1], 'stage_clock', 'stage_since')
+else
+  redis.call('HSET', KEYS[1], 'stage_clock', ARGV[1], 'stage_since', string.format('%.6f', now))
+end
+return 1
+"""
+
+# Record a worker's heartbeat at Redis' time and drop workers silent for ARGV[3] seconds.
+# KEYS[1] = the workers hash; ARGV = worker name, JSON info, forget-after seconds.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local info = cjson.decode(ARGV[2])
+info['seen'] = now
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(info))
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local ok, w = pcall(cjson.decode, all[i + 1])
+  if not ok or type(w) ~= 'table' or not tonumber(w['seen'])
+     or now - tonumber(w['seen']) > tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class StageHistogram:
+    buckets: list[tuple[float, int]]  # (upper bound, cumulative count), the last bound +Inf
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    name: str
+    age_s: float  # seconds since its last heartbeat
+    live: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    jobs: dict[str, int]  # status -> jobs
+    stages: dict[str, StageHistogram]
+    images: int
+    queues: dict[str, int] | None  # None: the broker did not answer
+    workers: list[WorkerBeat]
+
+
+class Telemetry:
+    """The Redis side of the metrics: workers record, the API reads. Takes the job store's client."""
+
+    def __init__(self, client: Any) -> None:
+        self.r: Any = client
+        self._clock = client.register_script(_STAGE_CLOCK)
+        self._beat = client.register_script(_HEARTBEAT)
+
+    # ---- recorded by workers -----------------------------------------------------------
+
+    def enter_stage(self, job_id: str, stage: str) -> bool:
+        """Start `stage`'s clock for the job, closing the previous stage's. Re-entering the
+        current stage (a redelivered task) changes nothing. Returns whether the clock moved."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return self._move_clock(job_id, stage)
+
+    def end_stage(self, job_id: str) -> bool:
+        """The job has ended: observe the time spent in its last stage and stop the clock."""
+        return self._move_clock(job_id, "")
+
+    def _move_clock(self, job_id: str, stage: str) -> bool:
+        with _translate():
+            return bool(self._clock(keys=[P + f"job:{job_id}"],
+                                    args=[stage, STAGE, *(repr(float(b)) for b in STAGE_BUCKETS)]))
+
+    def count_images(self, n: int) -> None:
+        """Add `n` rendered images to the service-wide counter."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n:
+            with _translate():
+                self.r.incrby(IMAGES, n)
+
+    def heartbeat(self, worker: str, interval_s: float, **info: Any) -> None:
+        """Worker `worker` is alive; it counts as live for LIVE_BEATS intervals."""
+        body = json.dumps({**info, "ttl": LIVE_BEATS * interval_s})
+        with _translate():
+            self._beat(keys=[WORKERS], args=[worker, body, FORGET_S])
+
+    def goodbye(self, worker: str) -> None:
+        """Worker `worker` is shutting down: drop it now rather than when its heartbeat goes stale."""
+        with _translate():
+            self.r.hdel(WORKERS, worker)
+
+    # ---- read by the API -----------------------------------------------------------------
+
+    def workers(self) -> list[WorkerBeat]:
+        with _translate():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(WORKERS)
+            (sec, usec), rows = pipe.execute()
+        return _beats(sec + usec / 1e6, rows)
+
+    def snapshot(self, store: JobStore, teams: Iterable[str],
+                 queues: dict[str, int] | None) -> Snapshot:
+        """Every metric, read in two Redis round trips. `teams` are the teams with keys now."""
+        teams = list(teams)
+        with _translate():
+            pipe = self.r.pipeline(transaction=False)
+            if teams:
+                pipe.sadd(TEAMS, *teams)
+            pipe.smembers(TEAMS)
+            all_teams = sorted(pipe.execute()[-1])
+            pipe = self.r.pipeline(transaction=False)
+            pipe.time()
+            pipe.hgetall(WORKERS)
+            pipe.get(IMAGES)
+            for s in STAGES:
+                pipe.hgetall(STAGE + s)
+            (sec, usec), rows, images, *stages = pipe.execute()
+        return Snapshot(jobs=store.count_by_status(all_teams),
+                        stages={s: _histogram(h) for s, h in zip(STAGES, stages, strict=True)},
+                        images=int(images or 0), queues=queues, workers=_beats(sec + usec / 1e6, rows))
+
+
+def _histogram(h: dict[str, str]) -> StageHistogram:
+    bounds = [*STAGE_BUCKETS, float("inf")]
+    running, buckets = 0, []
+    for i, b in enumerate(bounds):
+        running += int(h.get(f"b{i}", 0))
+        buckets.append((b, running))
+    return StageHistogram(buckets, float(h.get("sum", 0.0)), int(h.get("count", 0)))
+
+
+def _beats(now: float, rows: dict[str, str]) -> list[WorkerBeat]:
+    out = []
+    for name, raw in sorted(rows.items()):
+        try:
+            w = json.loads(raw)
+            age = max(0.0, now - float(w["seen"]))
+            out.append(WorkerBeat(name, age, age <= float(w["ttl"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable heartbeat of worker %s: %r", name, raw)
+    return out
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterable[Any]:
+        s = self.snap
+        jobs = GaugeMetricFamily("idforge_jobs", "Jobs in each status, all teams", labels=["status"])
+        for status in STATUSES:
+            jobs.add_metric([status], s.jobs.get(status, 0))
+        yield jobs
+        hist = HistogramMetricFamily("idforge_stage_duration_seconds",
+                                     "Time jobs spent in each stage", labels=["stage"])
+        for stage, h in s.stages.items():
+            hist.add_metric([stage], [(_le(b), c) for b, c in h.buckets], sum_value=h.sum)
+        yield hist
+        yield CounterMetricFamily("idforge_images_rendered", "Images rendered by the workers "
+                                  "(rate() gives images per second)", value=s.images)
+        if s.queues is not None:
+            q = GaugeMetricFamily("idforge_queue_length", "Tasks waiting in each broker queue",
+                                  labels=["queue"])
+            for name, n in sorted(s.queues.items()):
+                q.add_metric([name], n)
+            yield q
+        yield GaugeMetricFamily("idforge_broker_up", "1 when the broker answered the queue-length "
+                                "query", value=0 if s.queues is None else 1)
+        seen = GaugeMetricFamily("idforge_worker_last_seen_seconds",
+                                 "Seconds since each worker process's last heartbeat", labels=["worker"])
+        for w in s.workers:
+            seen.add_metric([w.name], round(w.age_s, 3))
+        yield seen
+        yield GaugeMetricFamily("idforge_workers_live", "Worker processes with a recent heartbeat",
+                                value=sum(w.live for w in s.workers))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def render(snap: Snapshot) -> bytes:
+    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snap))
+    return generate_latest(registry)
