@@ -55,10 +55,15 @@ def main(data_dir: Path = Path(".idforge")) -> int:
         print(f"job succeeded in {t_job:.1f} s ({counts['images'] / t_job:.1f} images/s end to end)")
         print(f"  dataset:  {root / 'dataset' / 'imagefolder'}  ({len(on_disk)} images on disk)")
         print(f"  manifest: {root / 'manifest.json'}  (counts {counts['images']} images of "
-              f"{counts['images_requested']} requested, spec hash {manifest['spec_hash'][:12]})")
-        print(f"  quality:  {json.dumps(manifest['quality'])}")
+              f"{counts['requested']} requested, spec hash {manifest['spec_hash'][:12]})")
+        print(f"  objects:  {', '.join(sorted(manifest['outputs']))}")
+        q = manifest["quality"]["models"]
+        print(f"  quality:  EER {q['job']['eer']} ({q['job']['name']}), {q['evaluator']['eer']} "
+              f"({q['evaluator']['name']}); report {root / 'report' / 'report.html'}")
+        print(f"  browse:   .venv/bin/idforge up --data-dir {data_dir}, then open its URL + /ui "
+              f"(API key {key})")
         print(f"demo total {time.perf_counter() - t0:.1f} s")
-        return 0 if len(on_disk) == counts["images"] == counts["images_requested"] else 1
+        return 0 if len(on_disk) == counts["images"] == counts["requested"] else 1
     finally:
         stop_group(proc, timeout=60)
 
