@@ -331,7 +331,7 @@ class JobStore:
 
     def read(self, job_id: str) -> dict[str, Any] | None:
         """What `get` returns, in one round trip whose size does not grow with the job's shards:
-        progress comes from the running sums that `record_progress` keeps (the status poll's read)."""
+        progress comes from the running sums that `set_progress` keeps (the status poll's read)."""
         with _translate():
             got = self._read(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"])
         if not got:
@@ -340,7 +340,7 @@ class JobStore:
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
         return _decode(raw, {"shards:identities": identities, "shards:images": images})
 
-    def record_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
+    def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
         """Progress of one part (a shard, or sampling), and the job's running sums that `read`
         returns. Set, not added: a redelivered shard that starts again moves the sums back."""
         with _translate():
@@ -423,11 +423,6 @@ class JobStore:
             self.r.hset(P + f"job:{job_id}", mapping={
                 "stage_done": done, "stage_total": total, "stage_unit": unit,
                 "updated_at": now_iso()})
-
-    def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
-        """Progress of one part (a shard, or sampling): set, not added, so redelivery can't
-        double-count; the job's running sums for `read` follow."""
-        self.record_progress(job_id, part, identities=identities, images=images)
 
     def add_event(self, job_id: str, type_: str, **data: Any) -> None:
         fields = {"type": type_, "at": now_iso()}

@@ -63,12 +63,18 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _hash_cache:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _hash_cache[key] = digest.hexdigest()
+        _hash_cache[key] = hash_file(path)
     return _hash_cache[key]
+
+
+def hash_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks, uncached (files written once, such as a
+    shard's outputs)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_overrides(path: str | Path, specs: Mapping[str, ModelSpec] = SPECS) -> dict[str, ModelSpec]:

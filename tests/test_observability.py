@@ -108,12 +108,12 @@ def test_images_counter_and_heartbeats(store: JobStore) -> None:
 def test_read_matches_get_in_one_round_trip_of_fixed_size(store: JobStore) -> None:
     jid = make_job(store)
     assert store.read(jid) == store.get(jid)  # no progress yet
-    store.set_progress(jid, "shard0", identities=1, images=2)  # a writer that keeps no sums
+    store.set_progress(jid, "shard0", identities=1, images=2)
     assert store.read(jid) == store.get(jid)
     for k in range(1, 40):
-        store.record_progress(jid, f"shard{k}", identities=2, images=4)
-    store.record_progress(jid, "sampling", identities=9, images=9)  # not a shard: not summed
-    store.record_progress(jid, "shard3", identities=1, images=1)  # redelivered: starts again
+        store.set_progress(jid, f"shard{k}", identities=2, images=4)
+    store.set_progress(jid, "sampling", identities=9, images=9)  # not a shard: not summed
+    store.set_progress(jid, "shard3", identities=1, images=1)  # redelivered: starts again
     job = store.read(jid)
     assert job == store.get(jid)
     assert job is not None and (job["progress"]["identities_done"], job["progress"]["images_done"]) == \

@@ -79,7 +79,7 @@ def shard_progress(rt: Runtime, job_id: str, part: str) -> Callable[[int, int], 
     reported = [0]
 
     def report(identities_done: int, images_done: int) -> None:
-        rt.store.record_progress(job_id, part, identities=identities_done, images=images_done)
+        rt.store.set_progress(job_id, part, identities=identities_done, images=images_done)
         rt.telemetry.count_images(max(0, images_done - reported[0]))
         reported[0] = max(reported[0], images_done)
 
@@ -130,7 +130,7 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
         render.render_shard(
             spec, shard, ids, rt.models, rt.storage, keys, should_stop=_should_stop(rt, job_id),
             on_progress=shard_progress(rt, job_id, part))
-    rt.store.record_progress(job_id, part, identities=len(ids),
+    rt.store.set_progress(job_id, part, identities=len(ids),
                              images=len(ids) * spec.images_per_identity)
     if rt.store.shard_done(job_id, shard) == len(shards):
         rt.queue.send(q.FINALIZE, job_id)

@@ -28,8 +28,9 @@ from app import __version__, catalog
 from app.spec import JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models.evaluator import SFACE_COSINE_THRESHOLD
+from models.registry import hash_file
 from workers import formats, pipeline, report
-from workers.shard import IMAGE_EXT, file_sha256
+from workers.shard import IMAGE_EXT
 
 THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
 THUMBNAIL_SAMPLES = 8  # images of each
@@ -69,7 +70,7 @@ def load_reference_set(model_dir: Path, name: str, embedding_dim: int, embedder:
         raise ReferenceSetUnavailable(f"reference set {name!r}: expected tensor 'embeddings' "
                                       f"[M, {embedding_dim}], got {shape}")
     emb = torch.nn.functional.normalize(emb.float(), dim=1)  # [M, E]
-    return ReferenceSet(name, emb, file_sha256(path))
+    return ReferenceSet(name, emb, hash_file(path))
 
 
 def reference_for(spec: JobSpec, model_dir: Path) -> ReferenceSet | None:
@@ -159,7 +160,7 @@ def _content_type(name: str) -> str:
 def _upload(storage: Storage, keys: JobKeys, rel: str, path: Path, content_type: str,
             outputs: dict[str, dict[str, Any]]) -> None:
     storage.put_file(keys.key(rel), path, content_type)
-    outputs[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    outputs[rel] = {"size": path.stat().st_size, "sha256": hash_file(path)}
 
 
 def write_recordio(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],

@@ -27,7 +27,6 @@ time); the dataset as a whole never does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -43,6 +42,7 @@ from app.spec import JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models import align
 from models.cropping import Cropper
+from models.registry import hash_file
 from models.sampling.sphere import normalize
 from workers import formats
 
@@ -287,12 +287,4 @@ def _put_stream(storage: Storage, keys: JobKeys, key: str, content_type: str, wr
         with path.open("wb") as out:
             write(out)
         storage.put_file(key, path, content_type)
-        result.outputs[keys.relative(key)] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        result.outputs[keys.relative(key)] = {"size": path.stat().st_size, "sha256": hash_file(path)}
