@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         model = IResNetEmbedder(config)
     model = model.to(device).eval().requires_grad_(False)
     s = config.input_size
-    images = torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, generator=make_generator(SEED))
+    images = make_generator(SEED).integers(256, batch, s, s, 3).to(torch.uint8)
     # (name, autocast dtype, trunk dtype); CUDA "fp32" convolutions use TF32 as torch does by default
     variants: list[tuple[str, torch.dtype | None, torch.dtype | None]] = [("fp32", None, None)]
     if device.type == "cuda":

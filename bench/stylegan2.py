@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         p.error(f"--batch, --images: must be >= 1, got {batch}, {images}")
     set_threads(p, args.threads)
     gen = build(device)
-    z = torch.randn(images, gen.style_dim, generator=make_generator(SEED)).to(device)  # [n, 512]
+    z = make_generator(SEED).normal(images, gen.style_dim).to(device)  # [n, 512]
     with torch.no_grad():
         gen(z[:1], truncation_psi=PSI)  # warm-up: first-call allocations and kernel selection
     lines = [bench_batched_vs_single(gen, z, batch)]

@@ -157,7 +157,7 @@ def test_leakage_check_finds_a_planted_identity(job: tuple[Path, dict[str, Any]]
                                                 model_dir: Path) -> None:
     out, _ = job
     centres = torch.cat([load_file(p)["centres"] for p in sorted((out / "shards").glob("*/features.safetensors"))])
-    others = torch.nn.functional.normalize(torch.randn(40, centres.shape[1], generator=torch.Generator().manual_seed(0)),
+    others = torch.nn.functional.normalize(torch.Generator().manual_seed(0).normal(40, centres.shape[1]),
                                            dim=1)
     models = tmp_path / "models"
     models.mkdir()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from models import quality as q
 from models.sampling.sphere import normalize
+from models.seeding import make_generator
 from workers import report as rp
 
 N, A, E, D = 12, 6, 32, 16  # identities, images each, job and evaluator dims
@@ -27,20 +28,20 @@ TWINS = (4, 5)  # identity 5 is a near duplicate of identity 4
 
 def make_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(job [N, A, E], evaluator [N, A, D], aligned [N, A], reference [M, E]) with the planted faults."""
-    g = torch.Generator().manual_seed(11)
-    ref_job = normalize(torch.randn(N, E, generator=g))  # [N, E]
-    ref_job[TWINS[1]] = normalize(ref_job[TWINS[0]] + 0.05 * torch.randn(E, generator=g))
-    ref_eval = normalize(torch.randn(N, D, generator=g))  # [N, D]
-    ref_eval[TWINS[1]] = normalize(ref_eval[TWINS[0]] + 0.05 * torch.randn(D, generator=g))
-    job = normalize(ref_job[:, None] + 0.12 * torch.randn(N, A, E, generator=g))  # [N, A, E]
-    evaluator = normalize(ref_eval[:, None] + 0.2 * torch.randn(N, A, D, generator=g))  # [N, A, D]
+    g = make_generator(11)
+    ref_job = normalize(g.normal(N, E))  # [N, E]
+    ref_job[TWINS[1]] = normalize(ref_job[TWINS[0]] + 0.05 * g.normal(E))
+    ref_eval = normalize(g.normal(N, D))  # [N, D]
+    ref_eval[TWINS[1]] = normalize(ref_eval[TWINS[0]] + 0.05 * g.normal(D))
+    job = normalize(ref_job[:, None] + 0.12 * g.normal(N, A, E))  # [N, A, E]
+    evaluator = normalize(ref_eval[:, None] + 0.2 * g.normal(N, A, D))  # [N, A, D]
     i, s = FLIP
-    job[i, s] = normalize(ref_job[9] + 0.05 * torch.randn(E, generator=g))
-    evaluator[i, s] = normalize(ref_eval[9] + 0.05 * torch.randn(D, generator=g))
+    job[i, s] = normalize(ref_job[9] + 0.05 * g.normal(E))
+    evaluator[i, s] = normalize(ref_eval[9] + 0.05 * g.normal(D))
     aligned = torch.ones(N, A, dtype=torch.bool)
     aligned[1, 2] = aligned[3, 0] = aligned[3, 1] = False
-    reference = normalize(torch.randn(20, E, generator=g))  # [20, E] real people
-    reference[REF_ROW] = normalize(ref_job[LEAKED] + 0.02 * torch.randn(E, generator=g))
+    reference = normalize(g.normal(20, E))  # [20, E] real people
+    reference[REF_ROW] = normalize(ref_job[LEAKED] + 0.02 * g.normal(E))
     return job, evaluator, aligned, reference
 
 

@@ -225,7 +225,7 @@ def impostor_quota(identities: int, per_identity: int, cap: int, seed: int) -> t
     if identities * per_identity <= cap:
         return torch.full((identities,), per_identity, dtype=torch.long)
     base, extra = divmod(cap, identities)
-    order = torch.randperm(identities, generator=make_generator(derive_seed(seed, "report.impostor")))
+    order = make_generator(derive_seed(seed, "report.impostor")).permutation(identities)
     quota = torch.full((identities,), base, dtype=torch.long)
     quota[order[:extra]] += 1
     return quota
@@ -240,7 +240,7 @@ def _subset_picks(ids: list[int], quota: torch.Tensor, a: int, seed: int) -> tup
             picked = torch.arange(a)
         else:
             gen = make_generator(derive_seed(seed, "report.impostor", i))
-            picked = torch.randperm(a, generator=gen)[:k].sort().values
+            picked = gen.permutation(a)[:k].sort().values
         rows.append(torch.full((k,), r, dtype=torch.long))
         samples.append(picked)
     return torch.cat(rows), torch.cat(samples)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.seeding import make_generator, portable, seeded_construction
+from models.seeding import build_generator, portable, seeded_construction
 
 if TYPE_CHECKING:
     from models.embedders.iresnet_fused import FusedIResNet
@@ -356,7 +356,7 @@ def tiny_model(seed: int = 0, config: IResNetConfig = TINY_CONFIG) -> IResNetEmb
     with seeded_construction(seed):
         model = IResNetEmbedder(config)
     s = config.input_size
-    calibrate_batchnorm(model, torch.rand(32, 3, s, s, generator=make_generator(seed)) * 2 - 1)
+    calibrate_batchnorm(model, torch.rand(32, 3, s, s, generator=build_generator(seed)) * 2 - 1)
     return model
 
 

@@ -43,7 +43,7 @@ from transformers.masking_utils import create_causal_mask
 
 from models.generators.clip_vocab import write_clip_vocab
 from models.generators.lcm_lora import FAST_GUIDANCE, FAST_STEPS, lcm_scheduler, load_lcm_lora
-from models.seeding import make_generator, seeded_construction
+from models.seeding import Stream, make_generator, seeded_construction
 
 PROMPT = "photo of a id person"  # Arc2Face's fixed prompt; "id" is the placeholder token
 ID_TOKEN = "id"  # the word whose input embedding is replaced by the identity embedding
@@ -341,11 +341,11 @@ class Arc2FaceGenerator:
         tokens[:, self.id_position] = emb.to(tokens.dtype)
         return encode_prompt_embeds(self.text_encoder, tokens)  # [B, L, H]
 
-    def _seeded_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Initial latents [B, C, h, w] and each image's CPU generator, positioned after its latent."""
+    def _seeded_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[Stream]]:
+        """Initial latents [B, C, h, w] and each image's portable stream, positioned after its latent."""
         c, s = self.unet.config.in_channels, self.unet.config.sample_size
         generators = [make_generator(seed) for seed in seeds]
-        latents = [torch.randn(c, s, s, generator=g) for g in generators]  # B x [C, h, w], float32
+        latents = [g.normal(c, s, s) for g in generators]  # B x [C, h, w], float32, the same bits everywhere
         return torch.stack(latents).to(self.device, self.dtype), generators  # [B, C, h, w]
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:

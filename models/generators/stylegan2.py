@@ -32,7 +32,7 @@ from models.generators.stylegan2_ops import (
     ToRGB,
     make_blur_kernel,
 )
-from models.seeding import portable, seeded_construction
+from models.seeding import Stream, portable, seeded_construction
 
 CHECKPOINT_FILE = "stylegan2.pt"  # the checkpoint's name inside a StyleGAN2 model directory
 NoiseMode = Literal["const", "random"]
@@ -172,7 +172,7 @@ class StyleGAN2Generator(nn.Module):
         return avg + psi * (w - avg)
 
     def _layer_noise(
-        self, batch: int, noise_mode: NoiseMode, generator: torch.Generator | None
+        self, batch: int, noise_mode: NoiseMode, generator: Stream | None
     ) -> list[torch.Tensor]:
         """One noise map per styled conv: the constant buffers, or fresh N(0, 1) from `generator`."""
         const = [getattr(self.noises, f"noise_{i}") for i in range(self.config.num_layers)]  # [1, 1, r, r]
@@ -180,12 +180,12 @@ class StyleGAN2Generator(nn.Module):
             return const
         assert generator is not None
         drawn = [  # [B, 1, r, r] each
-            torch.randn((batch, *c.shape[1:]), generator=generator, device=generator.device) for c in const
+            generator.normal(batch, *c.shape[1:]) for c in const
         ]
         return [x.to(self.device, self.dtype) for x in drawn]
 
     def synthesis(
-        self, ws: torch.Tensor, noise_mode: NoiseMode = "const", generator: torch.Generator | None = None
+        self, ws: torch.Tensor, noise_mode: NoiseMode = "const", generator: Stream | None = None
     ) -> torch.Tensor:
         """Images [B, 3, S, S] (about [-1, 1]) from W [B, D] or W+ [B, n_latent, D].
 
@@ -220,7 +220,7 @@ class StyleGAN2Generator(nn.Module):
         z: torch.Tensor,
         truncation_psi: float = 1.0,
         noise_mode: NoiseMode = "const",
-        generator: torch.Generator | None = None,
+        generator: Stream | None = None,
     ) -> torch.Tensor:
         """synthesis(truncate(mapping(z), psi)): z [B, D] -> images [B, 3, S, S]."""
         return self.synthesis(self.truncate(self.mapping(z), truncation_psi), noise_mode, generator)
@@ -233,7 +233,7 @@ class StyleGAN2Generator(nn.Module):
         space: Literal["z", "w"] = "z",
         truncation_psi: float = 1.0,
         noise_mode: NoiseMode = "const",
-        generator: torch.Generator | None = None,
+        generator: Stream | None = None,
     ) -> torch.Tensor:
         """uint8 images [B, S, S, 3] on the CPU from z [B, D] (space "z") or W / W+ (space "w")."""
         if space == "z":

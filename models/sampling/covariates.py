@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from models.seeding import derive_seed, make_generator, portable
+from models.seeding import build_generator, derive_seed, make_generator, portable
 
 FORMAT = "idforge.covariates/1"  # metadata "format" of files written here
 METADATA_KEY = "idforge.covariates"  # the single safetensors metadata key
@@ -147,8 +147,7 @@ def disco_offsets(covariates: Covariates, identities: Sequence[int], variations:
     u = torch.empty(len(ids), variations, k)  # [n, A, K]
     for i, identity in enumerate(ids):
         for a in range(variations):
-            torch.rand(k, generator=make_generator(derive_seed(seed, DISCO_PURPOSE, identity, first_variation + a)),
-                       out=u[i, a])
+            u[i, a] = make_generator(derive_seed(seed, DISCO_PURPOSE, identity, first_variation + a)).uniform(k)
     u -= 0.5
     directions = covariates.directions.float()  # [K, D]
     scaled = (factors * covariates.scales.float().cpu()).to(directions.device)[:, None] * directions  # [K, D]
@@ -305,7 +304,7 @@ def tiny_covariates(generator: Any, seed: int, n: int = 512, batch_size: int = 6
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")  # noqa: TRY004
     d = int(generator.style_dim)
-    z = torch.stack([torch.randn(d, generator=make_generator(derive_seed(seed, TINY_PURPOSE, m)))
+    z = torch.stack([torch.randn(d, generator=build_generator(derive_seed(seed, TINY_PURPOSE, m)))
                      for m in range(n)])  # [n, D]
     # float64 on the CPU, latents rounded (`portable`): the labels and the fit, hence the file's
     # bytes, must not depend on the thread count or the CPU

@@ -124,7 +124,7 @@ def _normals(purpose: str, seed: int, identities: Sequence[int], variations: int
     for i, identity in enumerate(identities):
         for a in range(variations):
             g = make_generator(derive_seed(seed, purpose, int(identity), first + a, *step))
-            torch.randn(dim, generator=g, out=out[i, a])
+            out[i, a] = g.normal(dim)
     return out
 
 

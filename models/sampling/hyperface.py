@@ -39,6 +39,7 @@ import torch
 from models.sampling.metrics import gram_tiles, nearest_neighbour_angles
 from models.sampling.sphere import EPS, normalize
 from models.sampling.variations import scale_for_mean_cosine
+from models.seeding import Stream
 
 PRECISIONS = ("float32", "tf32", "bf16")  # config.precision values
 SEPARATIONS = ("mean", "max")  # config.separation values
@@ -389,7 +390,7 @@ def _check_config(config: HyperFaceConfig, n: int) -> None:
             raise ValueError(f"config.{name}: invalid value {getattr(config, name)!r} (N = {n})")
 
 
-def _initial_state(init: torch.Tensor, generator: torch.Generator | None) -> HyperFaceState:
+def _initial_state(init: torch.Tensor, generator: Stream | None) -> HyperFaceState:
     x = normalize(init.float())
     n = x.shape[0]
     return HyperFaceState(
@@ -431,7 +432,7 @@ def optimize(
     gallery: torch.Tensor | None,
     config: HyperFaceConfig = HyperFaceConfig(),
     *,
-    generator: torch.Generator | None = None,
+    generator: Stream | None = None,
     on_step: Callable[[StepStats, HyperFaceState], None] | None = None,
     state: HyperFaceState | None = None,
 ) -> HyperFaceResult:
@@ -477,7 +478,7 @@ def optimize(
         with _matmul_precision("float32" if polish else config.precision, x.device) as mm_dtype:
             xm = x if mm_dtype == torch.float32 else x.to(mm_dtype)
             if stochastic:
-                rows = torch.randperm(n, generator=generator, device=generator.device)[: config.batch_size]
+                rows = generator.permutation(n)[: config.batch_size]  # type: ignore[union-attr]
                 rows = rows.to(x.device)  # [B]
                 g, soft, hard = _batch_pass(x, xm, rows, temperature, config.tile, config.separation)  # [B, D], [B], [B]
                 xr = x[rows]  # [B, D]
@@ -544,7 +545,7 @@ def optimize_with_restarts(
     *,
     restarts: int,
     perturbation: float,
-    generator: torch.Generator,
+    generator: Stream,
     target: float | None = None,
     tile: int = 2048,
 ) -> tuple[torch.Tensor, float]:
@@ -565,7 +566,7 @@ def optimize_with_restarts(
     for _ in range(restarts):
         if target is not None and best_angle >= target:
             break
-        noise = torch.randn(best.shape, generator=generator, device=generator.device).to(best.device)
+        noise = generator.normal(best.shape).to(best.device)
         x = optimize(normalize(best + perturbation * noise), gallery, config).embeddings
         angle = float(nearest_neighbour_angles(x, tile).min())
         if angle > best_angle:
@@ -574,7 +575,7 @@ def optimize_with_restarts(
 
 
 def init_from_gallery(
-    gallery: torch.Tensor, n: int, generator: torch.Generator, copy_cosine: float = 0.9
+    gallery: torch.Tensor, n: int, generator: Stream, copy_cosine: float = 0.9
 ) -> torch.Tensor:
     """HyperFace's starting points: [n, D] unit rows drawn from the gallery.
 
@@ -590,13 +591,12 @@ def init_from_gallery(
     if not 0 < copy_cosine <= 1:
         raise ValueError(f"copy_cosine: must lie in (0, 1], got {copy_cosine}")
     m, d = gallery.shape
-    gdev = generator.device
     y = normalize(gallery.float())  # [M, D]
-    order = torch.randperm(m, generator=generator, device=gdev).to(y.device)
+    order = generator.permutation(m).to(y.device)
     if n <= m:
         return y[order[:n]].clone()  # [n, D]
     extra = n - m
-    src = torch.randint(0, m, (extra,), generator=generator, device=gdev).to(y.device)
-    noise = torch.randn(extra, d, generator=generator, device=gdev).to(y.device)  # [n - M, D]
+    src = generator.integers(m, extra).to(y.device)
+    noise = generator.normal(extra, d).to(y.device)  # [n - M, D]
     copies = normalize(y[src] + scale_for_mean_cosine(copy_cosine, d) * noise)
     return torch.cat([y[order], copies])  # [n, D]

@@ -392,7 +392,7 @@ def time_step(config: LangevinConfig, latent_distance_min: float, force_max: flo
 
 def langevin_noise(seed: int, identities: range, step: int, dim: int) -> torch.Tensor:
     """xi [len(identities), dim] float32 on the CPU: row i from derive_seed(seed, "noise", identity, step)."""
-    rows = [torch.randn(dim, generator=make_generator(derive_seed(seed, "noise", i, step))) for i in identities]
+    rows = [make_generator(derive_seed(seed, "noise", i, step)).normal(dim) for i in identities]
     return torch.stack(rows)  # [N, D]
 
 

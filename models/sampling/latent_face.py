@@ -52,7 +52,7 @@ class LatentFace:
     def initial_latents(self, seeds: Sequence[int], truncation: float = 0.7) -> torch.Tensor:
         """One W latent per seed: w_avg + truncation (mapping(z) - w_avg), z from the seed alone: [B, D]."""
         d = self.style_dim
-        z = torch.stack([torch.randn(d, generator=make_generator(s)) for s in seeds])  # [B, D] on CPU
+        z = torch.stack([make_generator(s).normal(d) for s in seeds])  # [B, D] on CPU
         param = next(self.generator.parameters())
         with torch.no_grad():
             w = self.generator.mapping(z.to(param.device, param.dtype))  # [B, D]

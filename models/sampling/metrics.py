@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.sampling.sphere import normalize
+from models.seeding import Stream
 
 DEFAULT_TILE = 2048  # rows (and columns) per Gram tile: 2048² float32 = 16 MiB per tile
 
@@ -153,14 +154,14 @@ def uniform_expected_min_angle(n: int, d: int) -> float:
 
 
 def simulate_uniform(
-    n: int, d: int, generator: torch.Generator, trials: int = 1, tile: int = DEFAULT_TILE
+    n: int, d: int, generator: Stream, trials: int = 1, tile: int = DEFAULT_TILE
 ) -> tuple[float, float]:
     """Seeded simulation: (mean min angle, mean nearest-neighbour angle) over `trials` uniform draws."""
     if trials < 1:
         raise ValueError(f"trials: must be >= 1, got {trials}")
     mins, means = [], []
     for _ in range(trials):
-        x = normalize(torch.randn(n, d, generator=generator, device=generator.device))  # [n, d]
+        x = normalize(generator.normal(n, d))  # [n, d]
         nn = nearest_neighbour_angles(x, tile)
         mins.append(float(nn.min()))
         means.append(float(nn.mean()))

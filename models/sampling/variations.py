@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from models.sampling.sphere import normalize
-from models.seeding import derive_seed, make_generator
+from models.seeding import derive_seed, make_generator, normalize_exact
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,17 @@ def embedding_noise(
         raise ValueError(f"samples and first_sample: must be >= 0, got {samples} and {first_sample}")
     if not config.scale >= 0:
         raise ValueError(f"config.scale: must be >= 0, got {config.scale}")
-    refs = normalize(references.float())  # [N, D]
+    refs = normalize_exact(references.float())  # [N, D]
     if config.scale == 0:
         return refs[:, None, :].expand(n, samples, d).clone()  # [N, samples, D]
     noise = torch.empty(n, samples, d, dtype=torch.float32)  # [N, samples, D]
     for row, i in enumerate(identity_ids):
         for j in range(samples):
             g = make_generator(derive_seed(job_seed, "variation", int(i), first_sample + j))
-            noise[row, j] = torch.randn(d, generator=g, dtype=torch.float32)
+            noise[row, j] = g.normal(d)
     noise = noise.to(refs.device)
-    return normalize(refs[:, None, :] + config.scale * noise)  # [N, samples, D]
+    # the reference plus seeded noise, normalised exactly: the same conditioning on every machine
+    return normalize_exact(refs[:, None, :] + config.scale * noise)  # [N, samples, D]
 
 
 def mean_cosine(references: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

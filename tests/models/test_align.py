@@ -27,7 +27,7 @@ def test_center_crop_resize_takes_the_centre_square():
 def test_center_crop_resize_keeps_constant_and_passes_exact_size():
     flat = torch.full((1, 64, 64, 3), 77, dtype=torch.uint8)
     assert (center_crop_resize(flat) == 77).all()
-    x = torch.randint(0, 256, (3, 112, 112, 3), dtype=torch.uint8, generator=make_generator(0))
+    x = make_generator(0).integers(256, (3, 112, 112, 3)).to(torch.uint8)
     assert torch.equal(center_crop_resize(x, 112), x)
 
 
@@ -39,7 +39,7 @@ def test_center_crop_resize_rejects_bad_input():
 
 
 def test_encode_image_deterministic_and_decodable():
-    x = torch.randint(0, 256, (112, 112, 3), dtype=torch.uint8, generator=make_generator(1))
+    x = make_generator(1).integers(256, (112, 112, 3)).to(torch.uint8)
     png = encode_image(x, "png")
     assert png == encode_image(x, "png")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), x.numpy())  # lossless
@@ -73,7 +73,7 @@ def test_arcface_template_is_insightfaces():
 
 
 def test_estimate_similarity_recovers_a_known_transform_exactly():
-    src = torch.rand(7, 2, generator=make_generator(3), dtype=torch.float64).numpy() * 200  # [7, 2]
+    src = make_generator(3).uniform(7, 2, dtype=torch.float64).numpy() * 200  # [7, 2]
     moves = [(37.0, 1.7, (12.5, -40.0)), (-170.0, 0.05, (0.0, 3.0)), (0.0, 1.0, (0.0, 0.0))]
     for angle, scale, shift in moves:
         truth = _similarity(angle, scale, shift)
@@ -87,8 +87,8 @@ def test_estimate_similarity_recovers_a_known_transform_exactly():
 
 def test_estimate_similarity_is_the_least_squares_optimum_on_noisy_points():
     g = make_generator(4)
-    src = torch.rand(5, 2, generator=g, dtype=torch.float64).numpy() * 100
-    noise = torch.randn(5, 2, generator=g, dtype=torch.float64).numpy()  # [5, 2], 1 px
+    src = g.uniform(5, 2, dtype=torch.float64).numpy() * 100
+    noise = g.normal(5, 2, dtype=torch.float64).numpy()  # [5, 2], 1 px
     dst = _apply(_similarity(-20.0, 0.7, (30.0, 5.0)), src) + noise
     # independent: a similarity is x' = a x - b y + tx, y' = b x + a y + ty, linear in (a, b, tx, ty)
     rows = np.zeros((10, 4))

@@ -31,6 +31,7 @@ from models.generators.arc2face import (
 )
 from models.generators.lcm_lora import fuse_lora, lcm_scheduler, load_lcm_lora, parse_lora
 from models.sampling.random import sample_identities
+from models.seeding import make_generator
 
 STEPS = 4  # enough solver steps to exercise DPM-Solver++'s multistep update, fast on a CPU
 
@@ -283,15 +284,15 @@ RANK, ALPHA = 4, 8.0  # the script's peft LoraConfig: r from the command line, l
 
 def lcm_lora_factors(unet: torch.nn.Module, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Random peft-shaped factors: lora_A is a conv with the layer's kernel (or a linear), lora_B 1x1."""
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     factors = {}
     for name, m in unet.named_modules():
         if not name.endswith(LCM_TARGETS) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         w = m.weight
-        down = torch.randn(RANK, *w.shape[1:], generator=g) * 0.05  # [r, in(, kh, kw)]
+        down = g.normal(RANK, *w.shape[1:]) * 0.05  # [r, in(, kh, kw)]
         kernel = [1, 1] if w.ndim == 4 else []
-        up = torch.randn(w.shape[0], RANK, *kernel, generator=g) * 0.05  # [out, r(, 1, 1)]
+        up = g.normal(w.shape[0], RANK, *kernel) * 0.05  # [out, r(, 1, 1)]
         factors[name] = (down.half(), up.half())
     return factors
 
@@ -345,13 +346,13 @@ def test_fused_weights_match_an_independent_computation(generator, lora_file):
     conv_name = "down_blocks.0.resnets.0.conv1"
     conv0, conv1 = generator.unet.get_submodule(conv_name), unet.get_submodule(conv_name)
     down, up = (t.float() for t in factors[conv_name])
-    x = torch.randn(2, conv0.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = make_generator(1).normal(2, conv0.in_channels, 8, 8)
     lora_out = F.conv2d(F.conv2d(x, down, stride=conv0.stride, padding=conv0.padding), up)
     assert torch.allclose(conv1(x), conv0(x) + ALPHA / RANK * lora_out, atol=1e-5)
     lin_name = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
     lin0, lin1 = generator.unet.get_submodule(lin_name), unet.get_submodule(lin_name)
     down, up = (t.float() for t in factors[lin_name])
-    y = torch.randn(3, lin0.in_features, generator=torch.Generator().manual_seed(2))
+    y = make_generator(2).normal(3, lin0.in_features)
     assert torch.allclose(lin1(y), lin0(y) + ALPHA / RANK * (y @ down.T @ up.T), atol=1e-5)
 
 

@@ -28,9 +28,9 @@ D = 16
 def planted(m: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Separable latents [m, D] around the origin, labels 1 on the side of a planted unit normal."""
     g = make_generator(seed)
-    normal = torch.randn(D, generator=g, dtype=torch.float64)
+    normal = g.normal(D, dtype=torch.float64)
     normal /= normal.norm()
-    x = torch.randn(m, D, generator=g, dtype=torch.float64)
+    x = g.normal(m, D, dtype=torch.float64)
     y = (x @ normal > 0).long()
     x = x + (2 * y - 1)[:, None] * 0.5 * normal  # a margin of 1 between the classes
     return x, y, normal
@@ -54,7 +54,7 @@ def test_fit_recovers_a_planted_direction_and_its_scale() -> None:
 
 def test_excluded_latents_take_no_part_in_the_fit() -> None:
     x, y, normal = planted()
-    noise = torch.randn(50, D, generator=make_generator(3), dtype=torch.float64) * 5
+    noise = make_generator(3).normal(50, D, dtype=torch.float64) * 5
     x_all = torch.cat([x, noise])
     y_all = torch.cat([y, torch.full((50,), -1)])
     both = fit_covariates(x_all, {"a": y_all, "b": torch.cat([y, 1 - (noise @ normal > 0).long()])})
@@ -76,7 +76,7 @@ def test_save_load_round_trip_and_deterministic_bytes(tmp_path: Path) -> None:
 
 
 def test_disco_offsets_follow_the_seed_scheme() -> None:
-    q, _ = torch.linalg.qr(torch.randn(D, 3, generator=make_generator(2)))  # orthonormal columns
+    q, _ = torch.linalg.qr(make_generator(2).normal(D, 3))  # orthonormal columns
     cov = Covariates(("pose", "illumination", "expression"), q.T.contiguous(), torch.tensor([1.0, 2.0, 4.0]))
     off = disco_offsets(cov, [4, 9], 5, seed=11)
     assert off.shape == (2, 5, D)
@@ -84,7 +84,7 @@ def test_disco_offsets_follow_the_seed_scheme() -> None:
     assert (u >= -0.5).all() and (u <= 0.5).all() and u.std() > 0.15
     for i, identity in enumerate([4, 9]):
         for a in range(5):
-            expected = torch.rand(3, generator=make_generator(derive_seed(11, "disco", identity, a))) - 0.5
+            expected = make_generator(derive_seed(11, "disco", identity, a)).uniform(3) - 0.5
             torch.testing.assert_close(u[i, a], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(disco_offsets(cov, [9], 5, seed=11)[0], off[1])  # shard-independent
     torch.testing.assert_close(disco_offsets(cov, [4, 9], 5, seed=11), off)  # reproducible

@@ -11,6 +11,7 @@ from models.align import ARCFACE_TEMPLATE, center_crop_resize
 from models.cropping import Cropper
 from models.faces import YuNetDetector
 from models.ffhq import ffhq_crop
+from models.seeding import make_generator
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,7 @@ def astronaut() -> torch.Tensor:
 
 
 def test_landmarks_align_faces_and_flag_images_without_one(astronaut):
-    noise = torch.randint(0, 256, (1, 512, 512, 3), generator=torch.Generator().manual_seed(0),
-                          dtype=torch.uint8)
+    noise = make_generator(0).integers(256, (1, 512, 512, 3)).to(torch.uint8)
     out = Cropper("landmarks")(torch.cat([astronaut, noise]))
     assert out.crops.shape == (2, 112, 112, 3) and out.crops.dtype == torch.uint8
     assert out.ok.tolist() == [True, False] and out.failures == 1

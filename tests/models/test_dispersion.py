@@ -84,7 +84,7 @@ def loop_run(face: LatentFace, w_ref: torch.Tensor, ids: list[int], variations: 
     d = w_ref.shape[1]
 
     def normal(*parts: int | str) -> torch.Tensor:
-        return torch.randn(d, generator=make_generator(derive_seed(SEED, *parts))).to(w_ref.dtype)
+        return make_generator(derive_seed(SEED, *parts)).normal(d).to(w_ref.dtype)
 
     w = torch.stack([torch.stack([w_ref[i] + cfg.initial_noise * normal("dispersion.init", ident, a)
                                   for a in range(variations)]) for i, ident in enumerate(ids)])
@@ -224,7 +224,7 @@ def test_adaptive_time_step_is_per_identity(face64: LatentFace) -> None:
 
 def test_offsets_start_and_early_stop(face: LatentFace) -> None:
     w_ref = w_refs(face, [0, 1], torch.float32)
-    offsets = torch.randn(2, 3, face.style_dim, generator=make_generator(1))
+    offsets = make_generator(1).normal(2, 3, face.style_dim)
     zero = DispersionConfig(iterations=0)
     plain = disperse(face, w_ref, [0, 1], SEED, 3, zero).latents
     shifted = disperse(face, w_ref, [0, 1], SEED, 3, zero, offsets=offsets).latents

@@ -105,7 +105,7 @@ def test_alignment_undoes_known_rotations_scales_and_shifts(detector):
 
 
 def test_an_image_without_a_face_is_a_counted_failure(detector):
-    noise = torch.randint(0, 256, (256, 256, 3), dtype=torch.uint8, generator=make_generator(9))
+    noise = make_generator(9).integers(256, (256, 256, 3)).to(torch.uint8)
     batch = torch.stack([noise, torch.from_numpy(astronaut()[:256, 96:352].copy())])  # [2, 256, 256, 3]
     result = align_faces(batch, detector)
     assert result.ok.tolist() == [False, True] and result.failures == 1

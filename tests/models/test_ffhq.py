@@ -82,7 +82,7 @@ def test_the_mean_ffhq_face_lands_near_the_template():
 
 @pytest.mark.parametrize("res", [32, 128])
 def test_ffhq_crop_samples_like_cv2_warp_affine(res):
-    images = torch.randint(0, 256, (2, res, res, 3), dtype=torch.uint8, generator=make_generator(res))
+    images = make_generator(res).integers(256, (2, res, res, 3)).to(torch.uint8)
     ours = ffhq_crop(images)  # [2, 112, 112, 3]; no prefilter below 147 px
     assert ours.shape == (2, 112, 112, 3) and ours.dtype == torch.uint8
     for i in range(2):
@@ -96,7 +96,7 @@ def test_ffhq_crop_samples_like_cv2_warp_affine(res):
 
 
 def test_ffhq_warp_is_differentiable_and_keeps_dtype():
-    x = torch.rand(2, 3, 256, 256, generator=make_generator(2), dtype=torch.float64, requires_grad=True)
+    x = make_generator(2).uniform(2, 3, 256, 256, dtype=torch.float64).requires_grad_(True)
     y = ffhq_warp(x)  # [2, 3, 112, 112]
     assert y.shape == (2, 3, 112, 112) and y.dtype == torch.float64
     y.sum().backward()

@@ -152,7 +152,7 @@ def test_d4_root_system_by_basin_hopping():
     roots = torch.tensor([[1.0, 1, 0, 0], [1, -1, 0, 0], [-1, 1, 0, 0], [-1, -1, 0, 0]])
     cell = normalize(torch.cat([roots[:, p] for p in ([0, 1, 2, 3], [0, 2, 1, 3], [0, 2, 3, 1], [2, 0, 1, 3], [2, 0, 3, 1], [2, 3, 0, 1])]))
     assert deg(min_angle(cell)) == pytest.approx(60.0, abs=1e-4)
-    near = normalize(cell + 0.1 * torch.randn(24, 4, generator=make_generator(1)))
+    near = normalize(cell + 0.1 * make_generator(1).normal(24, 4))
     assert deg(min_angle(optimize(near, None, PACKING).embeddings)) == pytest.approx(60.0, abs=0.05)
 
 
@@ -164,7 +164,7 @@ def gallery() -> torch.Tensor:
     # a clustered "face manifold": points near 20 centres in 32-d
     g = make_generator(3)
     centres = uniform_sphere(20, 32, g)
-    return normalize(centres[torch.randint(0, 20, (400,), generator=g)] + 0.3 * torch.randn(400, 32, generator=g))
+    return normalize(centres[g.integers(20, (400,))] + 0.3 * g.normal(400, 32))
 
 
 def test_properties_norms_angle_loss(gallery):

@@ -52,18 +52,18 @@ def random_state(shapes: dict, seed: int, dtype: torch.dtype = torch.float32) ->
         if key.endswith("num_batches_tracked"):
             state[key] = torch.tensor(1000)
         elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=g, dtype=dtype) + 0.5
+            state[key] = g.uniform(shape, dtype=dtype) + 0.5
         elif key.endswith(("conv1.weight", "conv2.weight", "downsample.0.weight")):
             fan_in = shape[1] * shape[2] * shape[3]
-            state[key] = torch.randn(shape, generator=g, dtype=dtype) * (2 / fan_in) ** 0.5
+            state[key] = g.normal(shape, dtype=dtype) * (2 / fan_in) ** 0.5
         elif key == "features.weight":
             state[key] = torch.ones(shape, dtype=dtype)  # frozen at 1 in arcface_torch
         elif key.endswith(".weight") and len(shape) == 1 and "prelu" not in key:
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=g, dtype=dtype)  # BatchNorm scale
+            state[key] = 1 + 0.1 * g.normal(shape, dtype=dtype)  # BatchNorm scale
         elif key == "fc.weight":
-            state[key] = torch.randn(shape, generator=g, dtype=dtype) / shape[1] ** 0.5
+            state[key] = g.normal(shape, dtype=dtype) / shape[1] ** 0.5
         else:  # biases, running means, PReLU slopes
-            state[key] = 0.1 * torch.randn(shape, generator=g, dtype=dtype) + (0.25 if "prelu" in key else 0)
+            state[key] = 0.1 * g.normal(shape, dtype=dtype) + (0.25 if "prelu" in key else 0)
     return state
 
 
@@ -91,7 +91,7 @@ def reference_embeddings(state: dict, x: torch.Tensor, layers: tuple[int, ...], 
 
 
 def pixels(n: int, seed: int, size: int = 112) -> torch.Tensor:
-    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=make_generator(seed))
+    return make_generator(seed).integers(256, (n, size, size, 3)).to(torch.uint8)
 
 
 def test_parameter_names_match_arcface_torch_r18():
@@ -227,8 +227,8 @@ def test_gradient_matches_finite_differences(tmp_path):
     save_file({k: v for k, v in state.items()}, tmp_path / "model.safetensors")
     model = IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", config, dtype=torch.float64)
     g = make_generator(15)
-    x = (torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
-    target = F.normalize(torch.randn(2, 16, generator=g, dtype=torch.float64), dim=1)
+    x = (g.uniform(2, 3, 32, 32, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    target = F.normalize(g.normal(2, 16, dtype=torch.float64), dim=1)
 
     def loss(t: torch.Tensor) -> torch.Tensor:
         return (model(t) * target).sum()
@@ -238,7 +238,7 @@ def test_gradient_matches_finite_differences(tmp_path):
     h = 1e-6
     with torch.no_grad():
         for _ in range(3):
-            v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            v = g.normal(x.shape, dtype=torch.float64)
             numeric = (loss(x + h * v) - loss(x - h * v)) / (2 * h)
             torch.testing.assert_close((grad * v).sum(), numeric, rtol=1e-6, atol=1e-9)
 
@@ -276,7 +276,7 @@ def test_reduced_precision_on_cuda(tmp_path, r18_state, dtype):
 
 
 def test_embed_images_unit_norm(embedder):
-    images = torch.randint(0, 256, (5, 112, 112, 3), dtype=torch.uint8, generator=make_generator(0))
+    images = make_generator(0).integers(256, (5, 112, 112, 3)).to(torch.uint8)
     emb = embedder.embed_images(images, batch_size=2)
     assert emb.shape == (5, 512) and emb.dtype == torch.float32
     assert torch.allclose(emb.norm(dim=1), torch.ones(5), atol=1e-5)
@@ -295,7 +295,7 @@ def test_arcface_torch_state_dict_loads(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text('{"layers": [1, 2, 1, 1], "base_width": 8}')
     loaded = IResNetEmbedder.from_pretrained(tmp_path)
-    x = torch.rand(2, 3, 112, 112, generator=make_generator(2)) * 2 - 1
+    x = make_generator(2).uniform(2, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(loaded(x), source.eval()(x), atol=1e-6)
     with pytest.raises(ValueError, match="unexpected"):
@@ -304,7 +304,7 @@ def test_arcface_torch_state_dict_loads(tmp_path):
 
 def test_gradients_flow_to_the_input(embedder):
     assert embedder.differentiable and embedder.input_size == 112
-    x = (torch.rand(2, 3, 112, 112, generator=make_generator(3)) * 2 - 1).requires_grad_(True)
+    x = (make_generator(3).uniform(2, 3, 112, 112) * 2 - 1).requires_grad_(True)
     target = torch.nn.functional.normalize(torch.ones(1, 512), dim=1)
     (embedder(x) * target).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -359,8 +359,8 @@ def test_fused_equals_the_plain_model_in_float64(tmp_path):
     fused = model.fused()
     assert not list(fused.parameters()) and fused.differentiable and fused.embedding_dim == 16
     g = make_generator(22)
-    x = torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
-    cotangent = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    x = g.uniform(3, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    cotangent = g.normal(3, 16, dtype=torch.float64)
     out, grad = output_and_input_grad(fused, x, cotangent)
     plain_out, plain_grad = output_and_input_grad(model, x, cotangent)
     assert rel(out, plain_out) < 1e-12 and rel(grad, plain_grad) < 1e-12
@@ -381,17 +381,17 @@ def test_fused_equals_the_plain_model_in_float32(tmp_path, r18_state):
     model = IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", IResNetConfig.from_arch("r18", **SMALL))
     fused = model.fused()
     g = make_generator(23)
-    x = torch.rand(2, 3, 112, 112, generator=g) * 2 - 1
+    x = g.uniform(2, 3, 112, 112) * 2 - 1
     h = x.contiguous(memory_format=torch.channels_last)
     for layer in [fused.stem, *fused.blocks]:
         h = h.detach().requires_grad_(True)
         out = layer(h)  # the written-out backward
-        cotangent = torch.randn(out.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        cotangent = g.normal(out.shape).contiguous(memory_format=torch.channels_last)
         (grad,) = torch.autograd.grad(out, h, cotangent)
         (expected,) = torch.autograd.grad(layer.run(h)[0], h, cotangent)  # autograd through the same ops
         assert rel(grad, expected) < 1e-6
         h = out
-    cotangent = torch.randn(2, 512, generator=g)
+    cotangent = g.normal(2, 512)
     out, grad = output_and_input_grad(fused, x, cotangent)
     plain_out, _ = output_and_input_grad(model, x, cotangent)
     truth_out, truth_grad = output_and_input_grad(model.double(), x.double(), cotangent.double())
@@ -404,7 +404,7 @@ def test_fused_equals_the_plain_model_in_float32(tmp_path, r18_state):
 
 def test_fused_keeps_far_less_for_the_backward(tmp_path):
     model, _, _ = small_nizhib(tmp_path, torch.float32)
-    x = torch.rand(2, 3, 32, 32, generator=make_generator(24)) * 2 - 1
+    x = make_generator(24).uniform(2, 3, 32, 32) * 2 - 1
 
     def saved_bytes(m: torch.nn.Module) -> int:
         seen: dict[int, int] = {}
@@ -426,7 +426,7 @@ def test_fused_precision_and_mode(tmp_path, r18_state):
     save_file({k: v for k, v in r18_state.items()}, tmp_path / "model.safetensors")
     config = IResNetConfig.from_arch("r18", **SMALL)
     half = IResNetEmbedder.from_checkpoint(tmp_path / "model.safetensors", config, dtype=torch.bfloat16)
-    x = torch.rand(2, 3, 112, 112, generator=make_generator(25)) * 2 - 1
+    x = make_generator(25).uniform(2, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         out, plain = half.fused()(x), half(x)
     assert out.dtype == torch.float32 and ((out * plain).sum(dim=1) > 0.995).all()

@@ -264,7 +264,7 @@ def test_time_step_follows_the_formula(face: LatentFace) -> None:
 
 
 def test_min_latent_distance_is_tiled_exactly() -> None:
-    w = torch.randn(23, 16, generator=make_generator(3), dtype=torch.float64)
+    w = make_generator(3).normal(23, 16, dtype=torch.float64)
     w[17] = w[4] + 1e-7  # a very close pair: recomputed from the difference, not the Gram expansion
     expected = float((w[17] - w[4]).norm())
     for tile in (1, 4, 7, 100):

@@ -44,7 +44,7 @@ def model() -> IResNetEmbedder:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randint(0, 256, (5, 112, 112, 3), dtype=torch.uint8, generator=make_generator(8))
+    return make_generator(8).integers(256, (5, 112, 112, 3)).to(torch.uint8)
 
 
 def test_dynamic_batch_export_matches_torch(tmp_path, model, images):

@@ -10,6 +10,7 @@ import torch
 
 from models import quality as q
 from models.sampling.sphere import normalize
+from models.seeding import make_generator
 
 W = 2 / q.DEFAULT_BINS  # bin width
 
@@ -124,7 +125,7 @@ def test_roc_points_span_both_ends_and_are_monotone() -> None:
 
 
 def test_genuine_scores_are_all_within_pairs() -> None:
-    x = normalize(torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)))  # [3, 5, 16]
+    x = normalize(make_generator(0).normal(3, 5, 16))  # [3, 5, 16]
     got = q.genuine_scores(x)  # [3, 10]
     want = torch.tensor([[float(x[n, s] @ x[n, t]) for s in range(5) for t in range(s + 1, 5)] for n in range(3)])
     assert got.shape == (3, 10)
@@ -133,9 +134,9 @@ def test_genuine_scores_are_all_within_pairs() -> None:
 
 @pytest.mark.parametrize("tile", [1, 7, 64])
 def test_impostor_scores_tiled_equal_direct(tile: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    x = normalize(torch.randn(40, 8, generator=g))  # [40, 8]
-    labels = torch.randint(0, 6, (40,), generator=g)  # [40]
+    g = make_generator(1)
+    x = normalize(g.normal(40, 8))  # [40, 8]
+    labels = g.integers(6, (40,))  # [40]
     got = torch.sort(torch.cat(list(q.impostor_scores(x, labels, tile)))).values
     gram = x @ x.T  # [40, 40] fine for a test
     mask = (labels[:, None] != labels[None, :]).triu(diagonal=1)
@@ -168,11 +169,11 @@ def test_separability_of_points_at_known_angles() -> None:
 
 @pytest.mark.parametrize("tile", [3, 1000])
 def test_close_pairs_count_top_and_identities(tile: int) -> None:
-    g = torch.Generator().manual_seed(3)
-    c = normalize(torch.randn(30, 64, generator=g))  # nearly orthogonal
-    c[7] = normalize(c[3] + 0.05 * torch.randn(64, generator=g))  # planted near duplicates
-    c[21] = normalize(c[3] + 0.06 * torch.randn(64, generator=g))
-    c[12] = normalize(c[25] + 0.05 * torch.randn(64, generator=g))
+    g = make_generator(3)
+    c = normalize(g.normal(30, 64))  # nearly orthogonal
+    c[7] = normalize(c[3] + 0.05 * g.normal(64))  # planted near duplicates
+    c[21] = normalize(c[3] + 0.06 * g.normal(64))
+    c[12] = normalize(c[25] + 0.05 * g.normal(64))
     gram = (c @ c.T).triu(diagonal=1)
     got = q.close_pairs(c, 0.8, top_k=2, tile=tile)
     hits = (gram >= 0.8).nonzero().tolist()
@@ -202,10 +203,10 @@ def test_label_flips_constructed(tile: int) -> None:
 
 
 def test_label_flips_tiled_equal_direct() -> None:
-    g = torch.Generator().manual_seed(4)
-    c = normalize(torch.randn(17, 6, generator=g))
-    own = torch.randint(0, 17, (50,), generator=g)
-    x = normalize(c[own] + 0.9 * torch.randn(50, 6, generator=g))
+    g = make_generator(4)
+    c = normalize(g.normal(17, 6))
+    own = g.integers(17, (50,))
+    x = normalize(c[own] + 0.9 * g.normal(50, 6))
     got = q.label_flips(x, own, c, tile=4)
     sims = x @ c.T  # [50, 17]
     own_cos = sims[torch.arange(50), own]
@@ -217,10 +218,10 @@ def test_label_flips_tiled_equal_direct() -> None:
 
 
 def test_leakage_finds_the_planted_identity() -> None:
-    g = torch.Generator().manual_seed(5)
-    c = normalize(torch.randn(25, 64, generator=g))  # [25, 64]
-    ref = normalize(torch.randn(40, 64, generator=g))  # [40, 64]
-    ref[13] = normalize(c[9] + 0.1 * torch.randn(64, generator=g))  # identity 9 is a real person
+    g = make_generator(5)
+    c = normalize(g.normal(25, 64))  # [25, 64]
+    ref = normalize(g.normal(40, 64))  # [40, 64]
+    ref[13] = normalize(c[9] + 0.1 * g.normal(64))  # identity 9 is a real person
     got = q.leakage(c, ref, threshold=0.6, top_k=3, tile=4)
     assert got.leaked == [9]
     assert got.top_pairs[0][:2] == (9, 13) and got.top_pairs[0][2] > 0.7

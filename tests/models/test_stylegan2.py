@@ -87,7 +87,7 @@ def random_checkpoint(layout: dict[str, tuple[int, ...]], dim: int, seed: int) -
     g = make_generator(seed)
     sd = {}
     for key, shape in layout.items():
-        x = torch.randn(shape, generator=g)
+        x = g.normal(shape)
         if key.endswith("kernel"):
             x = torch.outer(TAPS, TAPS) / 64 * 4  # 2x up-sampling FIR, gain 4
         elif key.endswith("modulation.bias"):
@@ -95,7 +95,7 @@ def random_checkpoint(layout: dict[str, tuple[int, ...]], dim: int, seed: int) -
         elif key.endswith(("bias", "noise.weight")):
             x = 0.3 * x
         sd[key] = x
-    latent_avg = 0.5 * torch.randn(dim, generator=g)  # [D]
+    latent_avg = 0.5 * g.normal(dim)  # [D]
     # rosinality's training checkpoints also hold "g", "d" and optimiser states: ignored by the loader
     return {"g_ema": sd, "latent_avg": latent_avg, "d": {"w": torch.zeros(3)}, "g_optim": {"state": {}}}
 
@@ -204,10 +204,10 @@ def test_real_configs_have_rosinality_keys_and_shapes(config: StyleGAN2Config, n
 
 def test_matches_reference_forward(gen: StyleGAN2Generator, ckpt: dict) -> None:
     sd, avg = ckpt["g_ema"], ckpt["latent_avg"]
-    z = torch.randn(3, 64, generator=make_generator(2))  # [3, 64]
+    z = make_generator(2).normal(3, 64)  # [3, 64]
     with torch.no_grad():
         out = gen(z, truncation_psi=0.7)  # [3, 3, 32, 32]
-        wplus = torch.randn(2, 8, 64, generator=make_generator(3))  # [2, L, 64]
+        wplus = make_generator(3).normal(2, 8, 64)  # [2, L, 64]
         out_plus = gen.synthesis(wplus)
     ref = torch.stack(
         [ref_synthesis(sd, (avg + 0.7 * (ref_mapping(sd, zi, 2) - avg))[None].expand(8, -1)) for zi in z]
@@ -219,7 +219,7 @@ def test_matches_reference_forward(gen: StyleGAN2Generator, ckpt: dict) -> None:
 
 
 def test_w_and_wplus_agree_and_batch_rows_are_independent(gen: StyleGAN2Generator) -> None:
-    w = gen.mapping(torch.randn(4, 64, generator=make_generator(4)))  # [4, 64]
+    w = gen.mapping(make_generator(4).normal(4, 64))  # [4, 64]
     with torch.no_grad():
         a = gen.synthesis(w)
         b = gen.synthesis(w[:, None].expand(-1, gen.n_latent, -1))
@@ -229,7 +229,7 @@ def test_w_and_wplus_agree_and_batch_rows_are_independent(gen: StyleGAN2Generato
 
 
 def test_truncation(gen: StyleGAN2Generator, ckpt: dict) -> None:
-    z = torch.randn(3, 64, generator=make_generator(5))
+    z = make_generator(5).normal(3, 64)
     w = gen.mapping(z)
     assert gen.truncate(w, 1.0) is w
     torch.testing.assert_close(gen.truncate(w, 0.0), ckpt["latent_avg"].expand(3, -1))
@@ -241,7 +241,7 @@ def test_truncation(gen: StyleGAN2Generator, ckpt: dict) -> None:
 
 
 def test_gradients_flow_to_z_w_and_wplus(gen: StyleGAN2Generator) -> None:
-    z = torch.randn(2, 64, generator=make_generator(6), requires_grad=True)
+    z = make_generator(6).normal(2, 64).requires_grad_(True)
     w = gen.mapping(z).detach().requires_grad_()
     wplus = w.detach()[:, None].repeat(1, gen.n_latent, 1).requires_grad_()
     for x, image in ((z, gen(z, truncation_psi=0.7)), (w, gen.synthesis(w)), (wplus, gen.synthesis(wplus))):
@@ -252,7 +252,7 @@ def test_gradients_flow_to_z_w_and_wplus(gen: StyleGAN2Generator) -> None:
 
 
 def test_noise_modes(gen: StyleGAN2Generator) -> None:
-    w = gen.mapping(torch.randn(2, 64, generator=make_generator(7)))
+    w = gen.mapping(make_generator(7).normal(2, 64))
     with torch.no_grad():
         const = gen.synthesis(w)
         r1 = gen.synthesis(w, "random", make_generator(8))
@@ -268,7 +268,7 @@ def test_noise_modes(gen: StyleGAN2Generator) -> None:
 
 
 def test_render_is_quantised_synthesis(gen: StyleGAN2Generator) -> None:
-    z = torch.randn(2, 64, generator=make_generator(9))
+    z = make_generator(9).normal(2, 64)
     images = gen.render(z, truncation_psi=0.5)
     assert images.dtype == torch.uint8 and images.shape == (2, 32, 32, 3)
     with torch.no_grad():
@@ -371,7 +371,7 @@ def test_build_tiny_is_byte_deterministic_and_leaves_global_rng_alone(tmp_path: 
     assert {k: tuple(v.shape) for k, v in raw["g_ema"].items()} == rosinality_layout(32, 64, 2, TINY_CHANNELS)
     model = StyleGAN2Generator.from_checkpoint(a / CHECKPOINT_FILE, CONFIG_TINY)
     assert raw["latent_avg"].abs().max() > 0 and model.conv1.noise.weight.abs().item() > 0
-    z = torch.randn(2, 64, generator=make_generator(10))
+    z = make_generator(10).normal(2, 64)
     with torch.no_grad():
         ref = ref_synthesis(raw["g_ema"], model.mapping(z[:1]).expand(8, -1))
         torch.testing.assert_close(model(z)[0], ref, atol=1e-4, rtol=1e-4)
@@ -381,7 +381,7 @@ def test_build_tiny_is_byte_deterministic_and_leaves_global_rng_alone(tmp_path: 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(ckpt_file: Path, gen: StyleGAN2Generator) -> None:
     cuda = StyleGAN2Generator.from_checkpoint(ckpt_file, CONFIG_TINY, device="cuda")
-    z = torch.randn(4, 64, generator=make_generator(11))
+    z = make_generator(11).normal(4, 64)
     with torch.no_grad():
         torch.testing.assert_close(
             cuda(z, truncation_psi=0.7).cpu(), gen(z, truncation_psi=0.7), atol=1e-3, rtol=1e-3
