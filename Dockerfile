@@ -7,8 +7,9 @@
 #   docker build --target worker-gpu -t idforge-worker-gpu .   # Celery worker, CUDA torch wheel
 #
 # Every image runs as the non-root user `idforge` (uid 10001), works offline (HF_HUB_OFFLINE=1)
-# and reads model weights from /models (IDFORGE_MODEL_DIR); mount a volume there. Workers build
-# the tiny presets (*-tiny) into /models themselves when they are missing.
+# and reads model weights from /models (IDFORGE_MODEL_DIR); mount a volume there. Workers copy the
+# tiny presets (*-tiny), which ship inside the idforge package, into /models when they are missing.
+# Every pip install is constrained by constraints.txt, the locked versions `make install` uses.
 
 ARG PYTHON_VERSION=3.11
 # Keep equal to the torch pin of the `worker` extra in pyproject.toml (tests/test_deploy_files.py checks).
@@ -43,10 +44,13 @@ RUN groupadd --system --gid 10001 idforge \
         --shell /usr/sbin/nologin idforge \
  && mkdir -p /models /app \
  && chown idforge:idforge /models /app \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --upgrade pip
+ && python -m venv /opt/venv
 
 WORKDIR /app
+# The lock (`make lock` refreshes it): every later pip install takes its versions from here.
+COPY constraints.txt /etc/idforge/constraints.txt
+ENV PIP_CONSTRAINT=/etc/idforge/constraints.txt
+RUN pip install pip
 
 # ---------------------------------------------------------------------------------------------
 # wheel: builds the idforge wheel once; the runtime images install it and never see the sources.

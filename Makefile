@@ -7,12 +7,13 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test soak bench clean
+.PHONY: install lock demo test soak bench clean
 
-$(STAMP): pyproject.toml
+# The locked install: every package at the version constraints.txt pins (refresh it with `make lock`).
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[worker,embedded,dev]'
+	$(BIN)/pip install -q -c constraints.txt pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[worker,embedded,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +31,18 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Re-resolve pyproject.toml from scratch in a throwaway venv and rewrite constraints.txt (keeping its
+# header). torch's local label (+cpu) is dropped so that CPU and CUDA builds both meet the pin.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[worker,embedded,dev]'
+	awk '/^[^#]/ {exit} {print}' constraints.txt > .lock-venv/header.txt
+	{ cat .lock-venv/header.txt; .lock-venv/bin/pip freeze --all --exclude-editable \
+	  | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .idforge .pytest_cache

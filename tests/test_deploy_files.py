@@ -384,3 +384,58 @@ def test_dockerignore_keeps_local_state_out_and_the_build_inputs_in(stages):
     assert copied, "the Dockerfile copies no sources"
     for path in copied:
         assert not _ignored(path.rstrip("/"), patterns), f"{path} is COPYed but ignored"
+
+
+# --------------------------------------------------------------------------------- the locked install
+
+LOCK = ROOT / "constraints.txt"
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for ln in LOCK.read_text().splitlines():
+        if ln.strip() and not ln.startswith("#"):
+            name, _, version = ln.partition("==")
+            assert version, f"constraints.txt: {ln!r} is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_every_installed_distribution_is_the_locked_version():
+    # `make install` installs through the lock: a package missing from it (a dependency added
+    # without `make lock`) or at another version means a new machine would resolve it afresh
+    from importlib import metadata
+
+    pins = _lock()
+    off = []
+    for dist in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if name == "idforge":
+            continue
+        version = dist.version.split("+")[0] if name == "torch" else dist.version
+        if pins.get(name) != version:
+            off.append(f"{name} {dist.version} (lock: {pins.get(name)})")
+    assert not off, "not installed from the lock; run `make lock`: " + ", ".join(sorted(off))
+
+
+def test_the_lock_keeps_the_pyproject_pins():
+    pins = _lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for req in [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]:
+        m = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)", req)
+        if m:
+            assert pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] == m.group(2), req
+    assert pins["torch"] == "2.13.0"  # no local label: the CPU and the CUDA wheel both meet it
+
+
+def test_make_install_and_the_images_install_from_the_lock(stages):
+    make = (ROOT / "Makefile").read_text()
+    installs = [ln for ln in make.splitlines() if "$(BIN)/pip install" in ln]
+    assert installs and all("-c constraints.txt" in ln for ln in installs), installs
+    # the images: constraints.txt is copied in and PIP_CONSTRAINT points at it before any install
+    for name in FINAL_STAGES:
+        chain = _chain(stages, name)
+        env = _env(stages, name)
+        copied = [a for s in chain for k, a in s.instructions if k == "COPY" and "constraints.txt" in a]
+        assert copied and env.get("PIP_CONSTRAINT") == copied[0].split()[-1], (name, copied, env)
+    assert (ROOT / ".ci" / "run").read_text().count("make test") == 1
