@@ -30,21 +30,25 @@ from models.sampling.variations import (
     mean_cosine,
     scale_for_mean_cosine,
 )
-from models.seeding import DERIVE_SEED_SCHEME, derive_seed
+from models.seeding import DERIVE_SEED_SCHEME, STREAM_SCHEME, derive_seed
 from workers.shard import Batch, Canceled, Embedder, ShardResult, write_shard
 
 __all__ = ["Batch", "Canceled", "ShardResult", "write_shard"]
 
+# Every seed below starts its own portable stream (`make_generator`): the same bits on every machine.
 SEED_DERIVATION = {
     "function": DERIVE_SEED_SCHEME,
+    "stream": STREAM_SCHEME,
     "identity": "derive_seed(seed, 'identity', i)",
     "variation": "derive_seed(seed, 'variation', i, s)",
     "render": "derive_seed(seed, 'render', i, s)",
 }
 # Latent generators: identity i's z, Langevin's noise, Dispersion's initial offset and per-step
 # noise of sample s, DisCo's covariate mix; each file's `seed` is its dispersion.init seed.
-LATENT_SEED_DERIVATION = {
+LATENT_# Every seed below starts its own portable stream (`make_generator`): the same bits on every machine.
+SEED_DERIVATION = {
     "function": DERIVE_SEED_SCHEME,
+    "stream": STREAM_SCHEME,
     "identity": "z_i ~ N(0, I) from derive_seed(seed, 'identity', i)",
     "langevin_noise": "derive_seed(derive_seed(seed, 'langevin'), 'noise', i, step)",
     "dispersion_init": "derive_seed(seed, 'dispersion.init', i, s)",
