@@ -13,9 +13,14 @@ key prefixes, or model.safetensors), plus the Stable Diffusion 1.5 parts `vae/`,
 `scheduler/`, in the same directory or in a separate `base` directory. The tiny preset
 (`build_tiny`) uses the same layout with small configs.
 
-Unconditional embeddings for guidance: the same prompt with a zero identity embedding. The
-published demo encodes an empty negative prompt instead; the zero identity keeps the prompt's
-text fixed so that guidance pushes along the identity only, and needs no second tokenisation.
+Unconditional context for guidance: the empty prompt "" through the same tokenizer and text
+encoder, as diffusers' StableDiffusionPipeline makes it when Arc2Face's published code passes only
+`prompt_embeds`; it is computed once per generator. The UNet and VAE load strictly: a checkpoint
+whose keys or shapes differ from its config is refused, never filled with fresh weights.
+
+Randomness: each image's initial latent and (in fast mode) its re-noising between LCM steps come
+from that image's own portable `models.seeding.Stream`, so the same seed gives the same draws on
+every machine; nothing draws from torch's global RNG or a `torch.Generator`.
 
 GPU use: weights in float16/bfloat16 (`dtype`), optional channels_last memory layout, the
 diffusers default scaled-dot-product attention, the guided and unguided halves in one UNet call,
@@ -35,17 +40,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
 from models.generators.clip_vocab import write_clip_vocab
-from models.generators.lcm_lora import FAST_GUIDANCE, FAST_STEPS, lcm_scheduler, load_lcm_lora
+from models.generators.lcm_lora import (
+    FAST_GUIDANCE,
+    FAST_STEPS,
+    lcm_denoise,
+    lcm_renoise,
+    lcm_scheduler,
+    load_lcm_lora,
+)
 from models.seeding import Stream, make_generator, seeded_construction
 
 PROMPT = "photo of a id person"  # Arc2Face's fixed prompt; "id" is the placeholder token
+NEGATIVE_PROMPT = ""  # the unconditional prompt: diffusers' default when no negative prompt is given
 ID_TOKEN = "id"  # the word whose input embedding is replaced by the identity embedding
 # Stable Diffusion 1.5's scheduler/scheduler_config.json, as published (a PNDM config).
 SD15_SCHEDULER_CONFIG = {
@@ -86,6 +100,7 @@ SD15_FILES = (
     (VAE_DIR, ("diffusion_pytorch_model.safetensors",), "the Stable Diffusion 1.5 VAE weights"),
     (TOKENIZER_DIR, ("vocab.json",), "the Stable Diffusion 1.5 CLIP tokenizer vocabulary"),
     (TOKENIZER_DIR, ("merges.txt",), "the Stable Diffusion 1.5 CLIP tokenizer merges"),
+    (TOKENIZER_DIR, ("tokenizer_config.json",), "the Stable Diffusion 1.5 CLIP tokenizer config"),
     (SCHEDULER_DIR, ("scheduler_config.json",), "the Stable Diffusion 1.5 noise schedule"),
 )
 V4_PREFIX = "text_model."  # transformers 4 saved CLIPTextModel keys under this prefix
@@ -185,6 +200,46 @@ def load_text_encoder(directory: Path, dtype: torch.dtype = torch.float32) -> CL
     return model.to(dtype)
 
 
+def _first(names: list[str], n: int = 8) -> list[str]:
+    """At most `n` names, then how many more (a wrong model's file can differ in hundreds of keys)."""
+    return names if len(names) <= n else [*names[:n], f"... and {len(names) - n} more"]
+
+
+def load_diffusers_model(cls: type[ModelMixin], directory: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A diffusers model (`cls`: UNet2DConditionModel, AutoencoderKL) from config.json and
+    diffusion_pytorch_model.safetensors in `directory`, every weight read from the file.
+
+    diffusers' `from_pretrained` leaves a weight that the file lacks (a missing or renamed key) at
+    whatever the constructor left there and drops a key the model lacks, with a logged warning
+    only. Here either, or a weight whose shape differs from the config's, is a ValueError naming
+    the keys. diffusers' own renaming of old checkpoints (the VAE's pre-0.14 attention names
+    `query`/`key`/`value`/`proj_attn`) still applies before the comparison.
+    """
+    model, info = cls.from_pretrained(
+        directory,
+        use_safetensors=True,
+        local_files_only=True,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=False,  # a model built in full; with True, missing weights would stay on "meta"
+        ignore_mismatched_sizes=True,  # misshapen weights: in the loading info, not a RuntimeError
+        output_loading_info=True,
+    )
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    misshapen = [
+        f"{k}: expected {tuple(want)}, found {tuple(got)}" for k, got, want in sorted(info["mismatched_keys"])
+    ]
+    problems = [
+        f"{label} keys {_first(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+        if keys
+    ]
+    if problems or info["error_msgs"]:
+        weights = directory / "diffusion_pytorch_model.safetensors"
+        details = ", ".join(problems + [str(m) for m in info["error_msgs"]])
+        raise ValueError(f"{weights}: weights do not match {cls.__name__} of config.json: {details}")
+    return model
+
+
 def read_scheduler_config(directory: Path) -> dict[str, Any]:
     """The noise schedule's config as saved (SD 1.5 publishes a PNDMScheduler config)."""
     return dict(json.loads((directory / "scheduler_config.json").read_text("utf-8")))
@@ -201,9 +256,11 @@ def dpm_solver(config: Mapping[str, Any]) -> DPMSolverMultistepScheduler:
 class Arc2FaceGenerator:
     """Renders face images from identity embeddings: `render(embeddings, seeds) -> uint8 images`.
 
-    `fast_unet` (the UNet with the LCM-LoRA fused in) and `fast_scheduler` enable `fast=True`; the
-    standard UNet is kept alongside, so both modes are served by one generator (at twice the UNet
-    memory). `channels_last` stores the UNets and VAE in NHWC; `compile_unet` compiles the UNets.
+    `fast_unet` (the UNet with the LCM-LoRA fused in) and `fast_scheduler` (an LCMScheduler) enable
+    `fast=True`; the standard UNet is kept alongside, so both modes are served by one generator (at
+    twice the UNet memory). `scheduler` must not draw noise in its step (DPM-Solver++ does not; its
+    SDE variants would, and are refused). `channels_last` stores the UNets and VAE in NHWC;
+    `compile_unet` compiles the UNets.
     """
 
     def __init__(
@@ -225,6 +282,11 @@ class Arc2FaceGenerator:
             raise ValueError(f"embedding_dim: {embedding_dim} exceeds the text encoder width {width}")
         if (fast_unet is None) != (fast_scheduler is None):
             raise ValueError("fast_unet, fast_scheduler: give both (fast mode) or neither")
+        if fast_scheduler is not None and not isinstance(fast_scheduler, LCMScheduler):
+            raise ValueError(f"fast_scheduler: expected an LCMScheduler, got {type(fast_scheduler).__name__}")
+        if "sde" in str(getattr(scheduler.config, "algorithm_type", "")):
+            kind = scheduler.config.algorithm_type
+            raise ValueError(f"scheduler: {kind} draws noise in its step; use dpmsolver++")
         self.unet = unet.eval().requires_grad_(False)
         self.fast_unet = fast_unet.eval().requires_grad_(False) if fast_unet is not None else None
         self.vae = vae.eval().requires_grad_(False)
@@ -248,6 +310,24 @@ class Arc2FaceGenerator:
             raise ValueError(f"tokenizer: {ID_TOKEN!r} must be one token, once in {PROMPT!r}")
         self.prompt_ids = torch.tensor(ids, device=self.device)  # [L]
         self.id_position = ids.index(id_token[0])  # index of the "id" token in the prompt
+        self.unconditional_context = self.encode_negative_prompt()  # [1, L, H], computed once
+
+    @torch.no_grad()
+    def encode_negative_prompt(self, prompt: str = NEGATIVE_PROMPT) -> torch.Tensor:
+        """The unconditional context [1, L, H]: `prompt` ("" by default) through tokenizer and text encoder.
+
+        This is what diffusers' StableDiffusionPipeline encodes as the negative prompt when, as in
+        Arc2Face's published inference code, it is given only `prompt_embeds`: the text padded to the
+        prompt's length and run through the text encoder's own forward on token ids.
+
+        A zero identity in place of "id" would be another unconditional input (the previous choice
+        here); it is not kept as an option, since the published model's images are the ones made with
+        the empty prompt and nothing shows the other to be better.
+        """
+        length = len(self.prompt_ids)
+        tokens = self.tokenizer(prompt, padding="max_length", max_length=length, truncation=True)
+        ids = torch.tensor([tokens.input_ids], device=self.device)  # [1, L]
+        return self.text_encoder(input_ids=ids).last_hidden_state  # [1, L, H]
 
     @property
     def device(self) -> torch.device:
@@ -305,9 +385,8 @@ class Arc2FaceGenerator:
         if not base_dir.is_dir():
             raise FileNotFoundError(f"base: {base_dir} is not a directory (SD 1.5 vae, tokenizer, scheduler)")
         check_layout(path, base_dir)
-        safe = {"use_safetensors": True, "torch_dtype": dtype, "low_cpu_mem_usage": False}
-        unet = UNet2DConditionModel.from_pretrained(path / UNET_DIR, **safe).to(device)
-        vae = AutoencoderKL.from_pretrained(base_dir / VAE_DIR, **safe).to(device)
+        unet = load_diffusers_model(UNet2DConditionModel, path / UNET_DIR, dtype).to(device)
+        vae = load_diffusers_model(AutoencoderKL, base_dir / VAE_DIR, dtype).to(device)
         text_encoder = load_text_encoder(path / ENCODER_DIR, dtype).to(device)
         tokenizer = CLIPTokenizer.from_pretrained(base_dir / TOKENIZER_DIR)
         schedule = read_scheduler_config(base_dir / SCHEDULER_DIR)
@@ -326,8 +405,9 @@ class Arc2FaceGenerator:
     def encode_identities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings for identity embeddings [B, D] -> [B, L, H] (the UNet's context).
 
-        Each embedding is normalised to unit length (a zero vector stays zero: the unconditional
-        input), zero-padded to the text width, and put in place of the "id" token.
+        Each embedding is normalised to unit length (a zero vector stays zero), zero-padded to the
+        text width, and put in place of the "id" token. These are the `prompt_embeds` Arc2Face's
+        published code gives diffusers' StableDiffusionPipeline.
         """
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings: expected [B, {self.embedding_dim}], got {tuple(embeddings.shape)}")
@@ -359,25 +439,16 @@ class Arc2FaceGenerator:
         images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()  # [B, H, W, 3]
 
-    @torch.no_grad()
-    def render(
+    def _settings(
         self,
         embeddings: torch.Tensor,
         seeds: Sequence[int],
-        *,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        fast: bool = False,
-        max_batch: int | None = None,
-    ) -> torch.Tensor:
-        """Images for identity embeddings [B, D] and one seed each: uint8 [B, H, W, 3] on the CPU.
-
-        Image b depends only on (embeddings[b], seeds[b], steps, guidance_scale, fast), not on the
-        rest of the batch (up to float rounding). `fast` uses the LCM-LoRA UNet and LCMScheduler
-        (defaults 4 steps, guidance 1); otherwise DPM-Solver++ (defaults 25 steps, guidance 3).
-        guidance_scale 1 disables classifier-free guidance. `max_batch` renders at most that many
-        images at once (the UNet sees twice as many with guidance), in order, to bound memory.
-        """
+        steps: int | None,
+        guidance_scale: float | None,
+        fast: bool,
+        max_batch: int | None,
+    ) -> tuple[int, float, int]:
+        """Check a render's arguments; (steps, guidance_scale, chunk size) with the defaults filled in."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings: expected [B, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         b = embeddings.shape[0]
@@ -395,50 +466,99 @@ class Arc2FaceGenerator:
         bad_max_batch = isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
         if max_batch is not None and bad_max_batch:
             raise ValueError(f"max_batch: must be None or an int >= 1, got {max_batch!r}")
+        return steps, guidance_scale, max_batch or max(b, 1)
+
+    @torch.no_grad()
+    def render(
+        self,
+        embeddings: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        fast: bool = False,
+        max_batch: int | None = None,
+    ) -> torch.Tensor:
+        """Images for identity embeddings [B, D] and one seed each: uint8 [B, H, W, 3] on the CPU.
+
+        Image b depends only on (embeddings[b], seeds[b], steps, guidance_scale, fast), not on the
+        rest of the batch (up to float rounding). `fast` uses the LCM-LoRA UNet and LCM sampling
+        (defaults 4 steps, guidance 1); otherwise DPM-Solver++ (defaults 25 steps, guidance 3).
+        guidance_scale 1 disables classifier-free guidance. `max_batch` renders at most that many
+        images at once (the UNet sees twice as many with guidance), in order, to bound memory.
+        """
+        steps, guidance_scale, chunk = self._settings(
+            embeddings, seeds, steps, guidance_scale, fast, max_batch
+        )
+        b = embeddings.shape[0]
         if b == 0:
             return torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8)
-        uncond = None  # [1, L, H]: the unconditional context, the same for every image
-        if guidance_scale != 1.0:
-            uncond = self.encode_identities(torch.zeros_like(embeddings[:1])).to(self.dtype)
-        chunk = max_batch or b
-        settings = (steps, guidance_scale, fast, uncond)
+        sampling = (steps, guidance_scale, fast)
         images = [  # chunks x [n, H, W, 3]
-            self._render_chunk(embeddings[i : i + chunk], seeds[i : i + chunk], *settings)
+            self.decode(self._denoise(embeddings[i : i + chunk], seeds[i : i + chunk], *sampling))
             for i in range(0, b, chunk)
         ]
         return torch.cat(images)  # [B, H, W, 3]
 
-    def _render_chunk(
+    @torch.no_grad()
+    def final_latents(
         self,
         embeddings: torch.Tensor,
         seeds: Sequence[int],
-        steps: int,
-        guidance_scale: float,
-        fast: bool,
-        uncond: torch.Tensor | None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        fast: bool = False,
+        max_batch: int | None = None,
     ) -> torch.Tensor:
+        """The latents `render` decodes, for the same arguments: [B, C, h, w] on the device."""
+        steps, guidance_scale, chunk = self._settings(
+            embeddings, seeds, steps, guidance_scale, fast, max_batch
+        )
         b = embeddings.shape[0]
+        c, s = self.unet.config.in_channels, self.unet.config.sample_size
+        if b == 0:
+            return torch.empty(0, c, s, s, device=self.device, dtype=self.dtype)
+        parts = [
+            self._denoise(embeddings[i : i + chunk], seeds[i : i + chunk], steps, guidance_scale, fast)
+            for i in range(0, b, chunk)
+        ]
+        return torch.cat(parts)  # [B, C, h, w]
+
+    def _denoise(
+        self, embeddings: torch.Tensor, seeds: Sequence[int], steps: int, guidance_scale: float, fast: bool
+    ) -> torch.Tensor:
+        """The sampling loop for one chunk: final latents [b, C, h, w]."""
+        b = embeddings.shape[0]
+        guided = guidance_scale != 1.0
         context = self.encode_identities(embeddings).to(self.dtype)  # [b, L, H]
-        if uncond is not None:
-            context = torch.cat([uncond.expand(b, -1, -1), context])  # [2b, L, H]
+        if guided:  # unconditional first, as diffusers' pipeline orders the halves
+            uncond = self.unconditional_context.to(self.dtype).expand(b, -1, -1)  # [b, L, H]
+            context = torch.cat([uncond, context])  # [2b, L, H]
         template = self.fast_scheduler if fast else self.scheduler
         scheduler = type(template).from_config(template.config)
         scheduler.set_timesteps(steps, device=self.device)
-        latents, generators = self._seeded_latents(seeds)  # [b, C, h, w]
+        latents, streams = self._seeded_latents(seeds)  # [b, C, h, w]
         latents = latents * scheduler.init_noise_sigma
-        # LCM re-noises between steps: image i draws that noise from its own generator (CPU, in order).
-        renoises = "generator" in inspect.signature(scheduler.step).parameters
-        noise = {"generator": generators} if renoises else {}
         denoiser = self._denoisers[fast]
-        for t in scheduler.timesteps:
-            x = torch.cat([latents, latents]) if uncond is not None else latents  # [2b or b, C, h, w]
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            x = torch.cat([latents, latents]) if guided else latents  # [2b or b, C, h, w]
             x = scheduler.scale_model_input(x, t)
             eps = denoiser(x, t, encoder_hidden_states=context).sample  # [2b or b, C, h, w]
-            if uncond is not None:
+            if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # [b, C, h, w]
-            latents = scheduler.step(eps, t, latents, **noise).prev_sample  # LCM's last step: the denoised x0
-        return self.decode(latents)  # [b, H, W, 3]
+            if not fast:
+                latents = scheduler.step(eps, t, latents).prev_sample
+                continue
+            latents = lcm_denoise(scheduler, eps, t, latents)  # the clean estimate; the last step's is final
+            if i + 1 < len(timesteps):
+                # LCM re-noises to the next timestep: image j draws its noise from its own stream, in order
+                noise = torch.stack([g.normal(*latents.shape[1:]) for g in streams])  # [b, C, h, w], CPU
+                noise = noise.to(latents.device, latents.dtype)
+                latents = lcm_renoise(scheduler, latents, noise, timesteps[i + 1])
+        return latents  # [b, C, h, w]
 
 
 def build_tiny(path: str | Path, seed: int = 0, config: TinyArc2FaceConfig = TinyArc2FaceConfig()) -> Path:

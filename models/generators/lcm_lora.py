@@ -10,8 +10,14 @@ or the older `.lora.down.weight` / `.lora.up.weight`, alpha = rank unless given)
 
 Fusing adds scale * alpha / r * up @ down to each layer's weight (for a convolution, the down
 factor's kernel carries over: delta[o, i, y, x] = sum_k up[o, k] * down[k, i, y, x]), after which
-the UNet runs at its normal speed. Sampling then uses LCMScheduler: 4 steps and guidance 1.0
-(no classifier-free guidance), as the adapter's model card and the Arc2Face README advise.
+the UNet runs at its normal speed. Sampling then uses LCMScheduler's timesteps and noise schedule:
+4 steps and guidance 1.0 (no classifier-free guidance), as the adapter's model card and the Arc2Face
+README advise.
+
+One LCM step is `lcm_denoise` (the consistency estimate of the clean latent, LCMScheduler.step's
+`denoised`) followed, except after the last step, by `lcm_renoise` to the next timestep. The two are
+separate because `LCMScheduler.step` draws that noise itself, from a `torch.Generator` or else from
+torch's global RNG; callers here pass noise from their own portable streams instead.
 """
 
 from __future__ import annotations
@@ -164,3 +170,44 @@ def load_lcm_lora(path: str | Path, unet: torch.nn.Module, scale: float = 1.0) -
         raise ValueError(f"lcm_lora: {path} holds no LoRA factors")
     fuse_lora(unet, factors, scale)
     return factors
+
+
+def lcm_denoise(
+    scheduler: LCMScheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor
+) -> torch.Tensor:
+    """The consistency model's clean latent at `timestep`: LCMScheduler.step's `denoised`, drawing nothing.
+
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) for epsilon prediction (x0 = the output for
+    "sample", sqrt(abar_t) x_t - sqrt(1 - abar_t) v for "v_prediction"), clipped as the config says,
+    then denoised = c_out(t) x0 + c_skip(t) x_t with the scheduler's boundary-condition scalings.
+    Same tensors in, same arithmetic in the same order as the scheduler's step: [B, C, h, w].
+    """
+    config = scheduler.config
+    if config.thresholding:
+        raise ValueError("scheduler: dynamic thresholding is not supported in LCM sampling here")
+    alpha = scheduler.alphas_cumprod[timestep]  # abar_t, float32 scalar
+    beta = 1 - alpha
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+    if config.prediction_type == "epsilon":
+        x0 = (sample - beta.sqrt() * model_output) / alpha.sqrt()
+    elif config.prediction_type == "sample":
+        x0 = model_output
+    elif config.prediction_type == "v_prediction":
+        x0 = alpha.sqrt() * sample - beta.sqrt() * model_output
+    else:
+        raise ValueError(f"scheduler: prediction_type {config.prediction_type!r} is not one LCM supports")
+    if config.clip_sample:
+        x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return c_out * x0 + c_skip * sample  # [B, C, h, w]
+
+
+def lcm_renoise(
+    scheduler: LCMScheduler, denoised: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor | int
+) -> torch.Tensor:
+    """The clean latent taken forward to `timestep`: sqrt(abar) * denoised + sqrt(1 - abar) * noise.
+
+    abar is the scheduler's cumulative alpha at `timestep` (its final alpha for a negative one), in
+    float32, as LCMScheduler.step computes its next sample; `noise` is like `denoised`: [B, C, h, w].
+    """
+    alpha = scheduler.alphas_cumprod[timestep] if timestep >= 0 else scheduler.final_alpha_cumprod
+    return alpha.sqrt() * denoised + (1 - alpha).sqrt() * noise  # [B, C, h, w]

@@ -1,5 +1,6 @@
-"""Arc2Face: the tiny preset, the published layout (transformers 4 encoder, separate SD 1.5 base),
-LCM-LoRA fusion and fast mode, batching, and the GPU-oriented settings on the CPU."""
+"""Arc2Face: the tiny preset, the published pipeline's behaviour (diffusers' StableDiffusionPipeline
+given only prompt_embeds), the published layout (transformers 4 encoder, separate SD 1.5 base, strict
+UNet/VAE loading), LCM-LoRA fusion and fast mode, batching, and the GPU-oriented settings on the CPU."""
 
 import copy
 import json
@@ -10,15 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler, LCMScheduler, PNDMScheduler
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+from models import zoo
 from models.generators.arc2face import (
+    ARC2FACE_FILES,
     ENCODER_DIR,
     FAST,
     PROMPT,
     SCHEDULER_DIR,
+    SD15_FILES,
     SD15_SCHEDULER_CONFIG,
     STANDARD,
     TOKENIZER_DIR,
@@ -27,9 +38,17 @@ from models.generators.arc2face import (
     Arc2FaceGenerator,
     build_tiny,
     encode_prompt_embeds,
+    load_diffusers_model,
     load_text_encoder,
 )
-from models.generators.lcm_lora import fuse_lora, lcm_scheduler, load_lcm_lora, parse_lora
+from models.generators.lcm_lora import (
+    fuse_lora,
+    lcm_denoise,
+    lcm_renoise,
+    lcm_scheduler,
+    load_lcm_lora,
+    parse_lora,
+)
 from models.sampling.random import sample_identities
 from models.seeding import make_generator
 
@@ -118,6 +137,57 @@ def test_guidance_scale_changes_the_image(generator, identities):
     assert changed_fraction(guided, plain) > 0.2
 
 
+def published_pipeline(gen: Arc2FaceGenerator) -> StableDiffusionPipeline:
+    """diffusers' StableDiffusionPipeline on the generator's own components, as Arc2Face's code builds it."""
+    pipe = StableDiffusionPipeline(
+        vae=gen.vae, text_encoder=gen.text_encoder, tokenizer=gen.tokenizer, unet=gen.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(gen.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_standard_mode_is_the_published_pipeline_given_only_prompt_embeds(generator, identities):
+    """Arc2Face's inference code calls pipeline(prompt_embeds=<encoded identity>, 25 steps, guidance 3);
+    diffusers then encodes the empty prompt "" as the unconditional context. Same components, same
+    initial latents: our latents and images must be the pipeline's.
+
+    Tolerance: none. Measured with ATEN_CPU_CAPABILITY=default and =avx2 (each in its own process,
+    batch 1 and 3, 4 and 25 steps) the largest difference was 0.0 in the latents and 0 in the images:
+    both sides run the same kernels on the same batches in the same order. The one computation not
+    shared, the unconditional text encoding (the pipeline's over a batch of B copies of "", ours once
+    over one), came out bit-identical as well.
+    """
+    pipe = published_pipeline(generator)
+    emb, seeds = identities[:2], [5, 6]
+    cond = generator.encode_identities(emb)  # [2, L, H]: the published `prompt_embeds`
+    _, negative = pipe.encode_prompt(None, generator.device, 1, True, prompt_embeds=cond)
+    assert torch.equal(negative, generator.unconditional_context.expand_as(negative))
+    reference = pipe(
+        prompt_embeds=cond,
+        latents=generator.initial_latents(seeds),
+        num_inference_steps=STANDARD.steps,
+        guidance_scale=STANDARD.guidance_scale,
+        output_type="latent",
+    ).images  # [2, C, h, w]
+    ours = generator.final_latents(emb, seeds)  # the defaults: 25 steps, guidance 3
+    assert torch.equal(ours, reference)
+    assert torch.equal(generator.render(emb, seeds), generator.decode(reference))
+
+
+def test_unconditional_context_is_the_empty_prompt_computed_once(generator, identities):
+    ids = generator.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids[0, :2].tolist() == [generator.tokenizer.bos_token_id, generator.tokenizer.eos_token_id]
+    expected = generator.text_encoder(input_ids=ids).last_hidden_state  # [1, L, H]
+    cached = generator.unconditional_context
+    assert torch.equal(cached, expected)
+    # not the prompt with a zero identity: that conditions differently
+    assert (generator.encode_identities(torch.zeros(1, 512)) - cached).abs().max() > 0.5
+    generator.render(identities[:1], [5], steps=2)
+    assert generator.unconditional_context is cached
+
+
 @pytest.mark.parametrize(
     ("embeddings", "seeds", "steps", "argument"),
     [
@@ -133,7 +203,6 @@ def test_render_rejects_bad_input(generator, embeddings, seeds, steps, argument)
 
 
 # ---- the published layout ----------------------------------------------------------------------
-
 
 
 def save_v4_encoder(encoder: CLIPTextModel, directory: Path, weights: str, position_ids: bool = False):
@@ -241,7 +310,9 @@ def test_published_layout_with_separate_base_renders_as_preset(generator, tiny_d
         "dpmsolver++", 2, "scaled_linear", 1,
     )  # fmt: skip
     # the published recipe: DPMSolverMultistepScheduler.from_config(<SD 1.5 PNDM scheduler>.config)
-    reference = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).config)
+    reference = DPMSolverMultistepScheduler.from_config(
+        PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).config
+    )
     for s in (gen.scheduler, reference):
         s.set_timesteps(STANDARD.steps)
     assert torch.equal(gen.scheduler.timesteps, reference.timesteps)
@@ -265,6 +336,73 @@ def test_missing_files_are_named_with_what_goes_there(tiny_dir, tmp_path):
         Arc2FaceGenerator.from_pretrained(arc2face, base=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="vae/config.json"):  # no base: SD 1.5 parts expected in path
         Arc2FaceGenerator.from_pretrained(arc2face)
+
+
+def test_layout_requires_the_tokenizer_config(tiny_dir, tmp_path):
+    arc2face, sd15 = published_layout(tiny_dir, tmp_path)
+    (sd15 / TOKENIZER_DIR / "tokenizer_config.json").unlink()  # without it model_max_length is unbounded
+    with pytest.raises(FileNotFoundError) as info:
+        Arc2FaceGenerator.from_pretrained(arc2face, base=sd15)
+    message = str(info.value)
+    assert str(sd15 / TOKENIZER_DIR / "tokenizer_config.json") in message and "tokenizer config" in message
+    assert "vocab.json" not in message and "merges.txt" not in message
+
+
+def test_layout_asks_only_for_files_the_published_model_lists():
+    # every file the loader requires (one of its alternatives) is one the zoo fetches and pins
+    published = set(zoo.ARC2FACE_FILES)
+    for sub, names, what in ARC2FACE_FILES + SD15_FILES:
+        assert any(f"{sub}/{n}" in published for n in names), what
+    assert (TOKENIZER_DIR, ("tokenizer_config.json",)) in [(sub, names) for sub, names, _ in SD15_FILES]
+
+
+def break_weights(directory: Path, rename: str, drop: str, reshape: str) -> None:
+    """Rewrite directory/diffusion_pytorch_model.safetensors: one key renamed, one dropped, one misshapen."""
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state[rename + "_renamed"] = state.pop(rename)
+    del state[drop]
+    state[reshape] = torch.zeros(state[reshape].shape[0] + 1)
+    save_file(state, weights)
+
+
+@pytest.mark.parametrize(
+    ("sub", "rename", "drop", "reshape"),
+    [
+        (UNET_DIR, "conv_in.weight", "down_blocks.0.attentions.0.proj_in.bias", "conv_out.bias"),
+        (VAE_DIR, "decoder.conv_in.weight", "encoder.mid_block.attentions.0.to_q.bias", "quant_conv.bias"),
+    ],
+)
+def test_unet_or_vae_whose_keys_do_not_match_is_refused(tiny_dir, tmp_path, sub, rename, drop, reshape):
+    root = tmp_path / "model"
+    shutil.copytree(tiny_dir, root)
+    break_weights(root / sub, rename, drop, reshape)
+    with pytest.raises(ValueError) as info:
+        Arc2FaceGenerator.from_pretrained(root)
+    message = str(info.value)
+    assert str(root / sub / "diffusion_pytorch_model.safetensors") in message
+    assert re.search(rf"missing keys \[[^]]*'{re.escape(drop)}'", message), message
+    assert re.search(rf"missing keys \[[^]]*'{re.escape(rename)}'", message), message
+    assert re.search(rf"unexpected keys \['{re.escape(rename)}_renamed'\]", message), message
+    assert f"{reshape}: expected" in message, message
+
+
+def test_vae_with_pre_0_14_attention_names_loads_exactly(tiny_dir, tmp_path):
+    """SD 1.5's VAE checkpoint may carry the old attention names; diffusers renames them on load."""
+    shutil.copytree(tiny_dir / VAE_DIR, tmp_path / VAE_DIR)
+    weights = tmp_path / VAE_DIR / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, value in load_file(weights).items():
+        for new_name, old_name in old.items():
+            key = key.replace(f"attentions.0.{new_name}.", f"attentions.0.{old_name}.")
+        state[key] = value
+    assert "encoder.mid_block.attentions.0.query.weight" in state
+    save_file(state, weights)
+    loaded = load_diffusers_model(AutoencoderKL, tmp_path / VAE_DIR)
+    expected = load_diffusers_model(AutoencoderKL, tiny_dir / VAE_DIR)
+    for (k, v), (k0, v0) in zip(loaded.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert k == k0 and torch.equal(v, v0), k
 
 
 def test_bad_dtype_is_refused(tiny_dir):
@@ -413,6 +551,72 @@ def test_fast_mode_renders_with_lcm(fast_generator, generator, identities):
     singles = torch.cat(singles)
     assert (singles.int() - fast.int()).abs().max() <= 2
     assert torch.equal(fast[:1], fast_generator.render(identities[:2], [5, 7], fast=True)[:1])
+
+
+def test_fast_mode_draws_only_from_the_seeds_streams(fast_generator, identities):
+    """Same seeds, same bits, whatever torch's global RNG holds; and that RNG is never advanced."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        before = torch.random.get_rng_state()
+        first = fast_generator.final_latents(identities[:2], [5, 6], fast=True)
+        assert torch.equal(torch.random.get_rng_state(), before)  # no draw from the global RNG
+        torch.manual_seed(2)
+        second = fast_generator.final_latents(identities[:2], [5, 6], fast=True)
+    assert torch.equal(first, second)
+    assert torch.equal(
+        fast_generator.render(identities[:2], [5, 6], fast=True),
+        fast_generator.render(identities[:2], [5, 6], fast=True),
+    )
+
+
+def test_lcm_steps_are_the_schedulers_with_noise_from_each_stream(fast_generator, identities):
+    """Rebuild fast mode by hand: diffusers' LCMScheduler.step gives the clean estimate and, with the
+    noise it drew, the next sample; ours must give the same, and render's re-noise must be
+    sqrt(abar_next) * denoised + sqrt(1 - abar_next) * noise with noise read from image b's stream
+    right after its initial latent, step after step."""
+    gen, emb, seeds = fast_generator, identities[:2], [5, 6]
+    c, s = gen.unet.config.in_channels, gen.unet.config.sample_size
+    streams = [make_generator(seed) for seed in seeds]
+    latents = torch.stack([g.normal(c, s, s) for g in streams])  # [2, C, h, w]
+    context = gen.encode_identities(emb)  # [2, L, H]
+    scheduler = LCMScheduler.from_config(gen.fast_scheduler.config)
+    scheduler.set_timesteps(FAST.steps)
+    timesteps = scheduler.timesteps
+    renoised = 0
+    for i, t in enumerate(timesteps):
+        with torch.no_grad():
+            eps = gen.fast_unet(latents, t, encoder_hidden_states=context).sample
+        torch_noise = torch.Generator().manual_seed(i)
+        step = scheduler.step(eps, t, latents, generator=torch_noise)
+        denoised = lcm_denoise(scheduler, eps, t, latents)
+        assert torch.equal(denoised, step.denoised), i
+        if i == len(timesteps) - 1:
+            assert torch.equal(
+                step.prev_sample, step.denoised
+            )  # the last step's output is the clean estimate
+            latents = denoised
+            break
+        t_next = timesteps[i + 1]
+        drawn = randn_tensor(eps.shape, generator=torch.Generator().manual_seed(i))  # the step's own draw
+        assert torch.equal(lcm_renoise(scheduler, denoised, drawn, t_next), step.prev_sample), i
+        noise = torch.stack([g.normal(c, s, s) for g in streams])  # [2, C, h, w]
+        abar = scheduler.alphas_cumprod[t_next]
+        latents = abar.sqrt() * denoised + (1 - abar).sqrt() * noise
+        renoised += 1
+    assert renoised == FAST.steps - 1
+    assert torch.equal(gen.final_latents(emb, seeds, fast=True), latents)
+    assert torch.equal(gen.render(emb, seeds, fast=True), gen.decode(latents))
+
+
+def test_generator_refuses_schedulers_that_draw_noise(generator):
+    parts = (generator.unet, generator.vae, generator.text_encoder, generator.tokenizer)
+    sde = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    with pytest.raises(ValueError, match="sde-dpmsolver"):
+        Arc2FaceGenerator(*parts, sde)
+    with pytest.raises(ValueError, match="LCMScheduler"):
+        Arc2FaceGenerator(
+            *parts, generator.scheduler, fast_unet=generator.unet, fast_scheduler=generator.scheduler
+        )
 
 
 def test_fast_scheduler_follows_the_published_recipe():
