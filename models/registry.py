@@ -13,9 +13,10 @@ idforge cannot know in advance, and may point a model at another location:
           backbone.pth: 5f1a...e3
 
 Nothing is loaded unless every required file is present with its pinned sha256; a file without a
-pin is refused like a mismatched one. Tiny presets are built from a fixed seed when missing
-(building is not downloading). Nothing is ever downloaded from the internet: the only remote is
-the operator's own S3 prefix, through a fetch function the caller injects.
+pin is refused like a mismatched one. A missing tiny preset is copied into the model directory
+from the files idforge ships (`models/presets/`: built once from a fixed seed, shipped as bytes
+because rebuilt bytes depend on the CPU's numerics). Nothing is ever downloaded from the internet:
+the only remote is the operator's own S3 prefix, through a fetch function the caller injects.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from models.modelspec import (
     VerifyResult,
     WeightFile,
 )
+from models.presets import PRESETS_DIR, copy_preset
 from models.zoo import LOADERS, SPECS
 
 # (s3 uri, destination file) -> None: copies one object to a local file. Injected by the worker.
@@ -120,18 +122,20 @@ def load_overrides(path: str | Path, specs: Mapping[str, ModelSpec] = SPECS) -> 
 
 
 class Registry:
-    """Models by name over one model directory: verify, fetch or build, and load.
+    """Models by name over one model directory: verify, copy a shipped preset or fetch, and load.
 
     `specs` defaults to the built-in table; pass `load_overrides(...)` to apply an operator's
     registry file. `fetch` copies an s3:// object to a local file (needed only for models whose
-    location is an S3 prefix).
+    location is an S3 prefix). `presets` is where the tiny presets' shipped files are read from
+    (default: the installed `models/presets`).
     """
 
     def __init__(self, model_dir: str | Path, specs: Mapping[str, ModelSpec] = SPECS,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, presets: str | Path = PRESETS_DIR) -> None:
         self.model_dir = Path(model_dir)
         self.specs = dict(specs)
         self.fetch = fetch
+        self.presets = Path(presets)
 
     def spec(self, name: str) -> ModelSpec:
         """The spec of a registered model; ValueError naming `name` otherwise."""
@@ -175,15 +179,17 @@ class Registry:
                             missing=tuple(missing), root=root)
 
     def ensure(self, name: str) -> Path:
-        """The verified directory of `name`: a missing tiny preset is built, a remote model fetched.
+        """The verified directory of `name`: a missing tiny preset is copied in, a remote model fetched.
 
-        A build goes to a temporary sibling renamed into place, so concurrent workers never see a
-        half-written model. Raises ModelUnavailable when verification fails.
+        A tiny preset's shipped files are copied (never built: see `models/presets`) into a
+        temporary sibling, checked against the pins there and renamed into place, so concurrent
+        workers never see a half-written model. An existing directory is never replaced: a tampered
+        preset is refused, not repaired. Raises ModelUnavailable when verification fails.
         """
         spec = self.spec(name)
         root = self.root(name)
-        if not root.exists() and spec.build is not None:
-            self._build(spec, root)
+        if not root.exists() and spec.tiny and not self._remote(spec):
+            self._materialise(spec, root)
         if self._remote(spec):
             self._fetch_missing(spec, root)
         result = self.verify(name)
@@ -223,13 +229,18 @@ class Registry:
     def _remote(spec: ModelSpec) -> bool:
         return spec.location is not None and spec.location.startswith("s3://")
 
-    @staticmethod
-    def _build(spec: ModelSpec, root: Path) -> None:
-        assert spec.build is not None
+    def _materialise(self, spec: ModelSpec, root: Path) -> None:
+        """Copy the shipped files of tiny preset `spec` to `root`, via a staging directory checked
+        against the pins; a shipped file that does not match its pin is never put in place."""
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=root.parent))
         try:
-            spec.build(staging, spec.seed)
+            copied = copy_preset(spec, staging, self.presets)
+            wrong = [f"{rel}: sha256 {got} does not match the pinned {spec.files[rel].sha256}"
+                     for rel in copied if (got := hash_file(staging / rel)) != spec.files[rel].sha256]
+            if wrong:
+                raise ModelUnavailable(spec.name, f"shipped preset files in {self.presets / spec.name} "
+                                       f"do not match their pins: {'; '.join(wrong)}")
             os.replace(staging, root)  # atomic; fails if another process got there first
         except OSError:
             if not root.exists():
@@ -285,7 +296,7 @@ def verify(name: str, model_dir: str | Path) -> VerifyResult:
 
 
 def ensure_model(name: str, model_dir: str | Path) -> Path:
-    """The verified directory of `name`; a missing tiny preset is built there first."""
+    """The verified directory of `name`; a missing tiny preset is copied there first."""
     return Registry(model_dir).ensure(name)
 
 

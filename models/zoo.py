@@ -1,9 +1,12 @@
 """The built-in model table: published models and tiny presets, their files, pins and loaders.
 
 Published weights are not redistributed with idforge and their sha256 are pinned by the operator
-(`models/registry.py`); the tiny presets are built here from fixed seeds and pinned below. Each
-family's loader takes (model directory, config, device, files present) and returns the model;
-heavy imports happen inside the loaders so that reading the table stays cheap.
+(`models/registry.py`). The tiny presets are pinned below and their bytes are shipped in
+`models/presets/`, which the registry copies into a model directory; the `_build_*` functions here
+(`ModelSpec.build`) are the recipe that made those bytes from fixed seeds, rerun only by
+`python -m models.presets build` (rebuilt bytes depend on the CPU's numerics). Each family's loader
+takes (model directory, config, device, files present) and returns the model; heavy imports happen
+inside the loaders so that reading the table stays cheap.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _build_stylegan2_tiny(path: Path, seed: int) -> Path:
 COVARIATES_FILE = "covariates.safetensors"  # DisCo's directions, beside a StyleGAN2's weights
 DISCO_COVARIATES = WeightFile(None, "DisCo covariate directions fitted offline with `idforge covariates fit` "
                               "(docs/covariates.md); needed by variations 'disco' only", optional=True)
-TINY_LICENSE = "no upstream weights: random weights built by idforge from seed 0 (Apache-2.0); "
+TINY_LICENSE = ("no upstream weights: random weights built by idforge from seed 0 and shipped with it "
+                "(Apache-2.0); ")
 ARC2FACE = "FoivosPar/Arc2Face on Hugging Face"
 SD15 = "the Stable Diffusion 1.5 base (stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)"
 
