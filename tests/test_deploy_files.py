@@ -439,3 +439,17 @@ def test_make_install_and_the_images_install_from_the_lock(stages):
         copied = [a for s in chain for k, a in s.instructions if k == "COPY" and "constraints.txt" in a]
         assert copied and env.get("PIP_CONSTRAINT") == copied[0].split()[-1], (name, copied, env)
     assert (ROOT / ".ci" / "run").read_text().count("make test") == 1
+
+
+def test_the_shipped_tiny_presets_reach_the_image():
+    # weights are kept out of the build context, except the presets that ship inside the package
+    from models.presets import shipped_files
+    from models.zoo import SPECS
+
+    patterns = _ignore_patterns()
+    files = [p.relative_to(ROOT).as_posix()
+             for spec in SPECS.values() if spec.tiny for p in shipped_files(spec).values()]
+    assert any(f.endswith(".safetensors") for f in files) and any(f.endswith(".onnx") for f in files)
+    for f in files:
+        assert not _ignored(f, patterns), f"{f} is shipped but .dockerignore drops it"
+    assert _ignored("models/weights/arcface-r100/backbone.pth", patterns)

@@ -1,4 +1,4 @@
-"""Fixtures for the models tests: the tiny presets, built once per session from their seeds."""
+"""Fixtures for the models tests: the shipped tiny presets, copied into a model directory once per session."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from models import registry  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory holding every tiny preset, built (not downloaded) and verified."""
+    """A model directory holding every tiny preset, copied from models/presets (not downloaded) and verified."""
     root = tmp_path_factory.mktemp("models")
     for name, spec in registry.SPECS.items():
         if spec.tiny:

@@ -36,7 +36,6 @@ from models.generators.arc2face import (
     UNET_DIR,
     VAE_DIR,
     Arc2FaceGenerator,
-    build_tiny,
     encode_prompt_embeds,
     load_diffusers_model,
     load_text_encoder,
@@ -57,8 +56,10 @@ STEPS = 4  # enough solver steps to exercise DPM-Solver++'s multistep update, fa
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """The tiny preset built from seed 0 (its bytes are pinned in models/registry.py)."""
-    return build_tiny(tmp_path_factory.mktemp("arc2face-tiny"), seed=0)
+    """The shipped tiny preset, copied and checked against its pins (models/presets)."""
+    from models.registry import ensure_model
+
+    return ensure_model("arc2face-tiny", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
