@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     checkpoint_steps: int = Field(50, ge=1)
     # Gallery images rendered per saved chunk (a redelivered task resumes chunk by chunk).
     gallery_chunk: int = Field(256, ge=1)
-    # Where model weights live; tiny presets are built here when missing, and models whose
+    # Where model weights live; shipped tiny presets are copied here when missing, and models whose
     # location is an S3 prefix are fetched here (checked against their pins as they arrive).
     model_dir: Path = Path(".idforge/models")
     # The operator's registry file (YAML or JSON): sha256 pins of published weights and each
