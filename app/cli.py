@@ -334,19 +334,40 @@ def generate(spec_file: str, out_dir: Path) -> None:
 @click.argument("job")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="where to render (default ./reproduce-JOB)")
+@click.option("--original", "original_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="the job's dataset directory (an `idforge download`), to measure images "
+              "that differ against  [default: the directory of a manifest.json JOB; for a job id, the "
+              "images that differ are fetched from the service]")
+@click.option("--min-cosine", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="the embedding cosine at or above which an image that is not byte-identical still "
+              "counts as reproduced  [default: 0.95]")
+@click.option("--json", "as_json", is_flag=True, help="print the comparison as JSON")
+@click.option("--show", default=50, show_default=True, help="per-image lines to print, worst first")
 @click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
 @click.option("--api-key", default=None)
 @click.option("--skip-weight-check", is_flag=True,
               help="run even when local weights differ from the job's (the bytes will differ)")
-def reproduce(job: str, out_dir: Path | None, url: str, api_key: str | None, skip_weight_check: bool) -> None:
-    """Re-run JOB from its manifest on this machine and check the dataset is byte-identical.
+def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cosine: float | None,
+              as_json: bool, show: int, url: str, api_key: str | None, skip_weight_check: bool) -> None:
+    """Re-run JOB from its manifest on this machine and compare the dataset with the job's.
 
-    JOB is a job id (its manifest is fetched from the service) or a manifest.json file. Exits 0 when
-    every image and dataset object matches the manifest's sha256, 1 otherwise.
+    JOB is a job id (its manifest is fetched from the service) or a manifest.json file (or its
+    directory). Every image and dataset object is compared with the manifest's sha256. When this
+    platform differs from the one the manifest records (CPU instruction set, GPU, library versions,
+    threads, deterministic flags) or an image is not byte-identical, each image is also measured
+    against the job's copy: its largest pixel difference (0-255) and the cosine of the two images'
+    embeddings under the job's own FR model. One verdict ends the report:
+
+    \b
+      identical   every image and object byte-identical (exit 0)
+      equivalent  not identical, but every image's cosine >= --min-cosine (default 0.95:
+                  the same picture up to float drift; other images of an identity score
+                  lower) (exit 0)
+      differs     an image below it, missing or not comparable, or an object missing (exit 1)
     """
     import httpx
 
-    from workers.reproduce import WeightsDiffer
+    from workers.reproduce import DEFAULT_MIN_COSINE, WeightsDiffer, directory_originals
     from workers.reproduce import reproduce as run
 
     path = Path(job)
@@ -354,29 +375,96 @@ def reproduce(job: str, out_dir: Path | None, url: str, api_key: str | None, ski
         path = path / "manifest.json"
     if path.is_file():
         manifest = json.loads(path.read_text())
+        originals = directory_originals(original_dir or path.parent)
     else:
         try:
-            art = _client(url, api_key).artifacts(job, limit=1)
+            client = _client(url, api_key)
+            art = client.artifacts(job, limit=1)
         except ApiError as e:
             raise click.ClickException(str(e)) from e
         manifest = httpx.get(art["manifest_url"], timeout=60).raise_for_status().json()
+        originals = directory_originals(original_dir) if original_dir else _service_originals(
+            client, job, manifest)
     out = out_dir or Path(f"reproduce-{manifest.get('job_id', 'job')}")
+    own = original_dir or (path.parent if path.is_file() else None)
+    if own is not None and out.resolve() == own.resolve():
+        raise click.ClickException(f"--out {out} is the job's own dataset: reproduce into another directory")
     try:
-        result = run(manifest, out, check=not skip_weight_check, on_progress=lambda d, t: click.echo(
-            f"\r{d}/{t} images", nl=False, err=True))
+        result = run(manifest, out, check=not skip_weight_check, originals=originals,
+                     check_originals=original_dir is not None or path.is_file(),
+                     min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                     on_progress=lambda d, t: click.echo(f"\r{d}/{t} images", nl=False, err=True))
     except WeightsDiffer as e:
         raise click.ClickException(f"{e} (--skip-weight-check runs anyway)") from e
     click.echo("", err=True)
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "out": str(out)}, indent=1))
+    else:
+        for line in _reproduce_lines(result, out, show):
+            click.echo(line)
+    sys.exit(0 if result.verdict in ("identical", "equivalent") else 1)
+
+
+def _service_originals(client: Client, job_id: str, manifest: dict[str, Any]) -> Any:
+    """The job's image at a path, through the service's presigned URL (one artifacts page of one
+    file, after the file before it in the manifest's order); None when the service has none."""
+    import httpx
+
+    before = {f["path"]: prev["path"] if prev else None
+              for prev, f in zip([None, *manifest["files"]], manifest["files"], strict=False)}
+
+    def fetch(path: str) -> bytes | None:
+        if path not in before:
+            return None
+        after = before[path]
+        page = client.artifacts(job_id, limit=1, **({"after": after} if after else {}))["files"]
+        if not page or page[0]["path"] != path:
+            return None
+        r = httpx.get(page[0]["url"], timeout=60)
+        return r.content if r.status_code == 200 else None
+    return fetch
+
+
+def _reproduce_lines(result: Any, out: Path, show: int) -> list[str]:
+    """The text report: versions, platforms, counts, per-image figures (worst first), the verdict."""
+    lines = []
     theirs, ours = result.code_version
     if theirs != ours:
-        click.echo(f"note: the job ran idforge {theirs}; this is {ours}")
-    click.echo(f"images: {result.images_identical}/{result.images} byte-identical; dataset objects: "
-               f"{result.objects_identical}/{result.objects} byte-identical; in {out}")
-    for line in result.differences[:20]:
-        click.echo(f"  {line}")
-    if len(result.differences) > 20:
-        click.echo(f"  ... and {len(result.differences) - 20} more")
-    sys.exit(0 if result.identical else 1)
+        lines.append(f"note: the job ran idforge {theirs}; this is {ours}")
+    diffs = result.platform_differences
+    if diffs is None:
+        lines.append("platform: the job's manifest does not record one")
+    elif diffs:
+        lines.append(f"platform: differs from the job's in {len(diffs)} field(s):")
+        lines += [f"  {d}" for d in diffs]
+    else:
+        lines.append("platform: the same as the job's")
+    lines.append(f"images: {result.images_identical}/{result.images} byte-identical; dataset objects: "
+                 f"{result.objects_identical}/{result.objects} byte-identical; in {out}")
+    if result.figures_reported:
+        rank = {"missing": 0, "extra": 0, "differs": 1, "equivalent": 2, "identical": 3}
+        rows = sorted(result.per_image, key=lambda r: (
+            rank[r.status], r.cosine if r.cosine is not None else -2.0, -(r.max_pixel_diff or 0)))
+        lines += [f"  {r.line()}" for r in rows[:show]]
+        if len(rows) > show:
+            lines.append(f"  ... and {len(rows) - show} more images (--show N, or --json for every one)")
+    lines += [f"  {line}" for line in result.objects_differing]
+    n = result.counts()
+    worst, low = result.worst_pixel_diff(), result.lowest_cosine()
+    lines.append(f"summary: {result.images} images: {n['identical']} byte-identical, {n['equivalent']} "
+                 f"equivalent, {n['differs']} differ, {n['missing']} missing, {n['extra']} extra; "
+                 f"worst max pixel diff {'n/a' if worst is None else worst}; min cosine "
+                 f"{'n/a' if low is None else f'{low:.6f}'} (threshold {result.min_cosine})")
+    verdict = result.verdict
+    if verdict == "differs":
+        failing = [r.path for r in result.failing]
+        missing_objects = [d.rsplit(":", 1)[0] for d in result.objects_differing if d.endswith(": missing")]
+        named = failing[:10] + (["..."] if len(failing) > 10 else []) + missing_objects
+        lines.append(f"verdict: differs ({len(failing)} image(s) below cosine {result.min_cosine}, missing, "
+                     f"extra or not comparable; {len(missing_objects)} object(s) missing: {', '.join(named)})")
+    else:
+        lines.append(f"verdict: {verdict}")
+    return lines
 
 
 @main.group()

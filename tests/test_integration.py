@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from models.embedders.onnx import build_tiny as build_onnx_tiny
 from models.registry import file_sha256
 from tests.conftest import TEAM_KEYS
 from tests.servers import S3_KEY, S3_SECRET, Proc, SeaweedS3, wait_http
+from workers.provenance import platform_block
 
 pytestmark = pytest.mark.integration
 
@@ -173,6 +177,24 @@ def test_every_format_the_report_and_a_byte_identical_reproduction(
     r = CliRunner().invoke(cli, ["reproduce", job_id, "--url", service.url, "--out", str(tmp_path / "again")])
     assert r.exit_code == 0, r.output
     assert "images: 12/12 byte-identical; dataset objects: 8/8 byte-identical" in r.output
+    assert r.output.splitlines()[-1] == "verdict: identical"
+    # Under another CPU instruction set (no SIMD in torch) the bytes may differ: each image that does
+    # is measured against the job's copy, fetched through its presigned URL.
+    if platform_block("cpu")["cpu_capability"] != "DEFAULT":
+        p = subprocess.run([sys.executable, "-m", "app.cli", "reproduce", job_id, "--url", service.url,
+                            "--out", str(tmp_path / "isa"), "--json"], capture_output=True, text=True,
+                           env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, timeout=280, check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        rep = json.loads(p.stdout)
+        assert rep["verdict"] in ("identical", "equivalent")
+        assert "cpu_capability: " + platform_block("cpu")["cpu_capability"] + " -> DEFAULT" in \
+            rep["platform"]["differences"]
+        assert len(rep["per_image"]) == 12 and all(
+            row["cosine"] >= 0.95 and row["max_pixel_diff"] is not None and row["note"] is None
+            for row in rep["per_image"])
+        print(f"\nservice job, {platform_block('cpu')['cpu_capability']} worker -> DEFAULT reproduce: "
+              f"{rep['images']['byte_identical']}/12 byte-identical, worst max pixel diff "
+              f"{rep['worst_max_pixel_diff']}, min cosine {rep['lowest_cosine']}")
 
 
 def test_models_come_from_the_registry_and_absent_ones_fail_fast(service: Service) -> None:

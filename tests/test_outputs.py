@@ -184,11 +184,14 @@ def test_reproduce_is_byte_identical_and_refuses_other_weights(job: tuple[Path, 
     r = CliRunner().invoke(cli, ["reproduce", str(out / "manifest.json"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert "images: 15/15 byte-identical; dataset objects: 9/9 byte-identical" in r.output
-    # A manifest whose images differ from what these weights make: named, and exit 1.
+    assert "platform: the same as the job's" in r.output and r.output.splitlines()[-1] == "verdict: identical"
+    # A manifest whose images differ from what these weights make, with no copy of the job's images
+    # beside it to measure them against: named, and exit 1.
     tampered = {**m, "files": [{**m["files"][0], "sha256": "0" * 64}, *m["files"][1:]]}
     (tmp_path / "t.json").write_text(json.dumps(tampered))
     r = CliRunner().invoke(cli, ["reproduce", str(tmp_path / "t.json"), "--out", str(tmp_path / "t")])
-    assert r.exit_code == 1 and f"{m['files'][0]['path']}: differs" in r.output
+    assert r.exit_code == 1 and f"{m['files'][0]['path']}: differs (no copy of the job's image" in r.output
+    assert r.output.splitlines()[-1].startswith("verdict: differs (1 image(s) below cosine 0.95")
     # Other weights than the job's: refused before anything runs.
     other = {**m, "models": {**m["models"], "embedder": {**m["models"]["embedder"],
                                                          "sha256": {"model.pth": "1" * 64}}}}

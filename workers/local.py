@@ -15,12 +15,14 @@ from workers.runtime import ModelCache, model_registry, pick_device, quiet_libra
 
 
 def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
-             on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
-    """Render the dataset of `spec` into `out_dir`; returns the manifest."""
+             on_progress: Callable[[int, int], None] = lambda done, total: None,
+             models: ModelCache | None = None) -> dict[str, Any]:
+    """Render the dataset of `spec` into `out_dir`; returns the manifest. `models`: models already
+    loaded (`idforge reproduce` embeds with the same ones), else loaded from the settings."""
     check_models(spec)
     quiet_libraries()
     s = settings or Settings()
-    models = ModelCache(model_registry(s), pick_device(s.device))
+    models = models or ModelCache(model_registry(s), pick_device(s.device))
     storage, keys = LocalStorage(out_dir), JobKeys("")
     t0 = time.perf_counter()
     got = identities.sample(spec, models, storage, keys, checkpoint_steps=s.checkpoint_steps,
@@ -38,4 +40,4 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
         shards.append(pipeline.load_shard(storage, keys, k))
     return package.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
                           models=pipeline.models_used(spec, models),
-                          reference=package.reference_for(spec, s.model_dir))
+                          reference=package.reference_for(spec, s.model_dir), device=models.device)

@@ -29,7 +29,7 @@ from app.spec import JobSpec
 from app.storage import JobKeys, Storage, sha256_hex
 from models.evaluator import SFACE_COSINE_THRESHOLD
 from models.registry import hash_file
-from workers import formats, pipeline, report
+from workers import formats, pipeline, provenance, report
 from workers.shard import IMAGE_EXT
 
 THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
@@ -250,8 +250,13 @@ def realised(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, Any]:
 def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], shard_identities: int,
                    models: dict[str, dict[str, Any]], quality: dict[str, Any], sampling: dict[str, Any],
                    timings: dict[str, float], outputs: dict[str, dict[str, Any]],
-                   reference: ReferenceSet | None = None) -> dict[str, Any]:
-    """Everything needed to reproduce the job and to check a reproduction, byte for byte."""
+                   reference: ReferenceSet | None = None, platform: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Everything needed to reproduce the job and to check a reproduction, byte for byte.
+
+    `platform` (`workers.provenance.platform_block`): what the bytes' numerics depend on (library
+    versions, device, CPU capability, threads, deterministic flags); manifests from before it have
+    none, and `idforge reproduce` reads them all the same."""
     files = sorted((f for s in shards for f in s["files"]), key=lambda f: (f["identity"], f["sample"]))
     ext = IMAGE_EXT[spec.output.image_format]
     latent = spec.variations.method in ("dispersion", "disco")
@@ -268,6 +273,7 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
         # The shard plan: latent generators batch an identity's samples together, so the plan is part
         # of what reproduces the exact bytes.
         "plan": {"shard_identities": shard_identities, "shards": len(shards)},
+        "platform": platform,
         "models": models,
         "licenses": sorted({m["license"] for m in models.values() if m.get("license")}),
         "reference_set": {"name": reference.name, "sha256": reference.sha256} if reference else None,
@@ -304,8 +310,9 @@ class Incomplete(Exception):
 
 def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
            shard_identities: int, models: dict[str, dict[str, Any]], reference: ReferenceSet | None,
-           on_stage: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
-    """Evaluate, package and write the manifest (last); returns the manifest."""
+           on_stage: Callable[[str], None] = lambda stage: None, device: str | None = None) -> dict[str, Any]:
+    """Evaluate, package and write the manifest (last); returns the manifest. `device`: where the
+    models ran, for the manifest's platform block (default: CUDA when this process sees one)."""
     expected = spec.identities * spec.images_per_identity
     images = sum(len(s["files"]) for s in shards)
     if images != expected:
@@ -323,6 +330,7 @@ def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: 
     manifest = build_manifest(
         job_id=job_id, spec=spec, shards=shards, shard_identities=shard_identities, models=models,
         quality=quality, sampling=sampling, outputs=outputs, reference=reference,
+        platform=provenance.platform_block(device or ("cuda" if torch.cuda.is_available() else "cpu")),
         timings={"sampling_identities": float(sampling.get("seconds", 0.0)),
                  "rendering_shards_sum": sum(float(s["seconds"]) for s in shards), "evaluating": t1 - t0,
                  "packaging": time.perf_counter() - t1})

@@ -45,8 +45,7 @@ SEED_DERIVATION = {
 }
 # Latent generators: identity i's z, Langevin's noise, Dispersion's initial offset and per-step
 # noise of sample s, DisCo's covariate mix; each file's `seed` is its dispersion.init seed.
-LATENT_# Every seed below starts its own portable stream (`make_generator`): the same bits on every machine.
-SEED_DERIVATION = {
+LATENT_SEED_DERIVATION = {
     "function": DERIVE_SEED_SCHEME,
     "stream": STREAM_SCHEME,
     "identity": "z_i ~ N(0, I) from derive_seed(seed, 'identity', i)",
