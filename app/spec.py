@@ -26,7 +26,9 @@ from app import catalog
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinities or NaN (JSON has neither; Python's parser reads 1e400 as inf): a spec is stored and
+    # sent back as strict JSON, and no parameter means anything at infinity.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RandomSampler(_Strict):
@@ -143,7 +145,10 @@ class ModelsSpec(_Strict):
     embedder: str = Field("iresnet-tiny", description="face-recognition model (catalogue name)")
     generator: str = Field("arc2face-tiny", description="image generator (catalogue name)")
     gallery_generator: str | None = Field(
-        None, description="generator of the HyperFace gallery; None = the job's generator"
+        None, description="generator of the HyperFace gallery (hyperface only): an embedding-"
+        "conditioned one (Arc2Face) renders random conditioning embeddings, a latent one (StyleGAN2, "
+        "as in the HyperFace paper) random latents; either way the job's embedder embeds the aligned "
+        "images. None = the job's generator"
     )
 
 

@@ -10,6 +10,7 @@ the scripts derive the team's index keys from the job.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -177,6 +178,40 @@ return 0
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _uint64_pattern() -> str:
+    """A regex (no anchors) for the decimal numbers 0 .. 2**64 - 1, written without leading zeros:
+    exactly what Redis reads as one part of a stream id. ASCII digits only (Python's `\\d` and
+    `int()` also take other scripts' digits, which Redis refuses)."""
+    top = str(2**64 - 1)
+    alts = ["0", f"[1-9][0-9]{{0,{len(top) - 2}}}"]  # 1 .. 19 digits
+    for i, d in enumerate(top):  # 20 digits: equal to `top` up to i, then a smaller digit
+        lo = 1 if i == 0 else 0
+        if int(d) - 1 >= lo:
+            rest = len(top) - i - 1
+            digit = str(lo) if int(d) - 1 == lo else f"[{lo}-{int(d) - 1}]"
+            alts.append(top[:i] + digit + ("[0-9]" if rest == 1 else f"[0-9]{{{rest}}}" if rest else ""))
+    alts.append(top)
+    return "(?:" + "|".join(alts) + ")"
+
+
+UINT64 = _uint64_pattern()
+STREAM_ID_MAX = f"{2**64 - 1}-{2**64 - 1}"
+# An event cursor: `-` (from the start) or a stream id `<ms>-<seq>`, each part below 2**64.
+EVENT_CURSOR_PATTERN = rf"^(?:-|{UINT64}-{UINT64})$"
+EVENT_CURSOR_MAX_LENGTH = len(STREAM_ID_MAX)
+_EVENT_CURSOR = re.compile(EVENT_CURSOR_PATTERN)
+
+
+def check_event_cursor(after: str) -> str:
+    """`after` when it is an event cursor (`-`, or `<ms>-<seq>` with both parts below 2**64 and no
+    leading zeros); ValueError otherwise, before it reaches Redis. Any well-formed id is a cursor,
+    whether or not the stream holds it."""
+    if not isinstance(after, str) or not _EVENT_CURSOR.fullmatch(after):
+        raise ValueError(f"not an event cursor: {after!r} (expected '-' or '<ms>-<seq>', each a "
+                         f"decimal number below 2**64)")
+    return after
 
 
 _last_us = 0
@@ -432,7 +467,13 @@ class JobStore:
 
     def events(self, job_id: str, *, after: str = "-", limit: int = 1000,
                block_ms: int | None = None) -> list[dict[str, Any]]:
+        """The job's events after the cursor `after` (exclusive; `-`: from the first), at most
+        `limit`; with `block_ms`, wait that long for one when there is none yet. A malformed
+        cursor is a ValueError (see `check_event_cursor`)."""
+        check_event_cursor(after)
         key = P + f"job:{job_id}:events"
+        if after == STREAM_ID_MAX and block_ms is None:
+            return []  # nothing comes after the largest id (and Redis refuses `(max` as a start)
         with _translate():
             if block_ms is not None:
                 got = self.r.xread({key: after if after != "-" else "0-0"}, count=limit,

@@ -214,3 +214,135 @@ def test_events_stream_as_server_sent_events(api: TestClient) -> None:
     first_id = blocks[0].splitlines()[0].removeprefix("id: ")
     rest = api.get(f"/v1/jobs/{jid}/events?after={first_id}", headers=A).json()["events"]
     assert [e["to"] for e in rest] == ["canceled"]
+
+
+MAX_ID = "18446744073709551615-18446744073709551615"  # the largest id a Redis stream can hold
+BAD_CURSORS = [
+    "075-79099149165990222331",  # issue 13: the sequence overflows 64 bits
+    "18446744073709551616-0",  # 2**64 ms
+    "0-18446744073709551616",  # 2**64 seq
+    "99999999999999999999999999999999999999-1",
+    "-1-0", "0--1", "1", "1-", "-0", "abc", "1-x", "+", "$", ">", "01-0", "0-01", " 1-0",
+    "\u0663-0", "0-\uff11",  # digits of other scripts: int() reads them, Redis does not
+    "",
+]
+
+
+def _canceled_job(api: TestClient) -> str:
+    jid: str = api.post("/v1/jobs", json=SPEC, headers=A).json()["id"]
+    assert api.post(f"/v1/jobs/{jid}/cancel", headers=A).json()["status"] == "canceled"
+    return jid
+
+
+@pytest.mark.parametrize("cursor", BAD_CURSORS)
+def test_events_malformed_cursor_is_422_naming_after(api: TestClient, cursor: str) -> None:
+    jid = _canceled_job(api)
+    for accept in ("application/json", "text/event-stream"):
+        p = problem(api.get(f"/v1/jobs/{jid}/events", params={"after": cursor},
+                            headers={**A, "Accept": accept}), 422, "query.after")
+        assert p["code"] == "invalid_request" and "cursor" in p["detail"]
+
+
+@pytest.mark.parametrize("cursor", [c for c in BAD_CURSORS if c])  # empty is the same as absent
+def test_events_malformed_last_event_id_is_422_naming_it(api: TestClient, cursor: str) -> None:
+    jid = _canceled_job(api)
+    headers = [(b"Authorization", b"Bearer key-alpha"), (b"Accept", b"text/event-stream"),
+               (b"Last-Event-ID", cursor.encode())]  # bytes: other scripts' digits go as UTF-8
+    p = problem(api.get(f"/v1/jobs/{jid}/events", headers=headers), 422, "header.last-event-id")
+    assert p["code"] == "invalid_request"
+
+
+def test_events_well_formed_cursors_that_are_not_in_the_stream(api: TestClient) -> None:
+    jid = _canceled_job(api)
+    everything = api.get(f"/v1/jobs/{jid}/events", headers=A).json()["events"]
+    assert [e["to"] for e in everything] == ["queued", "canceled"]
+    for cursor in ("0-0", "1-0", "1-1", "18446744073709551615-0", "9223372036854775808-5", MAX_ID):
+        r = api.get(f"/v1/jobs/{jid}/events", params={"after": cursor}, headers=A)
+        assert r.status_code == 200, (cursor, r.text)
+        ms = int(cursor.split("-")[0])
+        expected = everything if ms < 10**12 else []
+        assert r.json()["events"] == expected
+        assert r.json()["next"] == (expected[-1]["id"] if expected else cursor)
+    # A cursor between the two events (an id the stream does not hold) gives the second.
+    ms, seq = (int(x) for x in everything[0]["id"].split("-"))
+    between = f"{ms}-{seq + 1}" if everything[1]["id"] != f"{ms}-{seq + 1}" else everything[0]["id"]
+    got = api.get(f"/v1/jobs/{jid}/events", params={"after": between}, headers=A).json()["events"]
+    assert got == everything[1:]
+
+
+def test_events_stream_resumes_from_last_event_id(api: TestClient) -> None:
+    jid = _canceled_job(api)
+    first = api.get(f"/v1/jobs/{jid}/events", headers=A).json()["events"][0]["id"]
+
+    def stream(**headers: str) -> list[str]:
+        with api.stream("GET", f"/v1/jobs/{jid}/events", params={"after": "-"},
+                        headers={**A, "Accept": "text/event-stream", **headers}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            text = "".join(r.iter_text())
+        return [b.splitlines()[0].removeprefix("id: ") for b in text.split("\n\n")
+                if b.startswith("id: ")]
+
+    everything = stream()
+    assert len(everything) == 2 and everything[0] == first
+    assert stream(**{"Last-Event-ID": first}) == everything[1:]  # wins over after=-
+    assert stream(**{"Last-Event-ID": MAX_ID}) == []
+    assert stream(**{"Last-Event-ID": ""}) == everything  # empty: as if absent
+
+
+def test_every_query_and_header_value_that_reaches_redis_is_checked(api: TestClient) -> None:
+    """Malformed list filters, limits and cursors are 422s naming the parameter, never 500s."""
+    jid = _canceled_job(api)
+    cases = [
+        ("/v1/jobs", {"status": "done"}, "query.status"),
+        ("/v1/jobs", {"status": ""}, "query.status"),
+        ("/v1/jobs", {"limit": "0"}, "query.limit"),
+        ("/v1/jobs", {"limit": "101"}, "query.limit"),
+        ("/v1/jobs", {"limit": "99999999999999999999999"}, "query.limit"),
+        ("/v1/jobs", {"limit": "1.5"}, "query.limit"),
+        ("/v1/jobs", {"limit": "ten"}, "query.limit"),
+        ("/v1/jobs", {"after": "J0123"}, "query.after"),
+        ("/v1/jobs", {"after": ""}, "query.after"),
+        ("/v1/jobs", {"after": "a\x00b"}, "query.after"),
+        ("/v1/jobs", {"after": "\u0663"}, "query.after"),
+        ("/v1/jobs", {"after": "a" * 65}, "query.after"),
+        (f"/v1/jobs/{jid}/events", {"limit": "0"}, "query.limit"),
+        (f"/v1/jobs/{jid}/events", {"limit": "1001"}, "query.limit"),
+        (f"/v1/jobs/{jid}/events", {"limit": "-1"}, "query.limit"),
+        (f"/v1/jobs/{jid}/events", {"after": "1-0" + "0" * 60}, "query.after"),
+        (f"/v1/jobs/{jid}/artifacts", {"limit": "0"}, "query.limit"),
+        (f"/v1/jobs/{jid}/artifacts", {"limit": "99999999999999999999999"}, "query.limit"),
+    ]
+    for path, params, field in cases:
+        problem(api.get(path, params=params, headers=A), 422, field)
+    # Well-formed values that match nothing are empty pages, not errors.
+    page = api.get("/v1/jobs", params={"after": "0", "limit": "100"}, headers=A)
+    assert page.status_code == 200 and page.json() == {"jobs": [], "has_more": False, "next": None}
+    assert [j["id"] for j in api.get("/v1/jobs", params={"after": "z"}, headers=A).json()["jobs"]] == [jid]
+    # Job ids that are not ids (non-ASCII letters, NUL, huge) are unknown jobs.
+    for bad in ("j\u00e9", "%00", "J" + jid[1:], "a" * 5000):
+        problem(api.get(f"/v1/jobs/{bad}/events", headers=A), 404)
+
+
+@pytest.mark.parametrize(("raw", "status", "field"), [
+    # A lone surrogate was stored, then every read of the job (and the team's list) was a 500.
+    (b'{"identities": 1, "images_per_identity": 1, "metadata": {"run": "\\udc00x"}}', 422, "metadata.run"),
+    (b'{"identities": 1, "images_per_identity": 1, "metadata": {"\\ud800": "x"}}', 422, "metadata.\\ud800"),
+    (b'{"identities": 1, "images_per_identity": 1, "webhook": {"url": "http://a.example/\\ud800"}}', 422,
+     "webhook.url"),
+    # 1e400 parses as infinity: it was stored, and the 202 could not be written (a 500).
+    (b'{"identities": 1, "images_per_identity": 1, "sampler": {"method": "hyperface", "alpha": 1e400}}', 422,
+     "sampler.hyperface.alpha"),
+    (b'{"identities": 1, "images_per_identity": 1, "variations": {"scale": -1e400}}', 422,
+     "variations.embedding_noise.scale"),
+    # Nesting past the parser's recursion limit (inside the body size limit) was a RecursionError.
+    (b'{"identities": 1, "images_per_identity": 1, "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    (b'{"identities": 1, "images_per_identity": 1, "metadata": ' + b"[" * 600 + b"]" * 600 + b"}", 400, None),
+])
+def test_bodies_that_cannot_be_stored_are_refused_before_redis(api: TestClient, store: JobStore, raw: bytes,
+                                                               status: int, field: str | None) -> None:
+    p = problem(api.post("/v1/jobs", content=raw, headers={**A, "Content-Type": "application/json"}),
+                status, field)
+    assert p["code"] == ("malformed_json" if status == 400 else "invalid_spec")
+    assert store.r.llen("gpu") == 0 and store.list_jobs("alpha")[0] == []  # nothing recorded
+    listed = api.get("/v1/jobs", headers=A)
+    assert listed.status_code == 200 and listed.json()["jobs"] == []

@@ -136,6 +136,26 @@ def test_events_after_cursor_and_blocking_read(store: JobStore) -> None:
     assert store.events(jid, after=first[-1]["id"], block_ms=50) == []
 
 
+@pytest.mark.parametrize("cursor", ["075-79099149165990222331", "18446744073709551616-0",
+                                    "0-18446744073709551616", "-1-0", "1", "01-0", "\u0663-0", "", "$", "+"])
+def test_events_refuse_a_malformed_cursor_before_redis(store: JobStore, cursor: str) -> None:
+    jid = make(store)
+    for block_ms in (None, 10):
+        with pytest.raises(ValueError, match="not an event cursor"):
+            store.events(jid, after=cursor, block_ms=block_ms)
+
+
+def test_events_after_the_largest_id_are_none(store: JobStore) -> None:
+    from app.store import STREAM_ID_MAX
+
+    jid = make(store)
+    assert STREAM_ID_MAX == f"{2**64 - 1}-{2**64 - 1}"
+    assert store.events(jid, after=STREAM_ID_MAX) == []
+    assert store.events(jid, after=STREAM_ID_MAX, block_ms=10) == []
+    assert [e["to"] for e in store.events(jid, after="0-0")] == ["queued"]
+    assert store.events(jid, after=f"{2**64 - 1}-0") == []
+
+
 def test_unreachable_redis_is_a_job_store_error() -> None:
     from app.errors import JobStoreUnavailable
     from app.servers import free_port

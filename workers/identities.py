@@ -1,9 +1,11 @@
 """The identity-sampling stage: reference embeddings for every identity of a job.
 
 `random`: uniform points on the sphere, identity i from derive_seed(seed, "identity", i).
-`hyperface`: a gallery of embeddings of images from the gallery generator (rendered in chunks,
-each saved, so a redelivered task resumes chunk by chunk), then the HyperFace packing started from
-gallery points, checkpointed every `checkpoint_steps` steps and resumed from the latest checkpoint.
+`hyperface`: a gallery of embeddings of images from the gallery generator, an embedding-conditioned
+one (Arc2Face, from random conditioning embeddings) or an unconditional one (StyleGAN2, from random
+latents, as in the paper), rendered in chunks, each saved, so a redelivered task resumes chunk by
+chunk; then the HyperFace packing started from gallery points, checkpointed every
+`checkpoint_steps` steps and resumed from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ def build_gallery(spec: JobSpec, models: ModelCache, storage: Storage, keys: Job
                   chunk: int, hooks: Hooks) -> torch.Tensor:
     """Embeddings [M, E] (job embedder) of `gallery_size` images from the gallery generator.
 
-    Gallery image k is rendered from a uniform conditioning embedding drawn from
-    derive_seed(seed, "gallery", k) with diffusion noise from derive_seed(seed, "gallery-render", k).
+    An embedding-conditioned gallery generator renders image k from a uniform conditioning
+    embedding drawn from derive_seed(seed, "gallery", k) with diffusion noise from
+    derive_seed(seed, "gallery-render", k); a latent one (StyleGAN2, as in the HyperFace paper)
+    from a random latent drawn from derive_seed(seed, "gallery", k) (`_latent_gallery_images`).
     """
     assert isinstance(spec.sampler, HyperFaceSampler)
     m = spec.sampler.gallery_size
@@ -114,20 +118,40 @@ def build_gallery(spec: JobSpec, models: ModelCache, storage: Storage, keys: Job
 
 def _render_gallery(spec: JobSpec, models: ModelCache, name: str, ids: range,
                     hooks: Hooks) -> torch.Tensor:
+    """Job-embedder embeddings [len(ids), E] of gallery images `ids` of generator `name`, each
+    cropped by that generator's alignment."""
     gen, emb = models.generator(name), models.embedder(spec.models.embedder)
     crop = models.cropper(name)
+    latent = catalog.CATALOG[name].conditioning == "latent"
     out = []
     bs = spec.render.batch_size
     for b0 in range(ids.start, ids.stop, bs):
         hooks.check()
         batch = range(b0, min(ids.stop, b0 + bs))
-        cond = torch.cat([uniform_sphere(1, gen.embedding_dim,
-                                         make_generator(derive_seed(spec.seed, "gallery", k)))
-                          for k in batch])  # [B, D]
-        seeds = [derive_seed(spec.seed, "gallery-render", k) for k in batch]
-        images = gen.render(cond, seeds, **pipeline.render_options(spec))  # [B, H, W, 3]
+        if latent:
+            images = _latent_gallery_images(spec, gen, batch)
+        else:
+            cond = torch.cat([uniform_sphere(1, gen.embedding_dim,
+                                             make_generator(derive_seed(spec.seed, "gallery", k)))
+                              for k in batch])  # [B, D]
+            seeds = [derive_seed(spec.seed, "gallery-render", k) for k in batch]
+            images = gen.render(cond, seeds, **pipeline.render_options(spec))  # [B, H, W, 3]
         out.append(emb.embed_images(crop(images).crops).float().cpu())  # [B, E]
     return torch.cat(out)
+
+
+def _latent_gallery_images(spec: JobSpec, gen: Any, batch: range) -> torch.Tensor:
+    """An unconditional generator's gallery images (HyperFace's gallery: randomly synthesised
+    faces), uint8 [B, S, S, 3]: image k from z_k ~ N(0, I) drawn from derive_seed(seed, "gallery",
+    k), mapped to W and truncated as the latent path's random identities are (psi 0.7), with the
+    generator's constant noise. Embedded like any dataset image (crop, then the job's embedder),
+    so any embedder serves, forward-only ones included."""
+    d = int(gen.style_dim)
+    z = torch.stack([make_generator(derive_seed(spec.seed, "gallery", k)).normal(d)
+                     for k in batch])  # [B, D]
+    images: torch.Tensor = gen.render(z, space="z", truncation_psi=latent.RANDOM_TRUNCATION,
+                                      noise_mode="const")  # [B, S, S, 3]
+    return images
 
 
 # ---- the packing ------------------------------------------------------------------------------

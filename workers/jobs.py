@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app import catalog, webhooks
 from app import queue as q
-from app import webhooks
 from app.errors import StorageKeyMissing
 from app.spec import JobSpec
 from app.storage import JobKeys
@@ -91,8 +91,10 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     m = spec.models
     generators = (m.generator, m.gallery_generator or m.generator) if spec.sampler.method == "hyperface" \
         else (m.generator,)
+    # Fast mode is the diffusion generators' (a StyleGAN2 gallery renders no differently).
+    diffusion = tuple(g for g in generators if catalog.CATALOG[g].conditioning == "embedding")
     rt.models.require(*generators, m.embedder,  # fail fast
-                      fast=generators if spec.render.mode == "fast" else ())
+                      fast=diffusion if spec.render.mode == "fast" else ())
     package.reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
     rt.store.transition(job_id, "running")
     enter_stage(rt, job_id, "sampling_identities")

@@ -66,6 +66,7 @@ def _fmr_threshold(m: _Model) -> float | None:
 def _curve_plot(models: dict[str, _Model], det: bool) -> bytes:
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    plotted = False
     for m in models.values():
         if m.rates is None:
             continue
@@ -73,13 +74,18 @@ def _curve_plot(models: dict[str, _Model], det: bool) -> bytes:
         y = fnmr if det else 1 - fnmr
         keep = (fmr > 0) & (y > 0) if det else fmr > 0
         ax.plot(fmr[keep], y[keep], drawstyle="steps-post", label=f"{m.key}: {m.name}")
-    ax.set_xscale("log")
-    if det:
-        ax.set_yscale("log")
+        plotted = plotted or bool(keep.any())
+    if plotted:  # a log axis needs a positive value to draw (matplotlib raises on an empty one)
+        ax.set_xscale("log")
+        if det:
+            ax.set_yscale("log")
     ax.set(xlabel="false match rate", ylabel="false non-match rate" if det else "true match rate",
            title="DET" if det else "ROC")
     if any(m.rates is not None for m in models.values()):
         ax.legend(fontsize="small")
+        if not plotted:  # e.g. genuine and impostor scores apart at every threshold: no error to plot
+            ax.text(0.5, 0.5, "no threshold with both error rates above zero", transform=ax.transAxes,
+                    ha="center")
     else:
         ax.text(0.5, 0.5, "no genuine or impostor pairs", transform=ax.transAxes, ha="center")
     ax.grid(True, which="both", alpha=0.3)

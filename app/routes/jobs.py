@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Services, Submitter, Svc, Team
@@ -28,11 +28,26 @@ from app.problems import field_errors
 from app.queue import SAMPLE_IDENTITIES
 from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
 from app.storage import JobKeys
-from app.store import TERMINAL
+from app.store import (
+    EVENT_CURSOR_MAX_LENGTH,
+    EVENT_CURSOR_PATTERN,
+    TERMINAL,
+    UINT64,
+    check_event_cursor,
+)
 from app.views import job_view
 from app.webhooks import check_spec_webhook, notify
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Event cursors are checked by `check_event_cursor` (its message is readable; the pattern that
+# says the same, for the OpenAPI document, is 900 characters long).
+# Last-Event-ID: an event id as the stream sent it (or `-`); empty is the same as absent.
+LAST_EVENT_ID_PATTERN = rf"^(?:-|{UINT64}-{UINT64})?$"
+
+
+def _last_event_id(v: str) -> str:
+    return check_event_cursor(v) if v else v
 
 StatusFilter = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 
@@ -48,15 +63,64 @@ def _integral_as_int(v: Any) -> Any:
     return v
 
 
+def _lone_surrogate(v: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path to the first string (or object key) holding a lone UTF-16 surrogate (JSON's
+    `"\\ud800"` escape parses to one; it is not a Unicode character and cannot be written back as
+    UTF-8), or None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            here = (*path, k)
+            if (got := _lone_surrogate(k, here)) is not None or (got := _lone_surrogate(x, here)) is not None:
+                return got
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if (got := _lone_surrogate(x, (*path, str(i)))) is not None:
+                return got
+    return None
+
+
+MAX_JSON_DEPTH = 32  # a job spec nests 4 levels; deeper bodies are refused before anything walks them
+
+
+def _too_deep(v: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (iteratively: no recursion)."""
+    stack = [(v, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((y, depth + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return False
+
+
 def parse_spec(body: bytes, svc: Services) -> JobSpec:
     """Bytes -> a spec that can run, or a 4xx naming the field."""
+    too_deep = BadRequest(f"request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+                          code="malformed_json")
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}", code="malformed_json") from e
+    except RecursionError as e:  # the parser's own limit, far below the body size limit
+        raise too_deep from e
+    if _too_deep(data):
+        raise too_deep
     if not isinstance(data, dict):
         raise InvalidSpec("the job spec must be a JSON object",
                           errors=[{"field": "(body)", "message": "expected an object"}])
+    bad = _lone_surrogate(data)
+    if bad is not None:  # refused before it is stored: the job could never be shown again
+        field = ".".join(p.encode("utf-8", "backslashreplace").decode() for p in bad) or "(body)"
+        message = "a string holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape that is not " \
+                  "half of a pair), which is not a Unicode character"
+        raise InvalidSpec(f"{field}: {message}", errors=[{"field": field, "message": message,
+                                                          "type": "invalid_unicode"}])
     try:
         # Strict: a value of the wrong JSON type ("5", true for a number) is refused, not coerced.
         spec = JobSpec.model_validate(_integral_as_int(data), strict=True)
@@ -188,13 +252,26 @@ def cancel_job(job_id: str, svc: Svc, team: Submitter) -> JSONResponse:
 @router.get("/{job_id}/events", summary="The job's event log; text/event-stream when asked",
             responses={200: {"model": JobEvents, "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def job_events(job_id: str, request: Request, svc: Svc, team: Team,
-               after: Annotated[str, Query(max_length=40, pattern=r"^(-|\d+-\d+)$")] = "-",
-               limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> Response:
+               after: Annotated[str, Query(
+                   max_length=EVENT_CURSOR_MAX_LENGTH,
+                   json_schema_extra={"pattern": EVENT_CURSOR_PATTERN},
+                   description="Events after this one: `-` (from the first) or an event id "
+                               "`<ms>-<seq>` (each a decimal number below 2**64, no leading "
+                               "zeros); `next` of the previous page"),
+                   AfterValidator(check_event_cursor)] = "-",
+               limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+               last_event_id: Annotated[str, Header(
+                   max_length=EVENT_CURSOR_MAX_LENGTH,
+                   json_schema_extra={"pattern": LAST_EVENT_ID_PATTERN},
+                   description="text/event-stream: resume after this event id (what an "
+                               "EventSource sends when it reconnects); takes the place of `after`. "
+                               "Empty is the same as absent"),
+                   AfterValidator(_last_event_id)] = "") -> Response:
     _owned(svc, team, job_id)
     if "text/event-stream" not in request.headers.get("accept", ""):
         events = svc.store.events(job_id, after=after, limit=limit)
         return JSONResponse({"events": events, "next": events[-1]["id"] if events else after})
-    last = request.headers.get("last-event-id") or after
+    last = last_event_id or after
     return StreamingResponse(_sse(svc, job_id, last), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
