@@ -42,6 +42,10 @@ SEED_DERIVATION = {
     "identity": "derive_seed(seed, 'identity', i)",
     "variation": "derive_seed(seed, 'variation', i, s)",
     "render": "derive_seed(seed, 'render', i, s)",
+    "gallery": "HyperFace gallery item k: embedding (or latent z) from derive_seed(seed, 'gallery', k), "
+               "diffusion noise from derive_seed(seed, 'gallery-render', k)",
+    "hyperface": "initial points from derive_seed(seed, 'hyperface-init'); batches from "
+                 "derive_seed(seed, 'hyperface')",
 }
 # Latent generators: identity i's z, Langevin's noise, Dispersion's initial offset and per-step
 # noise of sample s, DisCo's covariate mix; each file's `seed` is its dispersion.init seed.
