@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from app.cli import main as cli
 from app.settings import Settings
 from app.spec import JobSpec
+from models.seeding import make_generator
 from workers.local import generate
 from workers.package import ReferenceSetUnavailable
 from workers.shard import QualityShortfall
@@ -157,7 +158,7 @@ def test_leakage_check_finds_a_planted_identity(job: tuple[Path, dict[str, Any]]
                                                 model_dir: Path) -> None:
     out, _ = job
     centres = torch.cat([load_file(p)["centres"] for p in sorted((out / "shards").glob("*/features.safetensors"))])
-    others = torch.nn.functional.normalize(torch.Generator().manual_seed(0).normal(40, centres.shape[1]),
+    others = torch.nn.functional.normalize(make_generator(0).normal(40, centres.shape[1]),
                                            dim=1)
     models = tmp_path / "models"
     models.mkdir()
