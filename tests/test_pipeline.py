@@ -40,9 +40,18 @@ def _files(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+# How far an image may move when its batch is composed differently (another shard plan), in grey
+# levels of the decoded file, measured with this test's job at seeds 0-5 under ATEN_CPU_CAPABILITY
+# default and avx2 with 1 and 2 threads (24 runs of 10 images): PNG, the rendered pixels themselves,
+# differ by at most 1 (0-41 values of an image set: float rounding that straddles a level). JPEG
+# turns such a level into up to 7 (a requantised DCT coefficient moves a whole 8x8 block), with no
+# useful bound, so the test writes PNG; 2 leaves one level of margin over what was measured.
+SHARD_PLAN_MAX_DIFF = 2
+
+
 def test_generate_is_reproducible_and_shard_size_does_not_change_images(
         tmp_path: Path, model_dir: Path) -> None:
-    spec = JobSpec.model_validate(SPEC)
+    spec = JobSpec.model_validate({**SPEC, "output": {"image_format": "png"}})
     m1 = generate(spec, tmp_path / "a", settings=Settings(model_dir=model_dir, shard_identities=2))
     m2 = generate(spec, tmp_path / "b", settings=Settings(model_dir=model_dir, shard_identities=2))
     m3 = generate(spec, tmp_path / "c", settings=Settings(model_dir=model_dir, shard_identities=5))
@@ -54,14 +63,14 @@ def test_generate_is_reproducible_and_shard_size_does_not_change_images(
     assert m1["files"] == m2["files"] and m1["spec_hash"] == m2["spec_hash"]
     assert m1["outputs"] == m2["outputs"]
     # Same images whatever the shard plan: each depends only on (seed, identity, sample), up to
-    # float rounding in differently composed batches.
+    # float rounding in differently composed batches (SHARD_PLAN_MAX_DIFF).
     import numpy as np
     from PIL import Image
 
     for rel in (k for k in a if k.startswith("imagefolder/")):
         x = np.asarray(Image.open(tmp_path / "a" / "dataset" / rel), dtype=np.int16)
         y = np.asarray(Image.open(tmp_path / "c" / "dataset" / rel), dtype=np.int16)
-        assert np.abs(x - y).max() <= 3, rel
+        assert rel.endswith(".png") and np.abs(x - y).max() <= SHARD_PLAN_MAX_DIFF, rel
     assert m3["counts"]["shards"] == 1 and m1["counts"]["shards"] == 3
 
 

@@ -21,7 +21,10 @@ symmetric tiles give the exact log-sum-exp and each row's k largest logits (per-
 into a running [N, k] buffer), and the gradient keeps only those pairs, with p from the exact
 normaliser: ~N²D/2 + O(N k D). Tile buffers are allocated once per pass and reused, and Adam runs
 in place, so a step's memory beyond the state is a few tile² floats and O(N·D).
-`optimize_with_restarts` adds basin hopping (perturb the best packing, re-anneal, keep if better).
+`optimize_with_restarts` finds hard codes (the 24-cell, E8) from random starts: rounds of candidates
+annealed in parallel (dense batched Grams for small N) from a hot soft-max (T = 1) to a hard-min
+polish, each round from perturbations of the best so far (basin hopping), stopping at Rankin's bound
+or when a round gains nothing.
 The stochastic variant takes a random batch of rows per step against all points (the others
 detached): one pass over [B, tile] tiles with an online soft-max that accumulates the gradient as it
 goes (flash-attention style), and lazy Adam that touches only the batch's rows.
@@ -32,15 +35,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from models.sampling.metrics import gram_tiles, nearest_neighbour_angles
+from models.sampling.metrics import gram_tiles, nearest_neighbour_angles, rankin_bound
 from models.sampling.sphere import EPS, normalize
 from models.sampling.variations import scale_for_mean_cosine
 from models.seeding import Stream
 
+# Floor on exp's argument in the dense pass: exp of a float32 below ~-87.3 underflows to a subnormal
+# or zero, which vectorised exp computes 10-30x slower (0.45 ms -> 4-13 ms per 230k entries on
+# AVX2 and on the scalar build); exp(-80) = 2e-35 instead of ~0 next to a row sum >= 1 changes nothing.
+EXP_FLOOR = -80.0
 PRECISIONS = ("float32", "tf32", "bf16")  # config.precision values
 SEPARATIONS = ("mean", "max")  # config.separation values
 
@@ -181,10 +188,13 @@ def _online_lse(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, dim: int, scr
 
 
 def _row_shift(lse: torch.Tensor, separation: str) -> torch.Tensor:
-    """lse_i - log(N w_i), w the rows' weights in L_sep: uniform ("mean") or soft-max of lse ("max")."""
+    """lse_i - log(N w_i), w the rows' weights in L_sep: uniform ("mean") or soft-max of lse ("max").
+
+    lse: [N], or [K, N] for K independent packings (the last dimension is the rows).
+    """
     if separation == "mean":
         return lse
-    return lse - torch.log_softmax(lse, dim=0) - math.log(lse.shape[0])
+    return lse - torch.log_softmax(lse, dim=-1) - math.log(lse.shape[-1])
 
 
 def separation_loss(soft: torch.Tensor, temperature: float, separation: str) -> float:
@@ -538,40 +548,214 @@ def optimize(
     return HyperFaceResult(embeddings=x, history=history, state=state, config=config)
 
 
+# --- packing: candidates annealed in parallel, basin hopping -------------------------------------
+
+# The schedule each candidate of `optimize_with_restarts` is annealed with (pure packing toward the
+# max-min code). It starts hot, T = 1, where the surrogate is a smooth Gaussian energy whose
+# minimiser is the symmetric code, and cools slowly (geometrically, ~530 steps per decade) to 1e-3,
+# so a run tracks the energy minimum while it sharpens into the max-min problem. Cooling fast or
+# starting cold freezes into local optima. Share of random starts that reach the optimum, T 0.1 ->
+# 1e-3 in 800 steps (lr 0.03) vs this schedule: 24 points in 4-d, the 24-cell, 2-3% vs 25-40% (of
+# 128; the rest stall at 58.84°); 240 points in 8-d, E8, 1 of 16 vs 10-12 of 16.
+PACKING = HyperFaceConfig(
+    iterations=1600, learning_rate=0.05, lr_final=0.01, alpha=0.0, temperature=1.0, temperature_final=1e-3,
+    separation="max", neighbours=None, stats_every=None,
+)
+# The hard-min polish that follows: T 1e-3 -> 1e-6 (the surrogate within ~T log N² ~ 1e-5 of the
+# hard max cosine) in steps that stay near the temperature (1e-4 -> 1e-6); steps much larger than T
+# rattle a packing with many contacts (E8 at 3e-4: 59.93° instead of 60°). Only its schedule is
+# used (iterations, learning rates, temperatures); the objective is the run's.
+PACKING_REFINE = HyperFaceConfig(
+    iterations=400, learning_rate=1e-4, lr_final=0.01, alpha=0.0, temperature=1e-3, temperature_final=1e-6,
+    separation="max", neighbours=None, stats_every=None,
+)
+LANE_ENTRIES = 360_000  # candidates annealed together: lanes x N x max(N, M) Gram entries at most
+# (6 lanes of 240 points: E8 comes from 2-4 of every 4 random starts, so 6 a round all miss ~0.2%)
+MAX_LANES = 16  # candidates per round by default (fewer when N x max(N, M) is large)
+BOUND_SLACK = 1e-5  # radians: a packing this close to Rankin's bound is taken to meet it (no better one)
+
+
+@dataclass(frozen=True)
+class PackingResult:
+    embeddings: torch.Tensor  # [N, D] float32 unit rows: the best packing found
+    min_angle: float  # its hard minimum pairwise angle, radians
+    rounds: list[list[float]]  # per round, each candidate's hard minimum angle (radians), refined
+    stopped: str  # "bound" (reached Rankin's bound), "target", "patience" or "rounds"
+
+
+def _dense_pass(x: torch.Tensor, temperature: float, separation: str) -> torch.Tensor:
+    """`_full_pass`'s gradient (of N·L_sep) for K independent packings at once: [K, N, D] -> [K, N, D].
+
+    Through each packing's full Gram [N, N], one exp per entry: q_ij = exp(a_ij - m_i) exp(m_i - shift_i).
+    """
+    a = torch.bmm(x, x.transpose(1, 2)).mul_(1.0 / temperature)  # [K, N, N] logits
+    a.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    m = a.amax(dim=2)  # [K, N] hard max / T
+    e = a.sub_(m[:, :, None]).clamp_min_(EXP_FLOOR).exp_()  # [K, N, N]
+    s = e.sum(dim=2)  # [K, N]
+    shift = _row_shift(m + torch.log(s), separation)  # [K, N]
+    e.mul_(torch.exp(m - shift)[:, :, None])  # N w_i p_ij
+    # row terms E x plus column terms Eᵀ x, as xᵀ Eᵀ + xᵀ E: with D small this layout is ~4x faster
+    xt = x.transpose(1, 2)  # [K, D, N]
+    return torch.bmm(xt, e.transpose(1, 2)).add_(torch.bmm(xt, e)).transpose(1, 2).contiguous()
+
+
+def _anneal(x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConfig) -> torch.Tensor:
+    """Full-batch `optimize` (same loss, Adam, schedules and projection, exact gradient, float32) on
+    K independent packings at once: [K, N, D] unit rows -> [K, N, D]. Memory ~3 K N max(N, M) floats."""
+    x = x.clone()
+    m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
+    b1, b2 = config.beta1, config.beta2
+    target = x
+    for t in range(config.iterations):
+        temperature, lr = temperature_at(config, t), learning_rate_at(config, t)
+        g = _dense_pass(x, temperature, config.separation)  # [K, N, D]
+        if config.alpha > 0:
+            assert gallery is not None
+            if t % config.gallery_refresh == 0:
+                d2 = (gallery * gallery).sum(dim=1) - 2 * torch.matmul(x, gallery.T)  # [K, N, M]
+                target = gallery[d2.argmin(dim=2)]  # [K, N, D]
+            g.add_(x - target, alpha=2 * config.alpha)
+        g.sub_((g * x).sum(dim=2, keepdim=True) * x)  # tangent to the sphere
+        k = t + 1
+        m1.mul_(b1).add_(g, alpha=1 - b1)
+        m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+        update = torch.div(m2, 1 - b2**k).sqrt_().add_(config.eps)
+        update = torch.div(m1, 1 - b1**k).div_(update).mul_(-lr).add_(x)
+        x = update.div_(update.norm(dim=2, keepdim=True).clamp_min(EPS))
+    return x
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block on one intra-op thread (restored after). A dense step on <= LANE_ENTRIES entries
+    is ~15 small ops, which a thread pool only slows down: 6-35x on a busy 2-core machine, where the
+    pool's workers spin between ops and compete with the thread that issues them."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _perturb(x: torch.Tensor, count: int, scale: float, generator: Stream) -> torch.Tensor:
+    """`count` copies of x [N, D], each point moved along a random tangent Gaussian whose RMS length
+    is `scale` radians (to first order), re-projected: [count, N, D]."""
+    n, d = x.shape
+    noise = generator.normal(count, n, d).to(x.device)  # [count, N, D]
+    noise.sub_((noise * x).sum(dim=2, keepdim=True) * x)
+    return normalize(x + noise * (scale / math.sqrt(d - 1)))
+
+
 def optimize_with_restarts(
     init: torch.Tensor,
-    gallery: torch.Tensor | None,
-    config: HyperFaceConfig,
+    gallery: torch.Tensor | None = None,
+    config: HyperFaceConfig = PACKING,
     *,
-    restarts: int,
-    perturbation: float,
     generator: Stream,
+    refine: HyperFaceConfig | None = PACKING_REFINE,
+    lanes: int | None = None,
+    rounds: int = 8,
+    patience: int = 1,
+    perturbation: float = 0.7,
+    min_gain: float = 1e-5,
     target: float | None = None,
     tile: int = 2048,
-) -> tuple[torch.Tensor, float]:
-    """Basin hopping on the full-batch optimiser: (best points [N, D], their minimum angle in radians).
+) -> PackingResult:
+    """The best packing from rounds of candidates annealed in parallel (basin hopping): for hard codes.
 
-    One run from `init`, then up to `restarts` more, each from the best points so far perturbed by
-    `perturbation` x a standard Gaussian (drawn from `generator`) and re-projected, re-annealed with
-    the full schedule of `config`; a run is kept when its hard minimum angle is larger. Stops early
-    once the best reaches `target` (radians). For hard packings whose random starts stall in local
-    optima (e.g. the 24-cell: 58.1-58.9° from random starts, 60° after a few hops at 0.3).
+    Each round anneals `lanes` candidates with `config`'s schedule and then `refine`'s (the hard-min
+    polish; its schedule fields with `config`'s objective), and keeps the one with the largest hard
+    minimum angle if it beats the best so far. Round 0 starts from `init` and lanes - 1 perturbations
+    of it; each later round from `lanes` perturbations of the best, every point moved by a tangent
+    Gaussian of RMS length `perturbation` x the best's mean nearest-neighbour angle (drawn from
+    `generator`). It stops when the best reaches Rankin's bound (`metrics.rankin_bound`, no better
+    code exists) or `target` (radians), after `patience` rounds in a row that gain less than
+    `min_gain` radians, or after `rounds` rounds.
+
+    lanes: None = min(MAX_LANES, LANE_ENTRIES // (N max(N, M))), at least 1. Candidates run together
+    through dense batched Grams while N max(N, M) <= LANE_ENTRIES, one at a time through the tiled
+    `optimize` (config's tile, neighbours, precision) above that. With the defaults a round is 2,000
+    steps: ~0.5 s for 16 candidates of 24 points in 4-d, ~2.5 s for 6 of 240 in 8-d (one AVX2 core).
     """
+    if init.ndim != 2 or init.shape[0] < 2 or init.shape[1] < 2:
+        raise ValueError(f"init: expected [N, D] with N >= 2 and D >= 2, got shape {tuple(init.shape)}")
+    if not torch.isfinite(init).all() or bool((init.norm(dim=1) == 0).any()):
+        raise ValueError("init: rows must be finite and non-zero")
+    n, d = init.shape
     if config.batch_size is not None:
         raise ValueError("config.batch_size: optimize_with_restarts runs the full-batch variant")
-    if restarts < 0 or perturbation < 0:
-        raise ValueError(f"restarts, perturbation: must be >= 0, got {restarts}, {perturbation}")
-    best = optimize(init, gallery, config).embeddings
-    best_angle = float(nearest_neighbour_angles(best, tile).min())
-    for _ in range(restarts):
-        if target is not None and best_angle >= target:
+    _check_config(config, n)
+    polish = None
+    if refine is not None:
+        polish = replace(config, iterations=refine.iterations, learning_rate=refine.learning_rate,
+                         lr_final=refine.lr_final, temperature=refine.temperature,
+                         temperature_final=refine.temperature_final)
+        _check_config(polish, n)
+    if gallery is not None:
+        if gallery.ndim != 2 or gallery.shape[1] != d or gallery.shape[0] < 1:
+            raise ValueError(f"gallery: expected [M, {d}] with M >= 1, got shape {tuple(gallery.shape)}")
+        if not torch.isfinite(gallery).all():
+            raise ValueError("gallery: must be finite")
+        gallery = gallery.to(init.device, torch.float32)
+    if config.alpha > 0 and gallery is None:
+        raise ValueError(f"gallery: required when config.alpha > 0 (alpha = {config.alpha})")
+    checks = {"lanes": (lanes, lanes is None or lanes >= 1), "rounds": (rounds, rounds >= 1),
+              "patience": (patience, patience >= 1), "perturbation": (perturbation, perturbation >= 0),
+              "min_gain": (min_gain, min_gain >= 0)}
+    for name, (value, ok) in checks.items():
+        if not ok:
+            raise ValueError(f"{name}: invalid value {value!r}")
+    width = n * max(n, 0 if gallery is None else gallery.shape[0])  # Gram (and gallery) entries per lane
+    dense = width <= LANE_ENTRIES
+    if lanes is None:
+        lanes = min(MAX_LANES, max(1, LANE_ENTRIES // width))
+    chunk = max(1, LANE_ENTRIES // width)
+
+    def run(starts: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for c0 in range(0, starts.shape[0], chunk if dense else 1):
+            if dense:
+                with _one_thread():
+                    x = _anneal(starts[c0 : c0 + chunk], gallery, config)
+                    out.extend(_anneal(x, gallery, polish) if polish is not None else x)
+            else:
+                x = optimize(starts[c0], gallery, config).embeddings
+                out.append(optimize(x, gallery, polish).embeddings if polish is not None else x)
+        return out
+
+    def spacing(x: torch.Tensor) -> float:
+        return float(nearest_neighbour_angles(x, tile).mean())
+
+    x0 = normalize(init.float())
+    bound = rankin_bound(n, d)
+    best, best_angle = x0, -math.inf
+    history: list[list[float]] = []
+    stale, stopped = 0, "rounds"
+    for r in range(rounds):
+        if r == 0:
+            starts = torch.cat([x0[None], _perturb(x0, lanes - 1, perturbation * spacing(x0), generator)])
+        else:
+            starts = _perturb(best, lanes, perturbation * spacing(best), generator)
+        candidates = run(starts)
+        angles = [float(nearest_neighbour_angles(x, tile).min()) for x in candidates]
+        history.append(angles)
+        i = max(range(len(angles)), key=angles.__getitem__)
+        gain = angles[i] - best_angle
+        if gain > 0:
+            best, best_angle = candidates[i], angles[i]
+        stale = 0 if gain > min_gain else stale + 1
+        if best_angle >= bound - BOUND_SLACK:
+            stopped = "bound"
             break
-        noise = generator.normal(best.shape).to(best.device)
-        x = optimize(normalize(best + perturbation * noise), gallery, config).embeddings
-        angle = float(nearest_neighbour_angles(x, tile).min())
-        if angle > best_angle:
-            best, best_angle = x, angle
-    return best, best_angle
+        if target is not None and best_angle >= target:
+            stopped = "target"
+            break
+        if stale >= patience:
+            stopped = "patience"
+            break
+    return PackingResult(embeddings=best, min_angle=best_angle, rounds=history, stopped=stopped)
 
 
 def init_from_gallery(
