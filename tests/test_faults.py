@@ -562,7 +562,9 @@ def test_a_task_past_its_hard_time_limit_is_requeued_then_fails_with_a_reason(
     silently acknowledged), resumes from its checkpoint each time, and once max_task_attempts
     deliveries have been killed the job fails with a reason naming the limit."""
     t0 = time.monotonic()
-    s = Stack(tmp_path, model_dir, env={"IDFORGE_TASK_TIME_LIMIT_S": "3"})
+    # A checkpoint every step: each 3 s attempt must save progress however slow this machine is
+    # (every 5 steps, attempts on a loaded 2-core machine, or on torch's scalar path, saved none).
+    s = Stack(tmp_path, model_dir, env={"IDFORGE_TASK_TIME_LIMIT_S": "3", "IDFORGE_CHECKPOINT_STEPS": "1"})
     try:
         job_id = submit(s, {"identities": 4, "images_per_identity": 1, "seed": 38, "models": LATENT,
                             "sampler": {"method": "langevin", "iterations": 10_000}})
