@@ -400,6 +400,20 @@ def _check_config(config: HyperFaceConfig, n: int) -> None:
             raise ValueError(f"config.{name}: invalid value {getattr(config, name)!r} (N = {n})")
 
 
+def _check_gallery(gallery: torch.Tensor | None, init: torch.Tensor, config: HyperFaceConfig) -> torch.Tensor | None:
+    """The gallery [M, D] as float32 on init's device, checked against init [N, D] and config.alpha."""
+    d = init.shape[1]
+    if gallery is not None:
+        if gallery.ndim != 2 or gallery.shape[1] != d or gallery.shape[0] < 1:
+            raise ValueError(f"gallery: expected [M, {d}] with M >= 1, got shape {tuple(gallery.shape)}")
+        if not torch.isfinite(gallery).all():
+            raise ValueError("gallery: must be finite")
+        gallery = gallery.to(init.device, torch.float32)
+    if config.alpha > 0 and gallery is None:
+        raise ValueError(f"gallery: required when config.alpha > 0 (alpha = {config.alpha})")
+    return gallery
+
+
 def _initial_state(init: torch.Tensor, generator: Stream | None) -> HyperFaceState:
     x = normalize(init.float())
     n = x.shape[0]
@@ -461,14 +475,7 @@ def optimize(
         raise ValueError("init: rows must be finite and non-zero")
     n, d = init.shape
     _check_config(config, n)
-    if gallery is not None:
-        if gallery.ndim != 2 or gallery.shape[1] != d or gallery.shape[0] < 1:
-            raise ValueError(f"gallery: expected [M, {d}] with M >= 1, got shape {tuple(gallery.shape)}")
-        if not torch.isfinite(gallery).all():
-            raise ValueError("gallery: must be finite")
-        gallery = gallery.to(init.device, torch.float32)
-    if config.alpha > 0 and gallery is None:
-        raise ValueError(f"gallery: required when config.alpha > 0 (alpha = {config.alpha})")
+    gallery = _check_gallery(gallery, init, config)
     stochastic = config.batch_size is not None
     if stochastic and generator is None:
         raise ValueError("generator: required when config.batch_size is set (it draws the batches)")
@@ -693,14 +700,7 @@ def optimize_with_restarts(
                          lr_final=refine.lr_final, temperature=refine.temperature,
                          temperature_final=refine.temperature_final)
         _check_config(polish, n)
-    if gallery is not None:
-        if gallery.ndim != 2 or gallery.shape[1] != d or gallery.shape[0] < 1:
-            raise ValueError(f"gallery: expected [M, {d}] with M >= 1, got shape {tuple(gallery.shape)}")
-        if not torch.isfinite(gallery).all():
-            raise ValueError("gallery: must be finite")
-        gallery = gallery.to(init.device, torch.float32)
-    if config.alpha > 0 and gallery is None:
-        raise ValueError(f"gallery: required when config.alpha > 0 (alpha = {config.alpha})")
+    gallery = _check_gallery(gallery, init, config)
     checks = {"lanes": (lanes, lanes is None or lanes >= 1), "rounds": (rounds, rounds >= 1),
               "patience": (patience, patience >= 1), "perturbation": (perturbation, perturbation >= 0),
               "min_gain": (min_gain, min_gain >= 0)}
