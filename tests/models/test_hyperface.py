@@ -19,7 +19,7 @@ from models.sampling.hyperface import (
     optimize,
     optimize_with_restarts,
 )
-from models.sampling.metrics import min_angle, nearest_neighbour_angles, rankin_bound
+from models.sampling.metrics import min_angle, rankin_bound
 from models.sampling.sphere import normalize, uniform_sphere
 from models.seeding import make_generator
 
@@ -159,7 +159,9 @@ def test_packing_reaches_known_optimum(name, seed, record_property):
     # The defaults of optimize_with_restarts, the same for every case: within TOLERANCE degrees of the
     # optimum from each seed (and never above it: that would mean a wrong table or a wrong angle).
     n, d, optimum = KNOWN[name]
-    result = optimize_with_restarts(uniform_sphere(n, d, make_generator(seed)), generator=make_generator(1000 + seed))
+    result = optimize_with_restarts(
+        uniform_sphere(n, d, make_generator(seed)), generator=make_generator(1000 + seed)
+    )
     record_property("min_angle_deg", deg(result.min_angle))  # in --junitxml: the tables per machine
     record_property("rounds_deg", [[round(deg(a), 5) for a in r] for r in result.rounds])
     assert optimum - TOLERANCE <= deg(result.min_angle) <= optimum + TOLERANCE
@@ -170,7 +172,10 @@ def test_packing_reaches_known_optimum(name, seed, record_property):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", ["cross-polytope 6-d", "simplex 7-d", "Tammes 12 (icosahedron)", "Tammes 24 (snub cube)", "24-cell (D4 roots)"])
+@pytest.mark.parametrize(
+    "name",
+    ["cross-polytope 6-d", "simplex 7-d", "Tammes 12 (icosahedron)", "Tammes 24 (snub cube)", "24-cell (D4 roots)"],
+)
 def test_paper_objective_reaches_known_optimum(name, seed, record_property):
     # the paper's L_sep (mean over rows of the max) has the same optimum on these symmetric codes
     n, d, optimum = KNOWN[name]
@@ -189,8 +194,10 @@ def test_paper_objective_reaches_known_optimum(name, seed, record_property):
 def test_parallel_lanes_follow_optimize(gallery, separation, alpha):
     # the dense batched anneal is optimize's full-batch step (loss, Adam, schedules, gallery refresh)
     starts = normalize(make_generator(2).normal(3, 30, 32))
-    config = HyperFaceConfig(iterations=25, learning_rate=0.02, alpha=alpha, separation=separation, temperature=0.1,
-                             temperature_final=0.01, gallery_refresh=7, neighbours=None, stats_every=None)
+    config = HyperFaceConfig(
+        iterations=25, learning_rate=0.02, alpha=alpha, separation=separation, temperature=0.1,
+        temperature_final=0.01, gallery_refresh=7, neighbours=None, stats_every=None,
+    )
     lanes = hyperface._anneal(starts, gallery, config)
     for k in range(3):
         one = optimize(starts[k], gallery, config).embeddings
@@ -201,7 +208,9 @@ def test_restarts_stopping_rules():
     # short schedules: only the bookkeeping matters. No round after the first can gain min_gain = 1 rad
     # (the optimum is 43.7°), so "patience" comes exactly one round after the first.
     x = uniform_sphere(24, 3, make_generator(0))
-    short = {"config": replace(PACKING, iterations=150), "refine": replace(PACKING_REFINE, iterations=30), "lanes": 3}
+    short = {
+        "config": replace(PACKING, iterations=150), "refine": replace(PACKING_REFINE, iterations=30), "lanes": 3,
+    }
     a = optimize_with_restarts(x, generator=make_generator(1), min_gain=1.0, **short)
     assert a.stopped == "patience" and len(a.rounds) == 2 and all(len(r) == 3 for r in a.rounds)
     assert a.min_angle == max(max(r) for r in a.rounds) == min_angle(a.embeddings)  # the best is kept
@@ -234,8 +243,10 @@ def test_restarts_default_lanes_and_sequential_fallback(monkeypatch):
 def test_restarts_with_gallery_keeps_points_near_it(gallery):
     init = init_from_gallery(gallery, 40, make_generator(4))
     config = replace(PACKING, alpha=1.0, iterations=200)
-    free = optimize_with_restarts(init, gallery, replace(config, alpha=0.0), generator=make_generator(1), rounds=1, lanes=2)
-    pulled = optimize_with_restarts(init, gallery, config, generator=make_generator(1), rounds=1, lanes=2)
+    once = {"generator": make_generator(1), "rounds": 1, "lanes": 2}
+    free = optimize_with_restarts(init, gallery, replace(config, alpha=0.0), **once)
+    once["generator"] = make_generator(1)
+    pulled = optimize_with_restarts(init, gallery, config, **once)
     assert mean_gallery_distance(pulled.embeddings, gallery) < 0.7 * mean_gallery_distance(free.embeddings, gallery)
     assert pulled.min_angle > min_angle(init)
 
