@@ -30,7 +30,7 @@ def main(data_dir: Path = Path(".idforge")) -> int:
     port = 8000 if _port_free(8000) else free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(data_dir.parent / ".idforge-demo.log", "wb") if data_dir.parent.exists() else None
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--data-dir", str(data_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "up", "--data-dir", str(data_dir),
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:

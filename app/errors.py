@@ -1,7 +1,18 @@
 """The service's error tree. Each error knows its HTTP status and its RFC 9457 problem type.
 
-Adapters translate library errors at the boundary: redis errors become `JobStoreUnavailable`,
-botocore errors `StorageError`; the HTTP edge renders every `ServiceError` as problem+json.
+```
+ServiceError (500 internal)
+  BadRequest 400  Unauthorized 401  Forbidden 403  NotFound 404  Conflict 409
+  PayloadTooLarge 413  UnsupportedMediaType 415  InvalidRequest 422  InvalidSpec 422
+  TooManyRequests 429
+  StorageKeyMissing 404 object_not_found     not transient: retrying finds nothing more
+  transient (503; TRANSIENT, retried by the workers before they fail a job):
+    JobStoreUnavailable  StorageError  QueueUnavailable
+```
+
+Adapters translate library errors at the boundary: redis errors become `JobStoreUnavailable`
+(`app/redis_client.py`), botocore errors `StorageError` or `StorageKeyMissing` (`app/storage.py`);
+the HTTP edge renders every `ServiceError` as problem+json.
 """
 
 from __future__ import annotations
@@ -94,5 +105,9 @@ class QueueUnavailable(ServiceError):
     status, code, title = 503, "queue_unavailable", "Task queue unavailable"
 
 
-class StorageKeyMissing(StorageError):
+class StorageKeyMissing(ServiceError):
     status, code, title = 404, "object_not_found", "Object not found"
+
+
+# Outages worth another attempt: the workers retry these before they fail a job.
+TRANSIENT: tuple[type[ServiceError], ...] = (JobStoreUnavailable, StorageError, QueueUnavailable)

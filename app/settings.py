@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.auth import KeyEntry, check_team, parse_key_entries
+from app.credentials import KeyEntry, check_team, parse_key_entries, parse_secrets
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "dev", "development"}
 
@@ -206,7 +206,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_webhooks(self) -> Settings:
-        from app.webhooks import parse_secrets  # app.webhooks imports app.queue, which imports this
 
         try:
             parse_secrets(self.webhook_secret.get_secret_value())
@@ -223,7 +222,6 @@ class Settings(BaseSettings):
     @cached_property
     def webhook_keys(self) -> list[bytes]:
         """HMAC keys that sign webhook deliveries (none in development without a secret)."""
-        from app.webhooks import parse_secrets
 
         return parse_secrets(self.webhook_secret.get_secret_value())
 

@@ -31,42 +31,6 @@ class Storage(Protocol):
     def ping(self) -> None: ...
 
 
-class JobKeys:
-    """Every key of one job, in one place (DESIGN §4)."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root.strip("/")
-
-    @classmethod
-    def for_job(cls, prefix: str, job_id: str) -> JobKeys:
-        if not job_id.isalnum():
-            raise ValueError(f"job_id must be alphanumeric, got {job_id!r}")
-        return cls(f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id)
-
-    def key(self, relative: str) -> str:
-        return f"{self.root}/{relative}" if self.root else relative
-
-    @property
-    def spec(self) -> str:
-        return self.key("spec.json")
-
-    @property
-    def manifest(self) -> str:
-        return self.key("manifest.json")
-
-    @property
-    def identities(self) -> str:
-        return self.key("identities/embeddings.safetensors")
-
-    def shard_done(self, shard: int) -> str:
-        return self.key(f"shards/{shard:05d}/done.json")
-
-    def image(self, identity: int, sample: int, ext: str) -> str:
-        return self.key(f"dataset/imagefolder/{identity:06d}/{sample:03d}.{ext}")
-
-    def relative(self, key: str) -> str:
-        return key[len(self.root) + 1:] if self.root else key
-
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -14,7 +14,6 @@ store and enqueues its delivery by task name; `workers/webhooks.py` sends it.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -24,25 +23,23 @@ import random
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from app.errors import ServiceError
 from app.queue import DELIVER_WEBHOOK
+from app.redis_client import now_iso
 from app.spec import JobSpec, SpecError
 
 if TYPE_CHECKING:
+    from app.jobstore import JobStore
     from app.queue import TaskQueue
-    from app.store import JobStore
 
 log = logging.getLogger("idforge.webhooks")
 
 Event = Literal["completed", "failed", "canceled", "stage"]
 EVENTS: tuple[str, ...] = get_args(Event)
-SECRET_PREFIX = "whsec_"
-SECRET_BYTES = (24, 64)  # Standard Webhooks: at least 24 bytes, at most 64 (512 bits)
 # Receivers should refuse timestamps further than this from their clock (replay protection).
 DEFAULT_TOLERANCE_S = 300
 JITTER = (0.8, 1.0)  # each delay is scaled by a uniform factor in this range
@@ -57,29 +54,6 @@ class WebhookVerificationError(ValueError):
 
 
 # ---- secrets and signatures ---------------------------------------------------------------
-
-
-def parse_secret(value: str) -> bytes:
-    """`whsec_<base64>` -> the HMAC key bytes; ValueError naming what is wrong."""
-    if not value.startswith(SECRET_PREFIX):
-        raise ValueError(f"a webhook secret must start with '{SECRET_PREFIX}' (whsec_ + base64)")
-    try:
-        key = base64.b64decode(value.removeprefix(SECRET_PREFIX), validate=True)
-    except binascii.Error as e:
-        raise ValueError(f"the part of the webhook secret after '{SECRET_PREFIX}' is not base64: {e}") from e
-    lo, hi = SECRET_BYTES
-    if not lo <= len(key) <= hi:
-        raise ValueError(f"a webhook secret must decode to {lo}..{hi} bytes, not {len(key)}")
-    return key
-
-
-def parse_secrets(value: str) -> list[bytes]:
-    """Space-separated secrets (a rotation: the current one first) -> their keys."""
-    return [parse_secret(v) for v in value.split()]
-
-
-def new_secret(n_bytes: int = 32) -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(n_bytes)).decode()
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -169,7 +143,7 @@ def notify(store: JobStore, queue: TaskQueue, job_id: str, event: Event, data: M
             return None
         once = f"stage:{data.get('stage')}" if event == "stage" else event
         msg_id = new_message_id()
-        body = build_payload(event, job_id, data, at=_now_iso())
+        body = build_payload(event, job_id, data, at=now_iso())
         message = json.dumps({"url": url, "event": event_type(event), "body": body.decode()})
         if not store.put_webhook(job_id, once, msg_id, message):
             return None
@@ -187,10 +161,6 @@ def notify(store: JobStore, queue: TaskQueue, job_id: str, event: Event, data: M
             log.error("job %s: could not record it either: %s", job_id, e2.detail)
         return None
     return msg_id
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---- URL and address safety ---------------------------------------------------------------

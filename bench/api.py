@@ -1,7 +1,7 @@
 """API throughput: status polls per second and their latency while a job runs, against `/healthz`.
 
 Everything is real and on this machine: a redis-server, the API under uvicorn as it is deployed
-(`app.api:create_app`, no reload, no access log; `--api-workers` processes), and a Celery worker
+(`app.api.main:create_app`, no reload, no access log; `--api-workers` processes), and a Celery worker
 running a real tiny job (tiny Arc2Face, CPU, one torch thread so that the API keeps its share of a
 small machine). Once the job is rendering, `--clients` keep-alive connections each send
 `GET /v1/jobs/{id}` back to back for `--seconds` (after a one-second warm-up), then the same against
@@ -146,11 +146,11 @@ def service(root: Path, model_dir: Path, api_workers: int) -> Iterator[tuple[int
     procs: list[subprocess.Popen[bytes]] = []
     try:
         worker_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "1"],
+        procs.append(subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--concurrency", "1"],
                                       env=worker_env, stdout=open(root / "worker.log", "wb"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.api:create_app", "--factory", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(api_workers), "--no-access-log", "--log-level", "warning"],
             env=env, stdout=open(root / "api.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
         _wait_http(f"http://127.0.0.1:{port}/healthz", procs[-1], root / "api.log")

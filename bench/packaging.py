@@ -2,7 +2,7 @@
 encoding alone.
 
 The full path is what a render shard does once its 112x112 crops exist: encode each RGB crop with
-the pipeline's own encoder (`models.align.encode_image`: JPEG, quality 95, 4:4:4), make its
+the pipeline's own encoder (`models.alignment.template.encode_image`: JPEG, quality 95, 4:4:4), make its
 WebDataset sample (`.jpg` + `.cls` + `.json`), write the shard's tar to a temp file and upload it
 with `Storage.put_file` (a multipart upload in 8 MiB parts above 8 MiB). The reference encodes the
 same images and does nothing else. The two run shard by shard, interleaved in the same run, so
@@ -38,9 +38,10 @@ import cv2
 import numpy as np
 import torch
 
-from app.storage import MULTIPART_PART, JobKeys, LocalStorage, S3Storage, Storage
+from app.layout import JobKeys
+from app.storage import MULTIPART_PART, LocalStorage, S3Storage, Storage
 from bench import emit, quick_summary, set_threads
-from models.align import encode_image
+from models.alignment.template import encode_image
 from models.seeding import derive_seed
 from workers.formats import webdataset_sample, write_webdataset_tar
 

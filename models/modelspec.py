@@ -20,6 +20,8 @@ Device = str | torch.device
 class ModelUnavailable(Exception):
     """A model's weights are missing, unpinned, or do not match their pinned sha256."""
 
+    code = "model_unavailable"  # the job error code a job fails with
+
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"model {name!r} is unavailable: {reason}")
         self.name = name

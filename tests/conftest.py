@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from app.jobstore import JobStore  # noqa: E402
 from app.servers import RedisServer  # noqa: E402
-from app.store import JobStore  # noqa: E402
 
 TEAM_KEYS = "alpha:key-alpha,beta:key-beta"
 

@@ -82,11 +82,11 @@ class SeaweedS3:
 
 
 class Proc:
-    """A service process (`python -m app.cli ...`) with its output in a log file."""
+    """A service process (`python -m workers.cli ...`) with its output in a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], env=env,
                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

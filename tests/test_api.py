@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.api.main import create_app
+from app.jobstore import JobStore
 from app.servers import RedisServer
 from app.settings import Settings
-from app.store import JobStore
 from tests.conftest import TEAM_KEYS
 
 A = {"Authorization": "Bearer key-alpha"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from app.cli import main
 from models.registry import ensure_model
+from workers.cli import main
 
 
 def _run(args: list[str], env: dict[str, str]) -> tuple[int, str]:

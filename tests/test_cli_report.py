@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from app.cli import main
 from app.servers import RedisServer
 from tests.ui_fixtures import FAILURE, PLOTS, Live, live_api
+from workers.cli import main
 
 pytestmark = pytest.mark.integration
 

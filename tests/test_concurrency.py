@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
            "IDFORGE_STORAGE_DIR": str(root / "storage"), "IDFORGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
            # The limiter and the quotas (tested elsewhere) would refuse a burst of 500 jobs.
            "IDFORGE_RATE_LIMIT_PER_S": "0", "IDFORGE_MAX_CONCURRENT_JOBS": "0", "IDFORGE_MAX_IMAGES_PER_DAY": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api:create_app", "--factory", "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--host",
                              "127.0.0.1", "--port", str(port), "--workers", "2", "--no-access-log",
                              "--log-level", "warning", "--backlog", "4096"],
                             env=env, stdout=open(root / "api.log", "wb"), stderr=subprocess.STDOUT,

@@ -42,7 +42,7 @@ def up(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[tu
 
 def cli(url: str, key: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "IDFORGE_URL": url, "IDFORGE_API_KEY": key}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], input=stdin, env=env,
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], input=stdin, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -93,7 +93,7 @@ def test_cli_submit_refused_spec_and_wrong_key(up: tuple[str, str, Path]) -> Non
 def test_cli_submit_wait_fails_when_the_job_is_canceled(up: tuple[str, str, Path]) -> None:
     url, key, _ = up
     spec = {"identities": 40, "images_per_identity": 8, "render": {"steps": 8, "batch_size": 2}}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "submit", "-", "--wait"],
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "submit", "-", "--wait"],
                             env={**os.environ, "IDFORGE_URL": url, "IDFORGE_API_KEY": key},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -33,13 +33,14 @@ import pytest
 
 from app.client import Client
 from app.errors import JobStoreUnavailable, StorageError, StorageKeyMissing
+from app.jobstore import JobStore
 from app.servers import RedisServer, free_port
 from app.settings import Settings
 from app.storage import S3Storage
-from app.store import JobStore
 from tests.conftest import TEAM_KEYS
 from tests.faultproxy import FaultProxy
 from tests.servers import S3_KEY, S3_SECRET, Proc, SeaweedS3, wait_http
+from workers.tasking import TaskLedger
 
 pytestmark = pytest.mark.integration
 
@@ -387,7 +388,7 @@ def test_a_task_that_kills_its_worker_every_time_fails_with_a_reason(stack: Stac
     assert err["code"] == "worker_lost" and err["stage"] == "rendering"
     assert "render_shard:1" in err["message"] and "max_task_attempts=3" in err["message"]
     assert "started 3 times" in err["message"]
-    assert stack.store.attempts(job_id)["render_shard:1"] == 4  # the fourth delivery failed the job
+    assert TaskLedger(stack.store.r).attempts(job_id)["render_shard:1"] == 4  # the fourth delivery failed the job
     print(f"\nkilled on every start: {len(killed)} kills, then failed ({time.monotonic() - t0:.1f} s)")
     wait_for(lambda: _pool_children(stack.workers[0].proc.pid), 60, "a fresh pool process")
 
@@ -605,7 +606,7 @@ def test_time_limit_settings_reach_the_celery_config() -> None:
 # ---- the lease, in process ------------------------------------------------------------------------
 
 class _Task:
-    """What celery_app._run uses of a bound Celery task: its name, its request, apply_async."""
+    """What tasking.run uses of a bound Celery task: its name, its request, apply_async."""
 
     name = "idforge.render_shard"
 
@@ -641,43 +642,48 @@ def _job(store: JobStore) -> str:
 
 
 def test_lease_is_exclusive_renewable_and_only_its_holder_releases_it(store: JobStore) -> None:
-    assert store.acquire_lease("j1", "render_shard:0", "a", 0.5)
-    assert not store.acquire_lease("j1", "render_shard:0", "b", 5)
-    assert not store.renew_lease("j1", "render_shard:0", "b", 5) and not store.release_lease("j1", "render_shard:0", "b")
-    assert store.acquire_lease("j1", "render_shard:1", "b", 5)  # another task of the job: its own lease
-    assert store.renew_lease("j1", "render_shard:0", "a", 0.3)
+    from workers.tasking import TaskLedger
+
+    ledger = TaskLedger(store.r)
+    assert ledger.acquire_lease("j1", "render_shard:0", "a", 0.5)
+    assert not ledger.acquire_lease("j1", "render_shard:0", "b", 5)
+    assert not ledger.renew_lease("j1", "render_shard:0", "b", 5) and not ledger.release_lease("j1", "render_shard:0", "b")
+    assert ledger.acquire_lease("j1", "render_shard:1", "b", 5)  # another task of the job: its own lease
+    assert ledger.renew_lease("j1", "render_shard:0", "a", 0.3)
     time.sleep(0.4)  # lapsed: a crashed holder's lease frees itself
-    assert store.lease_holder("j1", "render_shard:0") is None
-    assert store.renew_lease("j1", "render_shard:0", "a", 5)  # nobody took it: the holder takes it back
-    assert store.release_lease("j1", "render_shard:0", "a") and store.lease_holder("j1", "render_shard:0") is None
+    assert ledger.lease_holder("j1", "render_shard:0") is None
+    assert ledger.renew_lease("j1", "render_shard:0", "a", 5)  # nobody took it: the holder takes it back
+    assert ledger.release_lease("j1", "render_shard:0", "a") and ledger.lease_holder("j1", "render_shard:0") is None
 
 
 def test_the_heartbeat_keeps_a_running_task_s_lease(store: JobStore) -> None:
-    from workers.celery_app import TaskLease
+    from workers.tasking import TaskLease, TaskLedger
 
-    lease = TaskLease(store, "j2", "finalize", ttl_s=0.6)
+    ledger = TaskLedger(store.r)
+    lease = TaskLease(ledger, "j2", "finalize", ttl_s=0.6)
     assert lease.acquire()
     time.sleep(2.0)  # > 3 leases long: renewed every 0.2 s
-    assert store.lease_holder("j2", "finalize") == lease.holder
-    assert not TaskLease(store, "j2", "finalize", ttl_s=0.6).acquire()
+    assert ledger.lease_holder("j2", "finalize") == lease.holder
+    assert not TaskLease(ledger, "j2", "finalize", ttl_s=0.6).acquire()
     lease.release()
-    assert store.lease_holder("j2", "finalize") is None and not lease.lost
+    assert ledger.lease_holder("j2", "finalize") is None and not lease.lost
 
 
 def test_a_delivery_that_finds_the_lease_waits_and_a_done_task_never_runs_again(runtime: Any) -> None:
-    from workers import celery_app
+    from workers import tasking
 
     store: JobStore = runtime.store
+    ledger = tasking.TaskLedger(store.r)
     job_id, task, ran = _job(store), _Task(), []
-    assert store.acquire_lease(job_id, "render_shard:0", "elsewhere:1:x", 30)
-    celery_app._run(task, job_id, "render_shard:0", lambda rt, j, shard: ran.append(shard), 0)
+    assert ledger.acquire_lease(job_id, "render_shard:0", "elsewhere:1:x", 30)
+    tasking.run(task, job_id, "render_shard:0", lambda rt, j, shard: ran.append(shard), 0)
     assert ran == [] and task.sent == [([job_id, 0], 15)]  # sent again for later
-    assert store.attempts(job_id) == {}  # a deferral is not an attempt
-    store.release_lease(job_id, "render_shard:0", "elsewhere:1:x")
+    assert ledger.attempts(job_id) == {}  # a deferral is not an attempt
+    ledger.release_lease(job_id, "render_shard:0", "elsewhere:1:x")
     for _ in range(3):  # the first runs it; late redeliveries find it done
-        celery_app._run(task, job_id, "render_shard:0", lambda rt, j, shard: ran.append(shard), 0)
-    assert ran == [0] and store.attempts(job_id) == {"render_shard:0": 1} and len(task.sent) == 1
-    assert store.lease_holder(job_id, "render_shard:0") is None
+        tasking.run(task, job_id, "render_shard:0", lambda rt, j, shard: ran.append(shard), 0)
+    assert ran == [0] and ledger.attempts(job_id) == {"render_shard:0": 1} and len(task.sent) == 1
+    assert ledger.lease_holder(job_id, "render_shard:0") is None
     kinds = [(e["type"], e.get("task"), e.get("outcome")) for e in store.events(job_id) if e["type"].startswith("task_")]
     assert kinds == [("task_started", "render_shard:0", None), ("task_ended", "render_shard:0", "returned")]
 
@@ -685,17 +691,17 @@ def test_a_delivery_that_finds_the_lease_waits_and_a_done_task_never_runs_again(
 def test_the_soft_time_limit_fails_the_job_with_a_reason(runtime: Any) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from workers import celery_app
+    from workers import tasking
 
     def slow(rt: Any, job_id: str) -> None:
         raise SoftTimeLimitExceeded()  # what Celery raises inside the task at the soft limit
 
     job_id = _job(runtime.store)
-    celery_app._run(_Task(), job_id, "sample_identities", slow)
+    tasking.run(_Task(), job_id, "sample_identities", slow)
     job = runtime.store.get(job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "task_timeout"
     assert "soft time limit of 7 s (IDFORGE_TASK_SOFT_TIME_LIMIT_S)" in job["error"]["message"]
-    assert runtime.store.lease_holder(job_id, "sample_identities") is None
+    assert tasking.TaskLedger(runtime.store.r).lease_holder(job_id, "sample_identities") is None
 
 
 # ---- soak: `make soak` ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app.api import create_app
+from app.api.main import create_app
 from app.servers import RedisServer, free_port
 from app.settings import Settings
 from tests.conftest import TEAM_KEYS

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import torch
 
+from app.layout import JobKeys
 from app.settings import Settings
 from app.spec import JobSpec, SpecError, check_models
-from app.storage import JobKeys, LocalStorage
+from app.storage import LocalStorage
 from models.registry import Registry
 from workers import identities
+from workers.errors import Canceled
 from workers.local import generate
-from workers.pipeline import Canceled
 from workers.runtime import ModelCache
 
 HF: dict[str, Any] = {
@@ -209,7 +210,7 @@ def test_fast_mode_with_a_stylegan2_gallery_needs_only_arc2faces_lcm_lora(
     from app.queue import TaskQueue
     from models.registry import ensure_model, file_sha256, load_generator, load_overrides
     from tests.models.test_arc2face import kohya_state, lcm_lora_factors
-    from workers import celery_app, jobs, runtime
+    from workers import jobs, runtime, tasking
     from workers.runtime import Runtime
 
     root = tmp_path / "models"
@@ -237,11 +238,11 @@ def test_fast_mode_with_a_stylegan2_gallery_needs_only_arc2faces_lcm_lora(
         class request:
             retries = 0
 
-    celery_app._run(Task(), made.job_id, "sample_identities", jobs.sample_identities)
+    tasking.run(Task(), made.job_id, "sample_identities", jobs.sample_identities)
     job = store.get(made.job_id)
     assert job is not None and job["status"] == "running", job.get("error") if job else None
-    celery_app._run(Task(), made.job_id, "render_shard:0", jobs.render_shard, 0)
-    celery_app._run(Task(), made.job_id, "finalize", jobs.finalize)
+    tasking.run(Task(), made.job_id, "render_shard:0", jobs.render_shard, 0)
+    tasking.run(Task(), made.job_id, "finalize", jobs.finalize)
     job = store.get(made.job_id)
     assert job is not None and job["status"] == "succeeded", job
     manifest = json.loads(rt.storage.get_bytes(JobKeys.for_job(s.s3_prefix, made.job_id).manifest))

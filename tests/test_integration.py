@@ -140,7 +140,7 @@ def test_every_format_the_report_and_a_byte_identical_reproduction(
     import webdataset as wds
     from click.testing import CliRunner
 
-    from app.cli import main as cli
+    from workers.cli import main as cli
 
     spec = {"identities": 4, "images_per_identity": 3, "seed": 21, "render": {"steps": 2, "batch_size": 4},
             "output": {"formats": ["imagefolder", "webdataset", "recordio"]}}
@@ -181,7 +181,7 @@ def test_every_format_the_report_and_a_byte_identical_reproduction(
     # Under another CPU instruction set (no SIMD in torch) the bytes may differ: each image that does
     # is measured against the job's copy, fetched through its presigned URL.
     if platform_block("cpu")["cpu_capability"] != "DEFAULT":
-        p = subprocess.run([sys.executable, "-m", "app.cli", "reproduce", job_id, "--url", service.url,
+        p = subprocess.run([sys.executable, "-m", "workers.cli", "reproduce", job_id, "--url", service.url,
                             "--out", str(tmp_path / "isa"), "--json"], capture_output=True, text=True,
                            env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, timeout=280, check=False)
         assert p.returncode == 0, p.stdout + p.stderr

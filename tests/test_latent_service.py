@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from app.layout import JobKeys
 from app.settings import Settings
 from app.spec import JobSpec, SpecError, check_models
-from app.storage import JobKeys, LocalStorage
+from app.storage import LocalStorage
 from models.registry import Registry
 from workers import identities
+from workers.errors import Canceled
 from workers.local import generate
-from workers.pipeline import Canceled
 from workers.runtime import ModelCache
 
 LATENT: dict[str, Any] = {

@@ -12,7 +12,7 @@ from app import catalog
 PROBE = r"""
 import json, sys
 from fastapi.testclient import TestClient
-from app.api import create_app
+from app.api.main import create_app
 from app.settings import Settings
 import app.cli  # the CLI module too: its heavy commands import lazily
 settings = Settings(redis_url=sys.argv[1], api_keys="alpha:k", storage_dir=sys.argv[2])

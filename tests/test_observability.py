@@ -18,12 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import metrics
-from app.api import create_app
+from app import telemetry
+from app.api.main import create_app
+from app.jobstore import JobStore
 from app.logs import log_context, setup_logging
 from app.servers import RedisServer, free_port
 from app.settings import Settings
-from app.store import JobStore
 from tests.conftest import TEAM_KEYS
 from tests.servers import Proc, wait_http
 
@@ -51,7 +51,7 @@ def make_job(store: JobStore, owner: str = "alpha") -> str:
 
 
 def test_stage_clock_observes_each_stage_once(store: JobStore) -> None:
-    t = metrics.Telemetry(store.r)
+    t = telemetry.Telemetry(store.r)
     jid = make_job(store)
     assert t.enter_stage(jid, "sampling_identities")
     time.sleep(0.3)
@@ -72,16 +72,16 @@ def test_stage_clock_observes_each_stage_once(store: JobStore) -> None:
 
 def test_histogram_buckets_are_cumulative(store: JobStore) -> None:
     # Durations land in the first bucket whose bound is >= them; bounds stay cumulative.
-    store.r.hset(metrics.STAGE + "rendering", mapping={"b0": 2, "b3": 1, f"b{len(metrics.STAGE_BUCKETS)}": 4,
+    store.r.hset(telemetry.STAGE + "rendering", mapping={"b0": 2, "b3": 1, f"b{len(telemetry.STAGE_BUCKETS)}": 4,
                                                        "sum": 99999.5, "count": 7})
-    h = metrics.Telemetry(store.r).snapshot(store, [], None).stages["rendering"]
+    h = telemetry.Telemetry(store.r).snapshot(store, [], None).stages["rendering"]
     counts = dict(h.buckets)
     assert counts[0.5] == 2 and counts[2.5] == 2 and counts[5] == 3 and counts[86400] == 3
     assert counts[float("inf")] == 7 == h.count
 
 
 def test_images_counter_and_heartbeats(store: JobStore) -> None:
-    t = metrics.Telemetry(store.r)
+    t = telemetry.Telemetry(store.r)
     t.count_images(5)
     t.count_images(0)
     t.count_images(7)
@@ -93,7 +93,7 @@ def test_images_counter_and_heartbeats(store: JobStore) -> None:
     time.sleep(0.4)  # host-b's three 0.1 s beats are over
     t.goodbye("host-c:3")
     # A worker silent for more than an hour is dropped by the next heartbeat.
-    store.r.hset(metrics.WORKERS, "gone:9", json.dumps({"seen": time.time() - 4000, "ttl": 30}))
+    store.r.hset(telemetry.WORKERS, "gone:9", json.dumps({"seen": time.time() - 4000, "ttl": 30}))
     t.heartbeat("host-a:1", 10)
     beats = {w.name: w for w in t.workers()}
     assert set(beats) == {"host-a:1", "host-b:2"}
@@ -144,7 +144,7 @@ def test_metrics_agree_across_api_processes(two_apis: tuple[TestClient, TestClie
     b.post("/v1/jobs", json=SPEC, headers=B)
     assert a.post(f"/v1/jobs/{ids[0]}/cancel", headers=A).json()["status"] == "canceled"
     store.transition(ids[1], "running")
-    t = metrics.Telemetry(store.r)
+    t = telemetry.Telemetry(store.r)
     t.enter_stage(ids[1], "rendering")
     t.count_images(40)
     t.heartbeat("node-1:100", 5)

@@ -16,14 +16,13 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from app.cli import main as cli
 from app.settings import Settings
 from app.spec import JobSpec
 from models.seeding import make_generator
-from workers.local import generate
-from workers.package import ReferenceSetUnavailable
-from workers.shard import QualityShortfall
 from tests.test_formats import read_record, unpack
+from workers.cli import main as cli
+from workers.errors import QualityShortfall, ReferenceUnavailable
+from workers.local import generate
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 3, "seed": 5, "render": {"steps": 2, "batch_size": 4},
                         "output": {"formats": ["imagefolder", "webdataset", "recordio"]}}
@@ -173,7 +172,7 @@ def test_leakage_check_finds_a_planted_identity(job: tuple[Path, dict[str, Any]]
     assert m["reference_set"]["name"] == "planted" and len(m["reference_set"]["sha256"]) == 64
     top = json.loads((tmp_path / "l" / "report/report.json").read_bytes())["leakage"]["top_pairs"][0]
     assert (top["identity"], top["reference_row"]) == (3, 20)
-    with pytest.raises(ReferenceSetUnavailable, match="no file"):
+    with pytest.raises(ReferenceUnavailable, match="no file"):
         generate(JobSpec.model_validate({**SPEC, "quality": {"leakage": {"reference": "absent"}}}), tmp_path / "x",
                  settings=Settings(model_dir=models))
 
@@ -209,7 +208,7 @@ def test_contact_sheet_shows_the_dataset_images(job: tuple[Path, dict[str, Any]]
 
 
 def test_index_rows_map_label_flips_through_each_identitys_kept_samples() -> None:
-    from workers.package import index_rows
+    from workers.finalize import index_rows
 
     def f(i: int, s: int) -> dict[str, Any]:
         return {"path": f"dataset/imagefolder/{i:06d}/{s:03d}.jpg", "identity": i, "sample": s, "seed": 1,

@@ -10,15 +10,17 @@ from typing import Any
 
 import pytest
 
+from app.jobstore import JobStore
+from app.layout import JobKeys
 from app.queue import FINALIZE, RENDER_SHARD, TaskQueue
 from app.servers import RedisServer
 from app.settings import Settings
 from app.spec import JobSpec
-from app.storage import JobKeys, LocalStorage
-from app.store import JobStore
-from models.cropping import Cropper
+from app.storage import LocalStorage
+from models.alignment.cropper import Cropper
 from models.registry import Registry
-from workers import jobs, package, pipeline
+from workers import finalize, jobs, pipeline
+from workers.errors import Canceled, JobGone
 from workers.local import generate
 from workers.runtime import ModelCache, Runtime
 
@@ -125,7 +127,7 @@ def test_orchestration_runs_shards_and_tolerates_redelivery(rt: Runtime) -> None
     job = rt.store.get(job_id)
     assert job is not None and job["progress"]["images_done"] == 10
     jobs.finalize(rt, job_id)
-    with pytest.raises(jobs.JobGone):  # a second finalize finds a terminal job: nothing to do
+    with pytest.raises(JobGone):  # a second finalize finds a terminal job: nothing to do
         jobs.finalize(rt, job_id)
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "succeeded", job
@@ -157,7 +159,7 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
 
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
     refs = pipeline.load_identities(rt.storage, keys)[0:2]
-    with pytest.raises(pipeline.Canceled):
+    with pytest.raises(Canceled):
         pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
                               rt.models.embedder("iresnet-tiny"), rt.storage, keys,
                               should_stop=stop_after_two)
@@ -165,7 +167,7 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
     # A shard's outputs are written when it completes: a canceled shard leaves none.
     assert list(rt.storage.list_keys(keys.key("dataset"))) == []
     assert not rt.storage.exists(keys.shard_done(0))
-    with pytest.raises(jobs.JobGone):
+    with pytest.raises(JobGone):
         jobs.render_shard(rt, job_id, 1)  # the next task sees `canceling` and finishes the cancel
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "canceled"
@@ -173,13 +175,13 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
 
 
 def test_a_task_that_keeps_killing_its_worker_fails_the_job(rt: Runtime, monkeypatch: Any) -> None:
-    from workers import celery_app, runtime
+    from workers import runtime, tasking
 
     monkeypatch.setattr(runtime, "_runtime", rt)
     job_id, _ = _submit(rt, SPEC)
     rt.store.transition(job_id, "running")
     for _ in range(rt.settings.max_task_attempts):  # deliveries that died mid-task
-        rt.store.incr_attempt(job_id, "render_shard:0")
+        tasking.TaskLedger(rt.store.r).incr_attempt(job_id, "render_shard:0")
 
     class Task:
         name = "idforge.test"
@@ -187,7 +189,7 @@ def test_a_task_that_keeps_killing_its_worker_fails_the_job(rt: Runtime, monkeyp
         class request:
             retries = 0
 
-    celery_app._run(Task(), job_id, "render_shard:0", jobs.render_shard, 0)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "render_shard:0", jobs.render_shard, 0)  # type: ignore[arg-type]
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "failed"
     assert job["error"]["code"] == "worker_lost" and "render_shard:0" in job["error"]["message"]
@@ -222,12 +224,12 @@ def test_images_without_a_face_are_flagged_and_counted(rt: Runtime) -> None:
     assert [f["aligned"] for f in res.files] == [False] * 4
     shard = pipeline.load_shard(rt.storage, keys, 0)
     assert shard["alignment"] == "landmarks"
-    assert package.counts(spec, [shard])["alignment_failures"] == 4
+    assert finalize.counts(spec, [shard])["alignment_failures"] == 4
 
 
 def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
         rt: Runtime, monkeypatch: Any) -> None:
-    from workers import celery_app, runtime
+    from workers import runtime, tasking
 
     monkeypatch.setattr(runtime, "_runtime", rt)
     job_id, _ = _submit(rt, {**SPEC, "models": {"embedder": "arcface-r50"}})
@@ -238,7 +240,7 @@ def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
         class request:
             retries = 0
 
-    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "failed"
     assert job["error"]["code"] == "model_unavailable"
@@ -252,7 +254,7 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
 
     from models.registry import ensure_model, file_sha256, load_generator, load_overrides
     from tests.models.test_arc2face import kohya_state, lcm_lora_factors
-    from workers import celery_app, runtime
+    from workers import runtime, tasking
 
     monkeypatch.setattr(runtime, "_runtime", rt)
     body = {**SPEC, "identities": 2, "images_per_identity": 1, "render": {"mode": "fast"}}
@@ -266,7 +268,7 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
 
     # Without its LCM-LoRA weights the job fails at its first task, saying which file goes where.
     job_id, _ = _submit(rt, body)
-    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "failed" and job["error"]["code"] == "model_unavailable"
     assert "lcm-lora/pytorch_lora_weights.safetensors" in job["error"]["message"]
@@ -285,9 +287,9 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
                       models=ModelCache(Registry(models, load_overrides(pins)), "cpu"))
     monkeypatch.setattr(runtime, "_runtime", fast_rt)
     job_id, _ = _submit(rt, body)
-    celery_app._run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
-    celery_app._run(Task(), job_id, "render_shard:0", jobs.render_shard, 0)  # type: ignore[arg-type]
-    celery_app._run(Task(), job_id, "finalize", jobs.finalize)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "sample_identities", jobs.sample_identities)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "render_shard:0", jobs.render_shard, 0)  # type: ignore[arg-type]
+    tasking.run(Task(), job_id, "finalize", jobs.finalize)  # type: ignore[arg-type]
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "succeeded", job
     manifest = json.loads(rt.storage.get_bytes(JobKeys.for_job(rt.settings.s3_prefix, job_id).manifest))

@@ -92,7 +92,8 @@ def _digest(t: torch.Tensor) -> str:
 
 def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
     """Digests of job draws, named by the call: each is seed-defined, so the same bits everywhere."""
-    from models.sampling import covariates, dispersion, langevin, variations
+    from models.sampling import covariates, dispersion, langevin
+    from models.sampling.embedding_noise import embedding_noise
     from models.sampling.random import sample_identities
     from models.sampling.sphere import uniform_sphere
     from models.seeding import make_generator
@@ -111,7 +112,7 @@ def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
         "uniform_sphere(1000, 512, make_generator(123))":
             lambda: uniform_sphere(1000, 512, make_generator(123)),
         "embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, first_sample=2)":
-            lambda: variations.embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7,
+            lambda: embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7,
                                                first_sample=2),
         "langevin_noise(7, range(5), 3, 512)": lambda: langevin.langevin_noise(7, range(5), 3, 512),
         "dispersion._normals(INIT_PURPOSE, 7, [0, 4, 9], 3, 64, first=1)":

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from app.cli import main as cli
+from workers.cli import main as cli
 from workers.provenance import platform_block, platform_differences
 from workers.reproduce import DEFAULT_MIN_COSINE
 
@@ -35,7 +35,7 @@ def _idforge(args: list[str], model_dir: Path, **env: str) -> subprocess.Complet
     full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     full.update({"HF_HUB_OFFLINE": "1", "IDFORGE_MODEL_DIR": str(model_dir), "IDFORGE_SHARD_IDENTITIES": "2",
                  **env})
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=full, capture_output=True,
                           text=True, timeout=280, check=False)
 
 

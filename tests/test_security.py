@@ -22,17 +22,19 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app import limits
-from app.api import create_app
-from app.auth import SCOPES, KeyRing, effective_scopes, key_digest, key_id, parse_key_entries
-from app.cli import main as cli_main
+from app.api import limits
+from app.api.auth import KeyRing
+from app.api.main import create_app
+from app.credentials import SCOPES, effective_scopes, key_digest, key_id, parse_key_entries
 from app.errors import TooManyRequests
+from app.jobstore import JobStore
+from app.layout import JobKeys
 from app.servers import RedisServer, free_port
 from app.settings import Settings
 from app.spec import JobSpec
-from app.storage import JobKeys, LocalStorage, S3Storage, Storage, sha256_hex
-from app.store import JobStore
+from app.storage import LocalStorage, S3Storage, Storage, sha256_hex
 from tests.conftest import TEAM_KEYS
+from workers.cli import main as cli_main
 
 A = {"Authorization": "Bearer key-alpha"}
 B = {"Authorization": "Bearer key-beta"}

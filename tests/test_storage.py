@@ -12,8 +12,9 @@ import pytest
 from botocore.config import Config
 
 from app.errors import StorageError, StorageKeyMissing
+from app.layout import JobKeys
 from app.servers import free_port
-from app.storage import MULTIPART_PART, JobKeys, LocalStorage, S3Storage, Storage
+from app.storage import MULTIPART_PART, LocalStorage, S3Storage, Storage
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from app.store import JobStore
+from app.jobstore import JobStore
 
 SPEC = {"identities": 2, "images_per_identity": 3}
 
@@ -146,7 +146,7 @@ def test_events_refuse_a_malformed_cursor_before_redis(store: JobStore, cursor: 
 
 
 def test_events_after_the_largest_id_are_none(store: JobStore) -> None:
-    from app.store import STREAM_ID_MAX
+    from app.jobstore import STREAM_ID_MAX
 
     jid = make(store)
     assert STREAM_ID_MAX == f"{2**64 - 1}-{2**64 - 1}"

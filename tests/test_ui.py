@@ -17,11 +17,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.api.main import create_app
+from app.jobstore import JobStore
+from app.layout import JobKeys
 from app.servers import RedisServer
 from app.settings import Settings
-from app.storage import JobKeys, LocalStorage
-from app.store import JobStore
+from app.storage import LocalStorage
 from tests.conftest import TEAM_KEYS
 from tests.ui_fixtures import FAILURE, PLOTS, PREFIX, QUALITY, Live, live_api, seed
 

@@ -30,11 +30,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import webhooks as wh
-from app.api import create_app
+from app.api.main import create_app
 from app.client import Client
+from app.credentials import parse_secret
+from app.jobstore import JobStore
 from app.servers import RedisServer, free_port
 from app.settings import Settings
-from app.store import JobStore
 from tests.conftest import TEAM_KEYS
 from tests.servers import Proc, wait_http
 from workers.webhooks import Target, post, resolve_target
@@ -127,7 +128,7 @@ def test_rotation_signs_with_every_secret() -> None:
 ])
 def test_bad_secrets_are_refused_naming_the_problem(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        wh.parse_secret(value)
+        parse_secret(value)
     with pytest.raises(ValueError, match="IDFORGE_WEBHOOK_SECRET"):
         Settings(webhook_secret=value)
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import uvicorn
 
-from app.api import create_app
+from app.api.main import create_app
+from app.jobstore import JobStore
+from app.layout import JobKeys
 from app.servers import free_port
 from app.settings import Settings
 from app.spec import JobSpec
-from app.storage import JobKeys, LocalStorage, sha256_hex
-from app.store import JobStore
+from app.storage import LocalStorage, sha256_hex
 from tests.conftest import TEAM_KEYS
 
 PREFIX = "jobs"

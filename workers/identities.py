@@ -21,14 +21,15 @@ from safetensors.torch import save as st_save
 
 from app import catalog
 from app.errors import StorageKeyMissing
+from app.layout import JobKeys
 from app.spec import HyperFaceSampler, JobSpec, LangevinSampler
-from app.storage import JobKeys, Storage
+from app.storage import Storage
 from models.sampling import hyperface, metrics
 from models.sampling import random as random_sampler
 from models.sampling.sphere import uniform_sphere
 from models.seeding import derive_seed, make_generator
 from workers import latent, pipeline
-from workers.pipeline import Canceled
+from workers.errors import Canceled
 from workers.runtime import ModelCache
 
 
@@ -87,7 +88,7 @@ def sample_random(spec: JobSpec, hooks: Hooks, chunk: int = 4096) -> torch.Tenso
 # ---- the gallery ------------------------------------------------------------------------------
 
 def gallery_chunk_key(keys: JobKeys, k: int) -> str:
-    return keys.key(f"identities/gallery/{k:05d}.safetensors")
+    return keys.gallery_chunk(k)
 
 
 def build_gallery(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,

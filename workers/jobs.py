@@ -16,17 +16,15 @@ from typing import Any
 from app import catalog, webhooks
 from app import queue as q
 from app.errors import StorageKeyMissing
+from app.jobstore import TERMINAL
+from app.layout import JobKeys
 from app.spec import JobSpec
-from app.storage import JobKeys
-from app.store import TERMINAL
-from workers import identities, package, pipeline, render
+from workers import identities, pipeline, render
+from workers.errors import Incomplete, JobGone
+from workers.finalize import finish, reference_for
 from workers.runtime import Runtime
 
 log = logging.getLogger("idforge.worker")
-
-
-class JobGone(Exception):
-    """The job is terminal, canceled or missing: nothing to do."""
 
 
 def _live(rt: Runtime, job_id: str) -> tuple[dict[str, Any], JobSpec, JobKeys]:
@@ -49,7 +47,7 @@ def _should_stop(rt: Runtime, job_id: str) -> Any:
 def finish_cancel(rt: Runtime, job_id: str) -> None:
     """Mark partial outputs and move `canceling` to `canceled`."""
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
-    rt.storage.put_bytes(keys.key("CANCELED"), b"this job was canceled; outputs are partial\n",
+    rt.storage.put_bytes(keys.canceled, b"this job was canceled; outputs are partial\n",
                          "text/plain")
     if rt.store.transition(job_id, "canceled")[0]:
         rt.telemetry.end_stage(job_id)
@@ -95,7 +93,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     diffusion = tuple(g for g in generators if catalog.CATALOG[g].conditioning == "embedding")
     rt.models.require(*generators, m.embedder,  # fail fast
                       fast=diffusion if spec.render.mode == "fast" else ())
-    package.reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
+    reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
     rt.store.transition(job_id, "running")
     enter_stage(rt, job_id, "sampling_identities")
     t0 = time.perf_counter()
@@ -147,16 +145,16 @@ def finalize(rt: Runtime, job_id: str) -> None:
         log.warning("job %s: finalize before every shard is done (%s)", job_id, e.detail)
         return
     try:
-        manifest = package.finish(
+        manifest = finish(
             job_id, spec, rt.storage, keys, shards, shard_identities=rt.settings.shard_identities,
-            models=pipeline.models_used(spec, rt.models), reference=package.reference_for(spec, rt.settings.model_dir),
+            models=pipeline.models_used(spec, rt.models), reference=reference_for(spec, rt.settings.model_dir),
             on_stage=lambda stage: enter_stage(rt, job_id, stage))
-    except package.Incomplete as e:
-        fail(rt, job_id, "incomplete", str(e))
+    except Incomplete as e:
+        fail(rt, job_id, e.code, str(e))
         return
     result = {"manifest": keys.manifest, "images": manifest["counts"]["images"], "identities": spec.identities,
               "counts": manifest["counts"], "quality": manifest["quality"],
-              "report": keys.key("report/report.html") if spec.quality.report else None}
+              "report": keys.report("report.html") if spec.quality.report else None}
     if rt.store.transition(job_id, "succeeded", result=result)[0]:
         rt.telemetry.end_stage(job_id)
         webhooks.notify(rt.store, rt.queue, job_id, "completed", {"status": "succeeded", "result": result})

@@ -15,15 +15,17 @@ from typing import Any
 
 import torch
 
+from app.layout import JobKeys
 from app.spec import DisCo, Dispersion, JobSpec, LangevinSampler
-from app.storage import JobKeys, Storage
+from app.storage import Storage
 from models.modelspec import ModelUnavailable
 from models.sampling import covariates as covariates_mod
 from models.sampling import dispersion, langevin, metrics
 from models.sampling.latent_face import LatentCrop, LatentFace
 from models.seeding import derive_seed
 from workers import pipeline
-from workers.shard import Batch, Canceled, ShardResult, write_shard
+from workers.errors import Canceled
+from workers.shard import Batch, ShardResult, write_shard
 
 RANDOM_TRUNCATION = 0.7  # psi of the random sampler's latents, as Langevin's initial latents
 COVARIATES_FILE = "covariates.safetensors"  # DisCo's directions, in the generator's model directory

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.layout import JobKeys
 from app.settings import Settings
 from app.spec import JobSpec, check_models
-from app.storage import JobKeys, LocalStorage
-from workers import identities, package, pipeline, render
+from app.storage import LocalStorage
+from workers import finalize, identities, pipeline, render
 from workers.runtime import ModelCache, model_registry, pick_device, quiet_libraries
 
 
@@ -38,6 +39,6 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
         res = render.render_shard(spec, k, ids, models, storage, keys, on_progress=progress)
         done += len(res.files)
         shards.append(pipeline.load_shard(storage, keys, k))
-    return package.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
+    return finalize.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
                           models=pipeline.models_used(spec, models),
-                          reference=package.reference_for(spec, s.model_dir), device=models.device)
+                          reference=finalize.reference_for(spec, s.model_dir), device=models.device)

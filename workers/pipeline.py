@@ -21,19 +21,20 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app.errors import StorageKeyMissing
+from app.layout import JobKeys
 from app.spec import EmbeddingNoise, JobSpec
-from app.storage import JobKeys, Storage
-from models.cropping import Cropper
-from models.sampling.variations import (
+from app.storage import Storage
+from models.alignment.cropper import Cropper
+from models.sampling.embedding_noise import (
     EmbeddingNoiseConfig,
     embedding_noise,
     mean_cosine,
     scale_for_mean_cosine,
 )
 from models.seeding import DERIVE_SEED_SCHEME, STREAM_SCHEME, derive_seed
-from workers.shard import Batch, Canceled, Embedder, ShardResult, write_shard
+from workers.shard import Batch, Embedder, ShardResult, write_shard
 
-__all__ = ["Batch", "Canceled", "ShardResult", "write_shard"]
+__all__ = ["Batch", "ShardResult", "write_shard"]
 
 # Every seed below starts its own portable stream (`make_generator`): the same bits on every machine.
 SEED_DERIVATION = {
@@ -84,14 +85,14 @@ def save_identities(storage: Storage, keys: JobKeys, embeddings: torch.Tensor,
     if latents is not None:
         tensors["latents"] = latents.contiguous().float().cpu()
     blob = st_save(tensors, metadata={"format": "idforge.identities/1"})
-    storage.put_bytes(keys.key("identities/stats.json"),
+    storage.put_bytes(keys.identity_stats,
                       json.dumps(stats or {}, sort_keys=True).encode(), "application/json")
     storage.put_bytes(keys.identities, blob, "application/octet-stream")
 
 
 def identities_stats(storage: Storage, keys: JobKeys) -> dict[str, Any]:
     try:
-        stats: dict[str, Any] = json.loads(storage.get_bytes(keys.key("identities/stats.json")))
+        stats: dict[str, Any] = json.loads(storage.get_bytes(keys.identity_stats))
     except StorageKeyMissing:
         return {}
     return stats
@@ -108,7 +109,7 @@ def models_used(spec: JobSpec, models: Any) -> dict[str, dict[str, Any]]:
 def identities_checkpoint(storage: Storage, keys: JobKeys) -> dict[str, torch.Tensor] | None:
     """The sampler's latest saved state (tensors), or None when it has not saved one."""
     try:
-        return st_load(storage.get_bytes(keys.key("identities/checkpoint.safetensors")))
+        return st_load(storage.get_bytes(keys.identity_checkpoint))
     except StorageKeyMissing:
         return None
 
@@ -121,7 +122,7 @@ def checkpoint_every(storage: Storage, keys: JobKeys, *, every: int, total: int,
     def on_step(stats: Any, state: Any) -> None:
         progress(stats.step, total, unit)
         if stats.step % every == 0 and stats.step < total:
-            storage.put_bytes(keys.key("identities/checkpoint.safetensors"), st_save(state.to_tensors()))
+            storage.put_bytes(keys.identity_checkpoint, st_save(state.to_tensors()))
             event("checkpoint", step=stats.step)
         check()
     return on_step

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from app import catalog
+from app.layout import JobKeys
 from app.spec import DisCo, JobSpec
-from app.storage import JobKeys, Storage
+from app.storage import Storage
 from workers import latent, pipeline
 from workers.pipeline import ShardResult
 

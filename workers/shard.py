@@ -38,24 +38,18 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save as st_save
 
+from app.layout import JobKeys
 from app.spec import JobSpec
-from app.storage import JobKeys, Storage, sha256_hex
-from models import align
-from models.cropping import Cropper
+from app.storage import Storage, sha256_hex
+from models.alignment import template
+from models.alignment.cropper import Cropper
 from models.registry import hash_file
 from models.sampling.sphere import normalize
 from workers import formats
+from workers.errors import Canceled, QualityShortfall
 
 IMAGE_EXT = {"jpeg": "jpg", "png": "png"}
 CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}
-
-
-class Canceled(Exception):
-    """The job was canceled; raised between batches."""
-
-
-class QualityShortfall(Exception):
-    """The quality filter left identities short of images after every top-up round."""
 
 
 @dataclass
@@ -150,7 +144,7 @@ def write_shard(spec: JobSpec, ids: range, blocks: Blocks, embedder: Embedder, s
                     seed=batch.seeds[j], aligned=bool(cropped.ok[j]), feature=feats[j],
                     evaluation=evals[j] if evals is not None else None,
                     latent=batch.latents[j].float().cpu() if batch.latents is not None else None,
-                    data=align.encode_image(cropped.crops[j], spec.output.image_format,
+                    data=template.encode_image(cropped.crops[j], spec.output.image_format,
                                             quality=spec.output.jpeg_quality))
             result.rendered += len(batch.pairs)
             on_progress(min(result.rendered, len(ids) * a) // a, min(result.rendered, len(ids) * a))
@@ -247,10 +241,10 @@ def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
                "samples": torch.tensor([s for _, s in order], dtype=torch.int64).view(n, a)}
     if evals is not None:
         tensors["evaluator"] = evals.contiguous()
-    storage.put_bytes(keys.key(f"shards/{result.shard:05d}/features.safetensors"), st_save(tensors))
+    storage.put_bytes(keys.shard_features(result.shard), st_save(tensors))
     if samples[order[0]].latent is not None:
         latents = torch.stack([samples[p].latent for p in order]).view(n, a, -1)  # type: ignore[misc]
-        storage.put_bytes(keys.key(f"shards/{result.shard:05d}/latents.safetensors"),
+        storage.put_bytes(keys.shard_latents(result.shard),
                           st_save({"latents": latents.contiguous(), "samples": tensors["samples"]}))
 
     by_key = {(f["identity"], f["sample"]): f for f in result.files}
@@ -262,13 +256,13 @@ def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
                                           "aligned")}
                 yield formats.webdataset_sample(i, s, ext, samples[(i, s)].data, meta)
 
-        tar = keys.key(f"dataset/webdataset/{result.shard:06d}.tar")
+        tar = keys.webdataset_tar(result.shard)
         _put_stream(storage, keys, tar, "application/x-tar",
                     lambda out: formats.write_webdataset_tar(out, wds_samples()), result)
     if "recordio" in spec.output.formats:
         records = ((recordio_id(i, slot, a), i, s, samples[(i, s)].data)
                    for i in ids for slot, s in enumerate(kept[i]))
-        segment = keys.key(f"shards/{result.shard:05d}/images.rec")
+        segment = keys.shard_recordio(result.shard)
         _put_stream(storage, keys, segment, "application/octet-stream",
                     lambda out: formats.write_recordio_segment(out, records), result)
 

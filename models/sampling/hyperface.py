@@ -39,9 +39,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from models.sampling.embedding_noise import scale_for_mean_cosine
 from models.sampling.metrics import gram_tiles, nearest_neighbour_angles, rankin_bound
 from models.sampling.sphere import EPS, normalize
-from models.sampling.variations import scale_for_mean_cosine
 from models.seeding import Stream
 
 # Floor on exp's argument in the tile-sized passes: exp of a float32 below ~-87.3 underflows to a

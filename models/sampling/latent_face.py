@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from models.align import TEMPLATE_SIZE
+from models.alignment.template import TEMPLATE_SIZE
 from models.seeding import make_generator
 
 LatentCrop = Literal["ffhq", "center"]  # StyleGAN output: the fixed FFHQ crop; tiny presets: centre
@@ -61,7 +61,7 @@ class LatentFace:
     def crop(self, images: torch.Tensor) -> torch.Tensor:
         """Generator images [B, 3, S, S] in [-1, 1] -> crops [B, 3, 112, 112], differentiable."""
         if self.crop_method == "ffhq":
-            from models.ffhq import ffhq_warp
+            from models.alignment.ffhq import ffhq_warp
 
             return ffhq_warp(images, TEMPLATE_SIZE)
         s = min(images.shape[-2:])

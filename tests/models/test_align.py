@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.align import (
+from models.alignment.template import (
     ARCFACE_TEMPLATE,
     align_to_template,
     center_crop_resize,

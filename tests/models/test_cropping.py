@@ -7,10 +7,10 @@ import pytest
 import torch
 from skimage import data
 
-from models.align import ARCFACE_TEMPLATE, center_crop_resize
-from models.cropping import Cropper
-from models.faces import YuNetDetector
-from models.ffhq import ffhq_crop
+from models.alignment.cropper import Cropper
+from models.alignment.ffhq import ffhq_crop
+from models.alignment.landmarks import YuNetDetector
+from models.alignment.template import ARCFACE_TEMPLATE, center_crop_resize
 from models.seeding import make_generator
 
 

@@ -6,8 +6,8 @@ from matplotlib import cbook
 from PIL import Image
 from skimage.data import astronaut
 
-from models.evaluator import SFACE_COSINE_THRESHOLD, SFaceEvaluator
-from models.faces import AlignConfig, align_faces
+from models.alignment.landmarks import AlignConfig, align_faces
+from models.embedders.sface import SFACE_COSINE_THRESHOLD, SFaceEvaluator
 from models.modelspec import ModelUnavailable
 
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 from skimage.data import astronaut
 
-from models.align import ARCFACE_TEMPLATE, center_crop_resize, estimate_similarity
-from models.faces import AlignConfig, DetectorConfig, YuNetDetector, align_faces
-from models.modelspec import ModelUnavailable
-from models.opencv_zoo import (
+from models.alignment.landmarks import AlignConfig, DetectorConfig, YuNetDetector, align_faces
+from models.alignment.opencv_zoo import (
     SFACE_FILE,
     SFACE_SHA256,
     YUNET_FILE,
@@ -18,6 +16,8 @@ from models.opencv_zoo import (
     sha256_of,
     verified,
 )
+from models.alignment.template import ARCFACE_TEMPLATE, center_crop_resize, estimate_similarity
+from models.modelspec import ModelUnavailable
 from models.seeding import make_generator
 
 

@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 from skimage.data import astronaut
 
-from models.align import ARCFACE_TEMPLATE
-from models.faces import YuNetDetector, refine_landmarks
-from models.ffhq import ffhq_crop, ffhq_quad, ffhq_to_arcface_matrix, ffhq_warp
+from models.alignment.ffhq import ffhq_crop, ffhq_quad, ffhq_to_arcface_matrix, ffhq_warp
+from models.alignment.landmarks import YuNetDetector, refine_landmarks
+from models.alignment.template import ARCFACE_TEMPLATE
 from models.seeding import make_generator
 
 

@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from models.sampling import metrics
+from models.sampling.embedding_noise import (
+    EmbeddingNoiseConfig,
+    embedding_noise,
+    mean_cosine,
+    scale_for_mean_cosine,
+)
 from models.sampling.random import sample_identities
 from models.sampling.sphere import normalize, uniform_sphere
-from models.sampling.variations import EmbeddingNoiseConfig, embedding_noise, mean_cosine, scale_for_mean_cosine
 from models.seeding import make_generator
 
 

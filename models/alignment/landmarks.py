@@ -28,14 +28,14 @@ import cv2
 import numpy as np
 import torch
 
-from models.align import (
+from models.alignment.opencv_zoo import YUNET_FILE, YUNET_SHA256, verified
+from models.alignment.template import (
     ARCFACE_TEMPLATE,
     TEMPLATE_SIZE,
     center_crop_resize,
     estimate_similarity,
     warp_to_template,
 )
-from models.opencv_zoo import YUNET_FILE, YUNET_SHA256, verified
 
 MIRROR = [1, 0, 2, 4, 3]  # landmark order after a horizontal flip: the eyes and the mouth corners swap
 # A re-detection whose landmarks lie further than this from where the face is expected, on average and

@@ -8,15 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import __version__, openapi, problems
-from app.auth import KeyRing
-from app.deps import Services
+from app import __version__
+from app.api import openapi, problems
+from app.api.auth import KeyRing
+from app.api.deps import Services
+from app.api.routes import files, jobs, system, ui
+from app.jobstore import JobStore
 from app.logs import RequestLogContext
 from app.queue import TaskQueue
-from app.routes import files, jobs, system, ui
 from app.settings import Settings
 from app.storage import Storage, storage_from_settings
-from app.store import JobStore
 
 log = logging.getLogger("idforge.api")
 

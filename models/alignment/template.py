@@ -4,9 +4,9 @@ Three ways to get a 112x112 face crop, one per kind of generator:
 
 - `center_crop_resize`: a fixed centre crop, for the tiny presets, whose images are not faces.
 - `align_to_template`: five landmarks -> least-squares similarity (`estimate_similarity`, Umeyama)
-  onto the ArcFace template -> bilinear `cv2.warpAffine`; `models.faces.align_faces` finds the
+  onto the ArcFace template -> bilinear `cv2.warpAffine`; `models.alignment.landmarks.align_faces` finds the
   landmarks with YuNet (diffusion output, where the face can be anywhere).
-- `ffhq_crop`: one fixed similarity for StyleGAN output, whose faces are FFHQ-aligned (`models.ffhq`).
+- `ffhq_crop`: one fixed similarity for StyleGAN output, whose faces are FFHQ-aligned (`models.alignment.ffhq`).
 
 Coordinates are pixel indices (x right, y down; (0, 0) is the centre of the top-left pixel), as in
 OpenCV, YuNet and insightface; a 2x3 `matrix` maps source (x, y, 1) to template (x, y).

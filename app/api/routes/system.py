@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app import __version__, catalog, limits, metrics
-from app.auth import KEY_NAME_MAX
-from app.deps import Admin, Svc, Team
+from app import __version__, catalog, telemetry
+from app.api import limits, metrics
+from app.api.auth import KEY_NAME_MAX
+from app.api.deps import Admin, Svc, Team
+from app.api.openapi import Health, ModelList, Readiness, problems
+from app.api.problems import field_errors
 from app.errors import InvalidRequest, NotFound, ServiceError, Unauthorized
-from app.openapi import Health, ModelList, Readiness, problems
-from app.problems import field_errors
 
 log = logging.getLogger("idforge.api")
 
@@ -64,7 +65,7 @@ def prometheus_metrics(request: Request, svc: Svc) -> Response:
         log.warning("metrics: queue lengths unavailable: %s", e)
         queues = None
     teams = {k.team for k in request.app.state.keyring.records()}  # revoked keys' teams too
-    snap = metrics.Telemetry(svc.store.r).snapshot(svc.store, teams, queues)
+    snap = telemetry.Telemetry(svc.store.r).snapshot(svc.store, teams, queues)
     return Response(metrics.render(snap), media_type=metrics.CONTENT_TYPE)
 
 
@@ -94,7 +95,7 @@ def models(svc: Svc, team: Team) -> dict[str, Any]:
     return {"models": out}
 
 
-# ---- the team's quotas and its API keys (app.limits, app.auth) --------------------------------
+# ---- the team's quotas and its API keys (app.api.limits, app.api.auth) --------------------------------
 
 class NewKey(BaseModel):
     """Body of POST /v1/keys."""

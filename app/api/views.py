@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.store import STATUSES, TERMINAL
+from app.jobstore import STATUSES, TERMINAL
 
 
 def job_view(job: dict[str, Any], base: str = "") -> dict[str, Any]:

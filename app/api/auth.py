@@ -15,32 +15,34 @@ keep and lets an operator put `team:sha256:<hex>` in IDFORGE_API_KEYS instead of
 one writes a revocation record that every API process sees.
 
 One Redis round trip authenticates a request and takes a token from its key's rate-limit bucket
-(app.limits): the script reads the key's record and runs the bucket.
+(app.api.limits): the script reads the key's record and runs the bucket.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import secrets
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 
-from app.errors import Forbidden, JobStoreUnavailable, Unauthorized
-from app.limits import TAKE_TOKEN_LUA, rate_limited
+from app.api.limits import TAKE_TOKEN_LUA, rate_limited
+from app.credentials import (
+    SCOPES,
+    KeyEntry,
+    check_team,
+    effective_scopes,
+    key_digest,
+    key_id,
+    new_key,
+    parse_scopes,
+)
+from app.errors import Forbidden, Unauthorized
+from app.redis_client import PREFIX as P
+from app.redis_client import now_iso, translate
 
-SCOPES: tuple[str, ...] = ("read", "submit", "admin")
-# A scope and the scopes it brings with it.
-IMPLIES: dict[str, frozenset[str]] = {"submit": frozenset({"read"})}
-TEAM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEY_NAME_MAX = 64
 
-P = "idf:"
 INDEX = P + "apikeys"  # hash: key id -> sha256 hex of the key
 
 _AUTHENTICATE = """
@@ -59,93 +61,6 @@ if rate > 0 and not string.find(ARGV[5], ',' .. team .. ',', 1, true) then
 end
 return {'ok', team, scopes}
 """
-
-
-def key_digest(key: str) -> str:
-    """sha256 of the key, hex: what is stored, and what `team:sha256:<hex>` entries give."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def key_id(digest: str) -> str:
-    """The key's public id (in listings, for revocation): a prefix of its digest."""
-    return "key_" + digest[:16]
-
-
-def new_key() -> str:
-    return "idf_" + secrets.token_urlsafe(32)
-
-
-def parse_scopes(names: Collection[str]) -> frozenset[str]:
-    """Scope names as given -> the set; ValueError naming an unknown or missing one."""
-    got = frozenset(n.strip() for n in names if n.strip())
-    unknown = sorted(got - set(SCOPES))
-    if unknown:
-        raise ValueError(f"unknown scope {unknown[0]!r}: scopes are {', '.join(SCOPES)}")
-    if not got:
-        raise ValueError(f"a key needs at least one scope of {', '.join(SCOPES)}")
-    return got
-
-
-def effective_scopes(scopes: Collection[str]) -> frozenset[str]:
-    """The scopes with those they imply (submit -> read)."""
-    out = set(scopes)
-    for s in scopes:
-        out |= IMPLIES.get(s, frozenset())
-    return frozenset(out)
-
-
-def check_team(team: str) -> str:
-    if not TEAM_PATTERN.fullmatch(team):
-        raise ValueError(f"team {team!r} must be 1-64 letters, digits, '.', '_' or '-', starting with "
-                         "a letter or digit")
-    return team
-
-
-@dataclass(frozen=True)
-class KeyEntry:
-    """A bootstrap key from IDFORGE_API_KEYS."""
-
-    team: str
-    digest: str  # sha256 hex of the key
-    scopes: frozenset[str]
-    plaintext: str | None = field(default=None, repr=False)  # None for `sha256:` entries
-
-    @property
-    def id(self) -> str:
-        return key_id(self.digest)
-
-
-def parse_key_entries(text: str) -> list[KeyEntry]:
-    """IDFORGE_API_KEYS -> entries (format in app/settings.py). Errors name the entry by position,
-    never its key."""
-    entries: list[KeyEntry] = []
-    seen: dict[str, int] = {}
-    for n, raw in enumerate(filter(None, (p.strip() for p in text.split(","))), start=1):
-        where = f"IDFORGE_API_KEYS entry {n}"
-        parts = [p.strip() for p in raw.split(":")]
-        plaintext: str | None = None
-        if len(parts) >= 3 and parts[1] == "sha256":
-            digest, rest = parts[2].lower(), parts[3:]
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError(f"{where}: a sha256 digest is 64 hex digits")
-        elif len(parts) >= 2 and parts[1]:
-            plaintext, rest = parts[1], parts[2:]
-            digest = key_digest(plaintext)
-        else:
-            raise ValueError(f"{where}: expected 'team:key', 'team:key:scopes' or "
-                             "'team:sha256:<hex>[:scopes]'")
-        if len(rest) > 1:
-            raise ValueError(f"{where}: too many ':' (a plaintext key cannot contain ':')")
-        try:
-            team = check_team(parts[0])
-            scopes = parse_scopes(rest[0].split("+")) if rest else frozenset(SCOPES)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
-        if digest in seen:
-            raise ValueError(f"{where}: the same key is already entry {seen[digest]}")
-        seen[digest] = n
-        entries.append(KeyEntry(team, digest, scopes, plaintext))
-    return entries
 
 
 @dataclass(frozen=True)
@@ -183,18 +98,6 @@ class Principal:
                             headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'})
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-@contextmanager
-def _translate() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise JobStoreUnavailable(f"key store unreachable: {e}") from e
-
-
 def _sorted_scopes(scopes: Collection[str]) -> tuple[str, ...]:
     return tuple(s for s in SCOPES if s in scopes)
 
@@ -221,7 +124,7 @@ class KeyRing:
         digest = key_digest(token)
         kid = key_id(digest)
         env = self._env.get(digest)
-        with _translate():
+        with translate("key store"):
             got = self._authenticate(keys=[P + f"apikey:{digest}", P + f"ratelimit:{kid}"], args=[
                 env.team if env else "", ",".join(sorted(env.scopes)) if env else "",
                 self.rate_per_s, self.burst, self._exempt])
@@ -242,8 +145,8 @@ class KeyRing:
             raise ValueError(f"a key name is at most {KEY_NAME_MAX} printable characters")
         plaintext = new_key()
         digest = key_digest(plaintext)
-        rec = KeyRecord(key_id(digest), team, _sorted_scopes(granted), name, _now(), "redis")
-        with _translate():
+        rec = KeyRecord(key_id(digest), team, _sorted_scopes(granted), name, now_iso("seconds"), "redis")
+        with translate("key store"):
             pipe = self.r.pipeline(transaction=True)
             pipe.hset(P + f"apikey:{digest}", mapping={
                 "id": rec.id, "team": team, "scopes": ",".join(rec.scopes), "name": name,
@@ -254,7 +157,7 @@ class KeyRing:
 
     def records(self, team: str | None = None) -> list[KeyRecord]:
         """Every key (of `team`), revoked ones included, oldest first; bootstrap ones first."""
-        with _translate():
+        with translate("key store"):
             index: dict[str, str] = self.r.hgetall(INDEX)
             pipe = self.r.pipeline(transaction=False)
             for digest in index.values():
@@ -276,7 +179,7 @@ class KeyRing:
             return None
         if rec.revoked_at is not None:
             return rec
-        with _translate():
+        with translate("key store"):
             digest = self.r.hget(INDEX, kid)
             pipe = self.r.pipeline(transaction=True)
             if digest is None:  # a bootstrap key: its revocation is recorded in Redis
@@ -286,7 +189,7 @@ class KeyRing:
                     "id": kid, "team": entry.team, "scopes": ",".join(_sorted_scopes(entry.scopes)),
                     "name": "IDFORGE_API_KEYS", "source": "env"})
                 pipe.hset(INDEX, kid, digest)
-            pipe.hsetnx(P + f"apikey:{digest}", "revoked_at", _now())
+            pipe.hsetnx(P + f"apikey:{digest}", "revoked_at", now_iso("seconds"))
             pipe.hget(P + f"apikey:{digest}", "revoked_at")
             revoked_at = pipe.execute()[-1]
         return KeyRecord(rec.id, rec.team, rec.scopes, rec.name, rec.created_at, rec.source, revoked_at)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from app.deps import Svc
+from app.api.deps import Svc
 from app.errors import NotFound
 from app.storage import Storage
 
@@ -24,7 +24,7 @@ log = logging.getLogger("idforge.api")
 
 router = APIRouter(tags=["ui"], include_in_schema=False)
 
-# The page's assets (app/static, shipped as package data), by name: media type.
+# The page's assets (app/api/static, shipped as package data), by name: media type.
 ASSETS = {"ui.html": "text/html; charset=utf-8", "ui.js": "text/javascript; charset=utf-8",
           "ui.css": "text/css; charset=utf-8"}
 
@@ -34,7 +34,7 @@ def asset(name: str) -> bytes:
     """One of the page's files, read once from the package."""
     if name not in ASSETS:
         raise NotFound(f"no UI asset {name}")
-    return (resources.files("app") / "static" / name).read_bytes()
+    return (resources.files("app.api") / "static" / name).read_bytes()
 
 
 def origin(url: str) -> str | None:

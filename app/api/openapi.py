@@ -1,12 +1,12 @@
 """The OpenAPI document: response models of the JSON routes, and the error responses every route
 shares.
 
-Routes return `JSONResponse`s built by `app.views` (no validation on the hot path); the models here
+Routes return `JSONResponse`s built by `app.api.views` (no validation on the hot path); the models here
 document those bodies (`responses={200: {"model": Job}}` on a route). `install(app)` then rewrites
 the generated document so that it says what the service does:
 
 - every error (status >= 400) is `application/problem+json` with the `Problem` schema, including
-  FastAPI's request-validation 422 (the handler in app.problems renders it as a problem);
+  FastAPI's request-validation 422 (the handler in app.api.problems renders it as a problem);
 - operations that need an API key declare the bearer scheme and their 401, 403 (scope) and 429
   (rate limit or quota); operations with a path parameter their 404; operations that reach Redis
   their 503; a `default` response covers any other error;
@@ -172,13 +172,13 @@ def _uses(dependant: Any, calls: set[Any]) -> bool:
 
 
 def _needs_key(route: APIRoute) -> bool:
-    from app.deps import current_principal
+    from app.api.deps import current_principal
 
     return _uses(route.dependant, {current_principal})
 
 
 def _needs_store(route: APIRoute) -> bool:
-    from app.deps import services
+    from app.api.deps import services
 
     return _uses(route.dependant, {services})
 

@@ -7,7 +7,7 @@ trained with another loss. It runs through `cv2.FaceRecognizerSF` on the CPU, on
 
 Input: RGB crops aligned to the ArcFace 112x112 template. OpenCV's `FaceRecognizerSF.alignCrop`
 uses that very template (the same five points, a least-squares similarity with no reflection and a
-bilinear warp to 112x112), so `models.faces.align_faces` makes the crops SFace expects; with
+bilinear warp to 112x112), so `models.alignment.landmarks.align_faces` makes the crops SFace expects; with
 `refine_steps=0` it makes alignCrop's pixels to within 2 grey levels (float32 vs float64 matrices).
 The network reads RGB pixels in 0..255 (OpenCV swaps the BGR it is given), and its raw features
 are L2-normalised here.
@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 import torch
 
-from models.align import TEMPLATE_SIZE
-from models.faces import AlignConfig, AlignmentResult, YuNetDetector, align_faces
-from models.opencv_zoo import SFACE_FILE, SFACE_SHA256, verified
+from models.alignment.landmarks import AlignConfig, AlignmentResult, YuNetDetector, align_faces
+from models.alignment.opencv_zoo import SFACE_FILE, SFACE_SHA256, verified
+from models.alignment.template import TEMPLATE_SIZE
 
 SFACE_COSINE_THRESHOLD = 0.363  # opencv_zoo sface.py: same identity when cosine >= this
 SFACE_DIM = 128  # embedding size

@@ -1,7 +1,7 @@
 """Rate limits and quotas: what a team may ask of the service, and the 413/429/403 answers.
 
 Rate limit: a token bucket per API key in Redis (rate `rate_limit_per_s`, capacity
-`rate_limit_burst`). It runs inside the authentication script (`app.auth`), so a request pays one
+`rate_limit_burst`). It runs inside the authentication script (`app.api.auth`), so a request pays one
 Redis round trip for its key and its rate limit together. A refused request takes no token, and
 its `Retry-After` is the time until the bucket holds one again.
 
@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from app.errors import Forbidden, PayloadTooLarge, TooManyRequests
 
-if TYPE_CHECKING:  # app.settings imports app.auth, which imports this module
+if TYPE_CHECKING:  # annotations only
     from fastapi import Request
 
+    from app.jobstore import Created, JobStore
     from app.settings import Settings
-    from app.store import Created, JobStore
 
 # A team at its concurrent-jobs quota is told to come back after this many seconds: jobs run for
 # minutes, so sooner is pointless polling.
 CONCURRENT_RETRY_AFTER_S = 30
 
-# The token bucket, as a Lua function for scripts that include it (app.auth's authentication).
+# The token bucket, as a Lua function for scripts that include it (app.api.auth's authentication).
 # take(key, rate per second, burst, now in seconds) -> {1, 0} when a token was taken, else
 # {0, milliseconds until one is there}. The bucket hash holds `t` (tokens) and `ts` (last refill,
 # seconds); it expires once it would be full again, so idle keys cost no memory.

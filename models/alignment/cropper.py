@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.align import TEMPLATE_SIZE, center_crop_resize
+from models.alignment.template import TEMPLATE_SIZE, center_crop_resize
 from models.modelspec import Alignment
 
 
@@ -41,10 +41,10 @@ class Cropper:
         if self.alignment == "center":
             return Cropped(center_crop_resize(images, TEMPLATE_SIZE), torch.ones(b, dtype=torch.bool))
         if self.alignment == "ffhq":
-            from models.ffhq import ffhq_crop
+            from models.alignment.ffhq import ffhq_crop
 
             return Cropped(ffhq_crop(images, TEMPLATE_SIZE), torch.ones(b, dtype=torch.bool))
-        from models.faces import YuNetDetector, align_faces
+        from models.alignment.landmarks import YuNetDetector, align_faces
 
         if self._detector is None:
             self._detector = YuNetDetector()

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE
+from models.alignment.template import ARCFACE_TEMPLATE, TEMPLATE_SIZE
 
 EYE_SPAN = 2.0  # FFHQ: the square's half side is at least this times the eye-to-eye distance
 MOUTH_SPAN = 1.8  # ... and at least this times the eye-midpoint-to-mouth-midpoint distance

@@ -13,7 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Services, Submitter, Svc, Team
+from app.api.deps import Services, Submitter, Svc, Team
+from app.api.limits import create_job, read_body, refund
+from app.api.openapi import Artifacts, Job, JobEvents, JobList, problems
+from app.api.problems import field_errors
+from app.api.views import job_view
 from app.errors import (
     BadRequest,
     Conflict,
@@ -22,20 +26,16 @@ from app.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from app.limits import create_job, read_body, refund
-from app.openapi import Artifacts, Job, JobEvents, JobList, problems
-from app.problems import field_errors
-from app.queue import SAMPLE_IDENTITIES
-from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
-from app.storage import JobKeys
-from app.store import (
+from app.jobstore import (
     EVENT_CURSOR_MAX_LENGTH,
     EVENT_CURSOR_PATTERN,
     TERMINAL,
     UINT64,
     check_event_cursor,
 )
-from app.views import job_view
+from app.layout import JobKeys
+from app.queue import SAMPLE_IDENTITIES
+from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
 from app.webhooks import check_spec_webhook, notify
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -326,12 +326,12 @@ def job_artifacts(job_id: str, svc: Svc, team: Team,
 def _report_urls(svc: Services, keys: JobKeys, ttl: int) -> dict[str, Any] | None:
     """Presigned URLs of the quality report's objects that exist (`report/report.html`,
     `report/report.json`, `report/plots/*`), or None when the job has no report."""
-    names = {keys.relative(k).removeprefix("report/") for k in svc.storage.list_keys(keys.key("report/"))}
+    names = {keys.relative(k).removeprefix("report/") for k in svc.storage.list_keys(keys.report())}
     if not names & {"report.html", "report.json"}:
         return None
 
     def url(name: str) -> str | None:
-        return svc.storage.presign_get(keys.key(f"report/{name}"), ttl) if name in names else None
+        return svc.storage.presign_get(keys.report(name), ttl) if name in names else None
 
     plots = sorted(n for n in names if n.startswith("plots/") and n.count("/") == 1)
     return {"html": url("report.html"), "json": url("report.json"),

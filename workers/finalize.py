@@ -24,21 +24,19 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 
-from app import __version__, catalog
+from app import __version__, catalog, layout
+from app.layout import JobKeys
 from app.spec import JobSpec
-from app.storage import JobKeys, Storage, sha256_hex
-from models.evaluator import SFACE_COSINE_THRESHOLD
+from app.storage import Storage, sha256_hex
+from models.embedders.sface import SFACE_COSINE_THRESHOLD
 from models.registry import hash_file
 from workers import formats, pipeline, provenance, report
+from workers.errors import Incomplete, ReferenceUnavailable
 from workers.shard import IMAGE_EXT
 
 THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
 THUMBNAIL_SAMPLES = 8  # images of each
 REFERENCE_SETS_DIR = "reference_sets"  # in the worker's model directory: {name}.safetensors
-
-
-class ReferenceSetUnavailable(Exception):
-    """The leakage check's reference set is missing or does not fit the job."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def load_reference_set(model_dir: Path, name: str, embedding_dim: int, embedder:
     embedder's space; its metadata may name that embedder (`embedder`), which must then match."""
     path = Path(model_dir) / REFERENCE_SETS_DIR / f"{name}.safetensors"
     if not path.is_file():
-        raise ReferenceSetUnavailable(f"reference set {name!r}: no file {path} on the workers (a safetensors "
+        raise ReferenceUnavailable(f"reference set {name!r}: no file {path} on the workers (a safetensors "
                                       f"file with tensor 'embeddings' [M, {embedding_dim}])")
     from safetensors import safe_open
 
@@ -61,13 +59,13 @@ def load_reference_set(model_dir: Path, name: str, embedding_dim: int, embedder:
         meta = f.metadata() or {}
     named = meta.get("embedder")
     if named and named != embedder:
-        raise ReferenceSetUnavailable(f"reference set {name!r} holds {named!r} embeddings; the job's "
+        raise ReferenceUnavailable(f"reference set {name!r} holds {named!r} embeddings; the job's "
                                       f"embedder is {embedder!r}")
     tensors = st_load_file(str(path))
     emb = tensors.get("embeddings")
     if emb is None or emb.ndim != 2 or emb.shape[1] != embedding_dim or emb.shape[0] < 1:
         shape = None if emb is None else tuple(emb.shape)
-        raise ReferenceSetUnavailable(f"reference set {name!r}: expected tensor 'embeddings' "
+        raise ReferenceUnavailable(f"reference set {name!r}: expected tensor 'embeddings' "
                                       f"[M, {embedding_dim}], got {shape}")
     emb = torch.nn.functional.normalize(emb.float(), dim=1)  # [M, E]
     return ReferenceSet(name, emb, hash_file(path))
@@ -80,14 +78,14 @@ def reference_for(spec: JobSpec, model_dir: Path) -> ReferenceSet | None:
         return None
     dim = catalog.CATALOG[spec.models.embedder].embedding_dim
     if dim is None:
-        raise ReferenceSetUnavailable(f"embedder {spec.models.embedder!r} has no known embedding size")
+        raise ReferenceUnavailable(f"embedder {spec.models.embedder!r} has no known embedding size")
     return load_reference_set(model_dir, leakage.reference, dim, spec.models.embedder)
 
 
 # ---- evaluating --------------------------------------------------------------------------------
 
 def _features(storage: Storage, keys: JobKeys, shard: int) -> dict[str, torch.Tensor]:
-    return st_load(storage.get_bytes(keys.key(f"shards/{shard:05d}/features.safetensors")))
+    return st_load(storage.get_bytes(keys.shard_features(shard)))
 
 
 def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
@@ -146,7 +144,7 @@ def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards
         shards=shard_features(storage, keys, shards), thumbnails=thumbnails(storage, keys, shards),
         counts=counts(spec, shards), leakage=leakage))
     for name, data in sorted(built.files.items()):
-        storage.put_bytes(keys.key(f"report/{name}"), data, _content_type(name))
+        storage.put_bytes(keys.report(name), data, _content_type(name))
     return built.summary, built.label_flips
 
 
@@ -174,17 +172,17 @@ def write_recordio(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[
                 (d / "train.lst").open("w") as lst:
             packer = formats.RecordIOPackager(
                 rec, idx, lst, n_images=n_images, n_identities=spec.identities,
-                path_template="dataset/imagefolder/{identity:06d}/{sample:03d}." + ext)
+                path_template=layout.IMAGEFOLDER.replace("{ext}", ext))
             for s in shards:
                 segment = d / "segment.rec"
-                storage.get_file(keys.key(f"shards/{s['shard']:05d}/images.rec"), segment)
+                storage.get_file(keys.shard_recordio(s['shard']), segment)
                 with segment.open("rb") as f:
                     packer.add_segment(f)
                 segment.unlink()
             (d / "property").write_text(packer.close(spec.output.image_size))
         for name, ctype in (("train.rec", "application/octet-stream"), ("train.idx", "text/plain"),
                             ("train.lst", "text/plain"), ("property", "text/plain")):
-            _upload(storage, keys, f"dataset/recordio/{name}", d / name, ctype, outputs)
+            _upload(storage, keys, layout.RECORDIO.format(name=name), d / name, ctype, outputs)
 
 
 def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -> list[dict[str, Any]]:
@@ -211,7 +209,7 @@ def write_index(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
         with path.open("wb") as out, formats.ParquetIndexWriter(out) as writer:
             for s in shards:
                 writer.write_rows(index_rows(s, label_flips))
-        _upload(storage, keys, "dataset/index.parquet", path, "application/vnd.apache.parquet", outputs)
+        _upload(storage, keys, layout.INDEX, path, "application/vnd.apache.parquet", outputs)
 
 
 def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
@@ -283,16 +281,7 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
         "realised": realised(spec, shards),
         "quality": quality,
         "sampling": sampling,
-        "layout": {
-            "imagefolder": "dataset/imagefolder/{identity:06d}/{sample:03d}." + ext,
-            "webdataset": "dataset/webdataset/{shard:06d}.tar"
-            if "webdataset" in spec.output.formats else None,
-            "recordio": "dataset/recordio/{train.rec,train.idx,train.lst,property}"
-            if "recordio" in spec.output.formats else None,
-            "index": "dataset/index.parquet",
-            "identities": "identities/embeddings.safetensors",
-            "report": "report/report.html" if spec.quality.report else None,
-        },
+        "layout": layout.manifest_layout(spec.output.formats, ext, spec.quality.report),
         "outputs": outputs,
         "files": files,
     }
@@ -302,10 +291,6 @@ def write_manifest(storage: Storage, keys: JobKeys, manifest: dict[str, Any]) ->
     """Written last: the dataset exists iff the manifest exists."""
     storage.put_bytes(keys.manifest, json.dumps(manifest, indent=1, sort_keys=True).encode(),
                       "application/json")
-
-
-class Incomplete(Exception):
-    """The shards hold fewer images than the job asked for."""
 
 
 def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,

@@ -1,4 +1,5 @@
-"""Service metrics: what workers record in Redis, and the Prometheus text that `GET /metrics` serves.
+"""Service telemetry: what workers record in Redis and what a snapshot of it reads back;
+`app/api/metrics.py` turns a snapshot into the Prometheus text `GET /metrics` serves.
 
 All state is in Redis, so every API process renders the same numbers:
 
@@ -23,15 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
-
-from app.store import STAGES, STATUSES, JobStore, P, _translate
+from app.jobstore import STAGES, JobStore
+from app.redis_client import PREFIX as P
+from app.redis_client import translate
 
 log = logging.getLogger("idforge.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Upper bounds (seconds) of the stage-duration histogram's buckets; +Inf is implied.
 STAGE_BUCKETS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
                                     14400, 43200, 86400)
@@ -136,7 +134,7 @@ class Telemetry:
         return self._move_clock(job_id, "")
 
     def _move_clock(self, job_id: str, stage: str) -> bool:
-        with _translate():
+        with translate():
             return bool(self._clock(keys=[P + f"job:{job_id}"],
                                     args=[stage, STAGE, *(repr(float(b)) for b in STAGE_BUCKETS)]))
 
@@ -145,24 +143,24 @@ class Telemetry:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if n:
-            with _translate():
+            with translate():
                 self.r.incrby(IMAGES, n)
 
     def heartbeat(self, worker: str, interval_s: float, **info: Any) -> None:
         """Worker `worker` is alive; it counts as live for LIVE_BEATS intervals."""
         body = json.dumps({**info, "ttl": LIVE_BEATS * interval_s})
-        with _translate():
+        with translate():
             self._beat(keys=[WORKERS], args=[worker, body, FORGET_S])
 
     def goodbye(self, worker: str) -> None:
         """Worker `worker` is shutting down: drop it now rather than when its heartbeat goes stale."""
-        with _translate():
+        with translate():
             self.r.hdel(WORKERS, worker)
 
     # ---- read by the API -----------------------------------------------------------------
 
     def workers(self) -> list[WorkerBeat]:
-        with _translate():
+        with translate():
             pipe = self.r.pipeline(transaction=False)
             pipe.time()
             pipe.hgetall(WORKERS)
@@ -173,7 +171,7 @@ class Telemetry:
                  queues: dict[str, int] | None) -> Snapshot:
         """Every metric, read in two Redis round trips. `teams` are the teams with keys now."""
         teams = list(teams)
-        with _translate():
+        with translate():
             pipe = self.r.pipeline(transaction=False)
             if teams:
                 pipe.sadd(TEAMS, *teams)
@@ -211,47 +209,3 @@ def _beats(now: float, rows: dict[str, str]) -> list[WorkerBeat]:
             log.warning("unreadable heartbeat of worker %s: %r", name, raw)
     return out
 
-
-class _SnapshotCollector(Collector):
-    def __init__(self, snap: Snapshot) -> None:
-        self.snap = snap
-
-    def collect(self) -> Iterable[Any]:
-        s = self.snap
-        jobs = GaugeMetricFamily("idforge_jobs", "Jobs in each status, all teams", labels=["status"])
-        for status in STATUSES:
-            jobs.add_metric([status], s.jobs.get(status, 0))
-        yield jobs
-        hist = HistogramMetricFamily("idforge_stage_duration_seconds",
-                                     "Time jobs spent in each stage", labels=["stage"])
-        for stage, h in s.stages.items():
-            hist.add_metric([stage], [(_le(b), c) for b, c in h.buckets], sum_value=h.sum)
-        yield hist
-        yield CounterMetricFamily("idforge_images_rendered", "Images rendered by the workers "
-                                  "(rate() gives images per second)", value=s.images)
-        if s.queues is not None:
-            q = GaugeMetricFamily("idforge_queue_length", "Tasks waiting in each broker queue",
-                                  labels=["queue"])
-            for name, n in sorted(s.queues.items()):
-                q.add_metric([name], n)
-            yield q
-        yield GaugeMetricFamily("idforge_broker_up", "1 when the broker answered the queue-length "
-                                "query", value=0 if s.queues is None else 1)
-        seen = GaugeMetricFamily("idforge_worker_last_seen_seconds",
-                                 "Seconds since each worker process's last heartbeat", labels=["worker"])
-        for w in s.workers:
-            seen.add_metric([w.name], round(w.age_s, 3))
-        yield seen
-        yield GaugeMetricFamily("idforge_workers_live", "Worker processes with a recent heartbeat",
-                                value=sum(w.live for w in s.workers))
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
-def render(snap: Snapshot) -> bytes:
-    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap))
-    return generate_latest(registry)

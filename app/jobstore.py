@@ -13,17 +13,13 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
-from redis.backoff import EqualJitterBackoff
-from redis.retry import Retry
 
-from app.errors import JobStoreUnavailable
+from app.redis_client import PREFIX as P
+from app.redis_client import connect, now_iso, translate
 
 Status = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
@@ -38,7 +34,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset({"queued", "running", "canceling"}),
 }
 
-P = "idf:"
 
 _TRANSITION = """
 local job = KEYS[1]
@@ -131,7 +126,7 @@ redis.call('SADD', KEYS[1], ARGV[1])
 return redis.call('SCARD', KEYS[1])
 """
 
-# Quotas (app.limits), checked in the same script as the creation: this prelude runs first, then
+# Quotas (app.api.limits), checked in the same script as the creation: this prelude runs first, then
 # _CREATE's text. Its own arguments are the last five of ARGV (owner, images, prefix, max concurrent
 # jobs, max images per UTC day; 0 = no limit), so _CREATE's stay as they are. An Idempotency-Key
 # that exists is a replay (or a 409/422): it is never refused and counts nothing.
@@ -161,23 +156,6 @@ if redis.call('HSETNX', KEYS[1], 'once:' .. ARGV[1], ARGV[2]) == 0 then return 0
 redis.call('HSET', KEYS[1], 'msg:' .. ARGV[2], ARGV[3])
 return 1
 """
-
-# Extend the caller's lease; take it back if it lapsed (a Redis restart, a long pause) and is free.
-_RENEW_LEASE = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
-"""
-
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _uint64_pattern() -> str:
@@ -233,18 +211,6 @@ class Created:
     pending: bool = False  # the earlier request is still being processed
 
 
-@contextmanager
-def _translate() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise JobStoreUnavailable(f"job store unreachable: {e}") from e
-    except redis.ResponseError as e:
-        if "LOADING" in str(e) or "READONLY" in str(e):
-            raise JobStoreUnavailable(f"job store not ready: {e}") from e
-        raise
-
-
 class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         # redis-py's annotations do not model decode_responses=True (str, not bytes): Any here.
@@ -256,21 +222,13 @@ class JobStore:
         self._create_quota = client.register_script(_QUOTA_PRELUDE + _CREATE)
         self._read = client.register_script(_READ)
         self._record_progress = client.register_script(_RECORD_PROGRESS)
-        self._renew_lease = client.register_script(_RENEW_LEASE)
-        self._release_lease = client.register_script(_RELEASE_LEASE)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
-        # Rides out a Redis restart of a few seconds (connection refused, reset, timeouts): six
-        # retries with capped exponential backoff and jitter, about 10 s in all.
-        retry = Retry(EqualJitterBackoff(cap=4.0, base=0.1), 6)
-        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
-                                        socket_connect_timeout=5, health_check_interval=30,
-                                        retry=retry, retry_on_error=[redis.ConnectionError,
-                                                                     redis.TimeoutError]))
+        return cls(connect(url))
 
     def ping(self) -> bool:
-        with _translate():
+        with translate():
             return bool(self.r.ping())
 
     # ---- creation and reads -------------------------------------------------------------
@@ -280,7 +238,7 @@ class JobStore:
                idempotency_ttl_s: int = 86400) -> Created:
         job_id = new_job_id()
         idem = self._idem_key(owner, idempotency_key) if idempotency_key else ""
-        with _translate():
+        with translate():
             kind, value = self._create(
                 keys=[P + f"job:{job_id}", idem],
                 args=[job_id, owner, json.dumps(spec, sort_keys=True), spec_hash,
@@ -304,7 +262,7 @@ class JobStore:
         script = self._create_quota
         job_id = new_job_id()
         idem = self._idem_key(owner, idempotency_key) if idempotency_key else ""
-        with _translate():
+        with translate():
             got = script(keys=[P + f"job:{job_id}", idem], args=[
                 job_id, owner, json.dumps(spec, sort_keys=True), spec_hash, body_hash or "",
                 idempotency_ttl_s, now_iso(), identities, images, P,
@@ -322,7 +280,7 @@ class JobStore:
     def quota_usage(self, owner: str) -> dict[str, int]:
         """The team's non-terminal jobs and today's (UTC) submitted images, by Redis' clock."""
         team = P + f"team:{owner}"
-        with _translate():
+        with translate():
             now = int(self.r.time()[0])
             day = now // 86400
             pipe = self.r.pipeline(transaction=False)
@@ -335,16 +293,16 @@ class JobStore:
 
     def refund_images(self, owner: str, images: int, day: int) -> None:
         """Take back images counted by create_within_quota on `day` (a job that was not enqueued)."""
-        with _translate():
+        with translate():
             self.r.decrby(P + f"team:{owner}:images:{day}", images)
 
     def confirm_idempotency(self, owner: str, key: str, job_id: str, body_hash: str) -> None:
         value = json.dumps({"hash": body_hash, "job": job_id, "state": "done"})
-        with _translate():
+        with translate():
             self.r.set(self._idem_key(owner, key), value, keepttl=True)
 
     def forget_idempotency(self, owner: str, key: str) -> None:
-        with _translate():
+        with translate():
             self.r.delete(self._idem_key(owner, key))
 
     @staticmethod
@@ -355,7 +313,7 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record with decoded JSON fields and summed progress, or None."""
-        with _translate():
+        with translate():
             pipe = self.r.pipeline(transaction=False)
             pipe.hgetall(P + f"job:{job_id}")
             pipe.hgetall(P + f"job:{job_id}:progress")
@@ -367,7 +325,7 @@ class JobStore:
     def read(self, job_id: str) -> dict[str, Any] | None:
         """What `get` returns, in one round trip whose size does not grow with the job's shards:
         progress comes from the running sums that `set_progress` keeps (the status poll's read)."""
-        with _translate():
+        with translate():
             got = self._read(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"])
         if not got:
             return None
@@ -378,12 +336,12 @@ class JobStore:
     def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
         """Progress of one part (a shard, or sampling), and the job's running sums that `read`
         returns. Set, not added: a redelivered shard that starts again moves the sums back."""
-        with _translate():
+        with translate():
             self._record_progress(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"],
                                   args=[part, identities, images, now_iso()])
 
     def status(self, job_id: str) -> str | None:
-        with _translate():
+        with translate():
             status: str | None = self.r.hget(P + f"job:{job_id}", "status")
         return status
 
@@ -392,7 +350,7 @@ class JobStore:
         """The team's jobs, newest first; `after` is the last id of the previous page."""
         index = P + (f"team:{owner}:status:{status}" if status else f"team:{owner}:jobs")
         hi = f"({after}" if after else "+"
-        with _translate():
+        with translate():
             ids = self.r.zrevrangebylex(index, hi, "-", start=0, num=limit + 1)
             pipe = self.r.pipeline(transaction=False)
             for i in ids[:limit]:
@@ -406,7 +364,7 @@ class JobStore:
     def count_by_status(self, owners: list[str]) -> dict[str, int]:
         """Jobs in each status, summed over the teams `owners` (the sizes of their status indexes,
         one round trip)."""
-        with _translate():
+        with translate():
             pipe = self.r.pipeline(transaction=False)
             for owner in owners:
                 for s in STATUSES:
@@ -426,7 +384,7 @@ class JobStore:
         args: list[Any] = [to, now_iso(), ",".join(allowed or TRANSITIONS[to]), P]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        with _translate():
+        with translate():
             ok, prev = self._transition(keys=[P + f"job:{job_id}"], args=args)
         return bool(ok), (prev or None)
 
@@ -439,7 +397,7 @@ class JobStore:
 
     def set_stage(self, job_id: str, stage: str) -> None:
         key = P + f"job:{job_id}"
-        with _translate():
+        with translate():
             if self.r.hget(key, "stage") == stage:
                 return
             pipe = self.r.pipeline()
@@ -449,12 +407,12 @@ class JobStore:
             pipe.execute()
 
     def set_totals(self, job_id: str, **totals: int) -> None:
-        with _translate():
+        with translate():
             self.r.hset(P + f"job:{job_id}", mapping={f"{k}": v for k, v in totals.items()})
 
     def set_stage_progress(self, job_id: str, done: int, total: int, unit: str) -> None:
         """Progress within the current stage (optimiser steps, gallery images...)."""
-        with _translate():
+        with translate():
             self.r.hset(P + f"job:{job_id}", mapping={
                 "stage_done": done, "stage_total": total, "stage_unit": unit,
                 "updated_at": now_iso()})
@@ -462,7 +420,7 @@ class JobStore:
     def add_event(self, job_id: str, type_: str, **data: Any) -> None:
         fields = {"type": type_, "at": now_iso()}
         fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
-        with _translate():
+        with translate():
             self.r.xadd(P + f"job:{job_id}:events", fields, maxlen=10000, approximate=True)
 
     def events(self, job_id: str, *, after: str = "-", limit: int = 1000,
@@ -474,7 +432,7 @@ class JobStore:
         key = P + f"job:{job_id}:events"
         if after == STREAM_ID_MAX and block_ms is None:
             return []  # nothing comes after the largest id (and Redis refuses `(max` as a start)
-        with _translate():
+        with translate():
             if block_ms is not None:
                 got = self.r.xread({key: after if after != "-" else "0-0"}, count=limit,
                                    block=block_ms)
@@ -486,57 +444,8 @@ class JobStore:
 
     def shard_done(self, job_id: str, shard: int) -> int:
         """Record shard completion; returns how many distinct shards are done."""
-        with _translate():
+        with translate():
             return int(self._shard_done(keys=[P + f"job:{job_id}:shards_done"], args=[shard]))
-
-    def incr_attempt(self, job_id: str, task_key: str, by: int = 1) -> int:
-        """Count deliveries of one task of a job (our own counter: Celery's redelivery after a
-        worker crash does not count as a retry)."""
-        with _translate():
-            return int(self.r.hincrby(P + f"job:{job_id}:attempts", task_key, by))
-
-    def attempts(self, job_id: str) -> dict[str, int]:
-        """The attempt counter of each task of a job."""
-        with _translate():
-            return {k: int(v) for k, v in self.r.hgetall(P + f"job:{job_id}:attempts").items()}
-
-    # ---- task leases: one running delivery per (job, task) --------------------------------
-
-    @staticmethod
-    def _lease_key(job_id: str, task_key: str) -> str:
-        return P + f"job:{job_id}:lease:{task_key}"
-
-    def acquire_lease(self, job_id: str, task_key: str, holder: str, ttl_s: float) -> bool:
-        """Take the lease on one task of a job for `ttl_s` seconds; False while another holds it."""
-        with _translate():
-            return bool(self.r.set(self._lease_key(job_id, task_key), holder, nx=True,
-                                   px=max(1, int(ttl_s * 1000))))
-
-    def renew_lease(self, job_id: str, task_key: str, holder: str, ttl_s: float) -> bool:
-        """Extend `holder`'s lease by `ttl_s` seconds from now, taking it back if it lapsed and
-        nobody took it; False when another holder has it."""
-        with _translate():
-            return bool(self._renew_lease(keys=[self._lease_key(job_id, task_key)],
-                                               args=[holder, max(1, int(ttl_s * 1000))]))
-
-    def release_lease(self, job_id: str, task_key: str, holder: str) -> bool:
-        """Drop `holder`'s lease (never another holder's); False when it held none."""
-        with _translate():
-            return bool(self._release_lease(keys=[self._lease_key(job_id, task_key)], args=[holder]))
-
-    def lease_holder(self, job_id: str, task_key: str) -> str | None:
-        with _translate():
-            holder: str | None = self.r.get(self._lease_key(job_id, task_key))
-        return holder
-
-    def mark_task_done(self, job_id: str, task_key: str) -> None:
-        """Record that one task of a job ran to its end: later deliveries of it have nothing to do."""
-        with _translate():
-            self.r.sadd(P + f"job:{job_id}:tasks_done", task_key)
-
-    def task_done(self, job_id: str, task_key: str) -> bool:
-        with _translate():
-            return bool(self.r.sismember(P + f"job:{job_id}:tasks_done", task_key))
 
     # ---- webhook messages ------------------------------------------------------------------
 
@@ -544,25 +453,25 @@ class JobStore:
         """Store a webhook message unless one was already stored for `once` (an event name, or
         `stage:<stage>`); True when this call stored it. The message is re-read by id at each
         delivery attempt, so every attempt sends the same bytes."""
-        with _translate():
+        with translate():
             return bool(self._put_webhook(keys=[P + f"job:{job_id}:webhooks"],
                                           args=[once, msg_id, message]))
 
     def get_webhook(self, job_id: str, msg_id: str) -> str | None:
-        with _translate():
+        with translate():
             message: str | None = self.r.hget(P + f"job:{job_id}:webhooks", f"msg:{msg_id}")
         return message
 
     # ---- model status published by workers ----------------------------------------------
 
     def publish_models(self, worker: str, statuses: dict[str, dict[str, Any]]) -> None:
-        with _translate():
+        with translate():
             self.r.hset(P + "models", mapping={
                 n: json.dumps({**s, "worker": worker, "at": now_iso()}) for n, s in statuses.items()
             })
 
     def model_statuses(self) -> dict[str, dict[str, Any]]:
-        with _translate():
+        with translate():
             return {k: json.loads(v) for k, v in self.r.hgetall(P + "models").items()}
 
 

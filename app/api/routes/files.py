@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from app.deps import Svc
+from app.api.deps import Svc
+from app.api.openapi import problems
 from app.errors import NotFound, Unauthorized
-from app.openapi import problems
 from app.storage import LocalStorage
 
 router = APIRouter(tags=["files"])

@@ -9,12 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.auth import Principal
+from app.api.auth import Principal
 from app.errors import Unauthorized
+from app.jobstore import JobStore
 from app.queue import TaskQueue
 from app.settings import Settings
 from app.storage import Storage
-from app.store import JobStore
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Face crops: the ArcFace template, fixed and landmark crops, FFHQ alignment, YuNet landmarks."""
