@@ -775,7 +775,7 @@ class ShutdownCheck:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        # The arguments `idforge worker --queues gpu --concurrency 1` hands to Celery (app/cli.py).
+        # The arguments `idforge worker --queues gpu --concurrency 1` hands to Celery (workers/cli.py).
         cmd = [sys.executable, "-m", "celery", "-A", "helm_shutdown_app", "worker", "-Q", "gpu", "-c", "1",
                "--pool", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
                "--without-heartbeat"]

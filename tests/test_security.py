@@ -416,9 +416,9 @@ def test_quotas_hold_under_parallel_submissions(redis_server: RedisServer, store
     def submit(i: int) -> str:
         start.wait()
         try:
-            limits.create_job(JobStore.from_url(redis_server.url), settings, "alpha", spec.normalized(),
-                              spec.spec_hash(), identities=3, images=6, idempotency_key=None,
-                              body_hash=spec.spec_hash())
+            limits.admit(JobStore.from_url(redis_server.url), settings, "alpha", spec.normalized(),
+                         spec.spec_hash(), identities=3, images=6, idempotency_key=None,
+                         body_hash=spec.spec_hash())
             return "created"
         except TooManyRequests as e:
             return e.code

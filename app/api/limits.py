@@ -87,9 +87,11 @@ class Admitted:
     images: int  # counted against the day (0 for a replay)
 
 
-def create_job(store: JobStore, settings: Settings, team: str, spec: dict[str, Any], spec_hash: str, *,
-               identities: int, images: int, idempotency_key: str | None, body_hash: str) -> Admitted:
-    """Record the job if the team's quotas allow it (atomically), else raise the 429/403."""
+def admit(store: JobStore, settings: Settings, team: str, spec: dict[str, Any], spec_hash: str, *,
+          identities: int, images: int, idempotency_key: str | None, body_hash: str) -> Admitted:
+    """Record the job if the team's quotas allow it (atomically), else raise the 429/403. The
+    service's `submit` (app.api.jobs_service) calls it, and gives the images back when the job
+    cannot be enqueued."""
     quota = quota_for(settings, team)
     made, usage = store.create_within_quota(
         team, spec, spec_hash, identities=identities, images=images,
@@ -111,12 +113,6 @@ def create_job(store: JobStore, settings: Settings, team: str, spec: dict[str, A
                         "larger quota", code="quota_images_per_day")
     raise TooManyRequests(f"{why}; the quota resets at 00:00 UTC, in {left_s} s",
                           code="quota_images_per_day", headers={"Retry-After": str(left_s)})
-
-
-def refund(store: JobStore, team: str, admitted: Admitted) -> None:
-    """Give back the images of an admitted job that was not enqueued after all."""
-    if admitted.images:
-        store.refund_images(team, admitted.images, admitted.day)
 
 
 def usage(store: JobStore, settings: Settings, team: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from app import __version__
 from app.api import openapi, problems
 from app.api.auth import KeyRing
 from app.api.deps import Services
-from app.api.routes import files, jobs, system, ui
+from app.api.routes import files, jobs, keys, system, ui
 from app.jobstore import JobStore
 from app.logs import RequestLogContext
 from app.queue import TaskQueue
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(system.router)
+    app.include_router(keys.router)
     app.include_router(ui.router)
     openapi.install(app)
     app.add_middleware(openapi.AllowHeader)

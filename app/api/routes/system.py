@@ -1,23 +1,21 @@
-"""Liveness, readiness, Prometheus metrics, the model registry, the team's quota and API keys."""
+"""Liveness, readiness, Prometheus metrics, the model registry and the team's quota (its API keys:
+`app.api.routes.keys`)."""
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__, catalog, telemetry
 from app.api import limits, metrics
-from app.api.auth import KEY_NAME_MAX
-from app.api.deps import Admin, Svc, Team
+from app.api.deps import Svc, Team
 from app.api.openapi import Health, ModelList, Readiness, problems
-from app.api.problems import field_errors
-from app.errors import InvalidRequest, NotFound, ServiceError, Unauthorized
+from app.errors import ServiceError, Unauthorized
 
 log = logging.getLogger("idforge.api")
 
@@ -95,51 +93,8 @@ def models(svc: Svc, team: Team) -> dict[str, Any]:
     return {"models": out}
 
 
-# ---- the team's quotas and its API keys (app.api.limits, app.api.auth) --------------------------------
-
-class NewKey(BaseModel):
-    """Body of POST /v1/keys."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    scopes: list[Literal["read", "submit", "admin"]] = Field(..., min_length=1)  # submit implies read
-    name: str = Field("", max_length=KEY_NAME_MAX)  # what the key is for, shown in listings
-
+# ---- the team's quotas (app.api.limits) --------------------------------------------------------
 
 @router.get("/v1/quota", summary="The team's quotas and rate limit, and what it uses of them")
 def quota(svc: Svc, team: Team) -> dict[str, Any]:
     return limits.usage(svc.store, svc.settings, team)
-
-
-@router.post("/v1/keys", status_code=201, summary="Make an API key for the caller's team (admin scope); "
-             "the key is in this response only",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": NewKey.model_json_schema()}}}})
-async def create_key(request: Request, admin: Admin) -> JSONResponse:
-    body = await limits.read_body(request, 4096)
-    try:
-        new = NewKey.model_validate_json(body or b"{}")
-    except ValidationError as e:
-        errors = field_errors(e)
-        raise InvalidRequest("; ".join(f"{x['field']}: {x['message']}" for x in errors),
-                             errors=errors) from e
-    try:
-        key, rec = await run_in_threadpool(request.app.state.keyring.create, admin.team, new.scopes,
-                                           new.name)
-    except ValueError as e:
-        raise InvalidRequest(str(e), errors=[{"field": "name", "message": str(e)}]) from e
-    return JSONResponse({**rec.public(), "key": key}, status_code=201,
-                        headers={"Cache-Control": "no-store"})
-
-
-@router.get("/v1/keys", summary="The team's API keys, revoked ones included (admin scope)")
-def list_keys(request: Request, admin: Admin) -> dict[str, Any]:
-    return {"keys": [r.public() for r in request.app.state.keyring.records(admin.team)]}
-
-
-@router.delete("/v1/keys/{key_id}", summary="Revoke one of the team's API keys (admin scope)")
-def revoke_key(key_id: str, request: Request, admin: Admin) -> dict[str, Any]:
-    rec = request.app.state.keyring.revoke(key_id, team=admin.team)
-    if rec is None:
-        raise NotFound(f"no key {key_id}")
-    return rec.public()  # type: ignore[no-any-return]

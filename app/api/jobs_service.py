@@ -1,0 +1,235 @@
+"""The logic the job routes call: parse a spec, submit a job (quota, idempotency, enqueue and its
+compensation), find a team's job, cancel it, list its artifacts.
+
+Functions here return plain data or raise `app.errors` ServiceErrors; the routes
+(`app.api.routes.jobs`) build the responses and their headers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.api.deps import Services
+from app.api.limits import admit
+from app.api.problems import field_errors
+from app.errors import BadRequest, Conflict, InvalidSpec, NotFound, ServiceError
+from app.layout import JobKeys
+from app.queue import SAMPLE_IDENTITIES
+from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
+from app.webhooks import check_spec_webhook, notify
+
+# ---- the job spec: request bytes -> a spec that can run -------------------------------------------
+
+
+def _integral_as_int(v: Any) -> Any:
+    """JSON numbers as JSON Schema reads them: 2.0 is the integer 2."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _integral_as_int(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_integral_as_int(x) for x in v]
+    return v
+
+
+def _lone_surrogate(v: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path to the first string (or object key) holding a lone UTF-16 surrogate (JSON's
+    `"\\ud800"` escape parses to one; it is not a Unicode character and cannot be written back as
+    UTF-8), or None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            here = (*path, k)
+            if (got := _lone_surrogate(k, here)) is not None or (got := _lone_surrogate(x, here)) is not None:
+                return got
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if (got := _lone_surrogate(x, (*path, str(i)))) is not None:
+                return got
+    return None
+
+
+MAX_JSON_DEPTH = 32  # a job spec nests 4 levels; deeper bodies are refused before anything walks them
+
+
+def _too_deep(v: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (iteratively: no recursion)."""
+    stack = [(v, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((y, depth + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return False
+
+
+def parse_spec(body: bytes, svc: Services) -> JobSpec:
+    """Bytes -> a spec that can run, or a 4xx naming the field."""
+    too_deep = BadRequest(f"request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+                          code="malformed_json")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}", code="malformed_json") from e
+    except RecursionError as e:  # the parser's own limit, far below the body size limit
+        raise too_deep from e
+    if _too_deep(data):
+        raise too_deep
+    if not isinstance(data, dict):
+        raise InvalidSpec("the job spec must be a JSON object",
+                          errors=[{"field": "(body)", "message": "expected an object"}])
+    bad = _lone_surrogate(data)
+    if bad is not None:  # refused before it is stored: the job could never be shown again
+        field = ".".join(p.encode("utf-8", "backslashreplace").decode() for p in bad) or "(body)"
+        message = "a string holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape that is not " \
+                  "half of a pair), which is not a Unicode character"
+        raise InvalidSpec(f"{field}: {message}", errors=[{"field": field, "message": message,
+                                                          "type": "invalid_unicode"}])
+    try:
+        # Strict: a value of the wrong JSON type ("5", true for a number) is refused, not coerced.
+        spec = JobSpec.model_validate(_integral_as_int(data), strict=True)
+    except ValidationError as e:
+        errors = field_errors(e)
+        raise InvalidSpec("; ".join(f"{x['field']}: {x['message']}" for x in errors),
+                          errors=errors) from e
+    s = svc.settings
+    try:
+        check_models(spec)
+        check_limits(spec, max_identities=s.max_identities,
+                     max_images_per_identity=s.max_images_per_identity,
+                     max_total_images=s.max_total_images)
+        check_available(spec, svc.store.model_statuses())
+        check_spec_webhook(spec, allow_private=s.webhook_allow_private)
+    except SpecError as e:
+        raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
+                          errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
+    return spec
+
+
+# ---- submit, find, cancel -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What `submit` did: the job record, and whether it is an Idempotency-Key replay (the earlier
+    request's job, counted nothing, enqueued nothing)."""
+
+    job: dict[str, Any]
+    replayed: bool
+
+
+def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Submitted:
+    """Create the job within the team's quotas (429/403 over them), answer an Idempotency-Key
+    replay, enqueue the job's first task. When the enqueue fails the job is failed, the
+    Idempotency-Key forgotten and the images given back, and the enqueue's error is raised."""
+    normalized = spec.normalized()
+    h = spec.spec_hash()
+    admitted = admit(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
+                     images=spec.identities * spec.images_per_identity,
+                     idempotency_key=idem_key, body_hash=h)  # 429/403 over the team's quotas
+    made = admitted.made
+    if not made.created:
+        if made.body_hash != h:
+            raise InvalidSpec("this Idempotency-Key was used with a different body",
+                              code="idempotency_key_reused",
+                              errors=[{"field": "Idempotency-Key", "message": "reused with a "
+                                       "different body", "type": "idempotency_key_reused"}])
+        if made.pending:
+            raise Conflict("a request with this Idempotency-Key is still being processed",
+                           code="idempotency_key_in_flight", headers={"Retry-After": "1"})
+        job = svc.store.get(made.job_id)
+        if job is None:
+            raise Conflict("the job of this Idempotency-Key no longer exists")
+        return Submitted(job, replayed=True)
+    try:
+        svc.queue.send(SAMPLE_IDENTITIES, made.job_id)
+    except ServiceError as e:
+        svc.store.transition(made.job_id, "failed",
+                             error={"code": e.code, "message": f"could not enqueue: {e.detail}"})
+        if idem_key:
+            svc.store.forget_idempotency(team, idem_key)
+        if admitted.images:  # the images of a job that was not enqueued after all
+            svc.store.refund_images(team, admitted.images, admitted.day)
+        raise
+    if idem_key:
+        svc.store.confirm_idempotency(team, idem_key, made.job_id, h)
+    job = svc.store.get(made.job_id)
+    assert job is not None
+    return Submitted(job, replayed=False)
+
+
+def owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
+    """The job, or 404 when there is none or it is another team's."""
+    job = svc.store.read(job_id) if job_id.isalnum() else None
+    if job is None or job["owner"] != team:  # another team's job does not exist for you
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
+    """Cancel the team's job (idempotent) and return it: ended, or canceling until its workers stop."""
+    owned(svc, team, job_id)
+    if svc.store.request_cancel(job_id) == "canceled":  # a queued job: no worker will see it
+        notify(svc.store, svc.queue, job_id, "canceled", {"status": "canceled"})  # at most once
+    job = svc.store.get(job_id)
+    assert job is not None
+    return job
+
+
+# ---- artifacts ------------------------------------------------------------------------------------
+
+
+def artifacts(svc: Services, team: str, job_id: str, *, limit: int, after: str | None) -> dict[str, Any]:
+    """A page of the succeeded job's manifest files with presigned URLs, its other objects and its
+    report (409 `job_not_succeeded` before it has succeeded)."""
+    job = owned(svc, team, job_id)
+    if job["status"] != "succeeded":
+        raise Conflict(f"job {job_id} is {job['status']}; artifacts exist once it has succeeded",
+                       code="job_not_succeeded")
+    keys = JobKeys.for_job(svc.settings.s3_prefix, job_id)
+    manifest = json.loads(svc.storage.get_bytes(keys.manifest))
+    ttl = svc.settings.presign_expiry_s
+    files = manifest.get("files", [])
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, f in enumerate(files) if f["path"] == after), len(files))
+    page = files[start:start + limit]
+    more = start + limit < len(files)
+    return {
+        "job_id": job_id,
+        "expires_in": ttl,
+        "manifest_url": svc.storage.presign_get(keys.manifest, ttl),
+        "manifest": {k: v for k, v in manifest.items() if k != "files"},
+        "files": [{**f, "url": svc.storage.presign_get(keys.key(f["path"]), ttl)}
+                  for f in page],
+        "has_more": more,
+        "next": page[-1]["path"] if more and page else None,
+        # The dataset's other objects: WebDataset tars, RecordIO files, the Parquet index, identities.
+        "objects": [{"path": path, **meta, "url": svc.storage.presign_get(keys.key(path), ttl)}
+                    for path, meta in sorted(manifest.get("outputs", {}).items())],
+        "report": _report_urls(svc, keys, ttl),
+    }
+
+
+def _report_urls(svc: Services, keys: JobKeys, ttl: int) -> dict[str, Any] | None:
+    """Presigned URLs of the quality report's objects that exist (`report/report.html`,
+    `report/report.json`, `report/plots/*`), or None when the job has no report."""
+    names = {keys.relative(k).removeprefix("report/") for k in svc.storage.list_keys(keys.report())}
+    if not names & {"report.html", "report.json"}:
+        return None
+
+    def url(name: str) -> str | None:
+        return svc.storage.presign_get(keys.report(name), ttl) if name in names else None
+
+    plots = sorted(n for n in names if n.startswith("plots/") and n.count("/") == 1)
+    return {"html": url("report.html"), "json": url("report.json"),
+            "plots": {n.removeprefix("plots/"): url(n) for n in plots}}
