@@ -66,11 +66,11 @@ def loop(face: LatentFace, w_ref: torch.Tensor, ids: list[int], variations: int,
     """The reference loop: every variation rendered alone with gradients, the others fixed."""
     with torch.no_grad():
         e_ref = torch.cat([face.embed(w_ref[i:i + 1]) for i in range(len(ids))])  # [n, E]
-    w = initial_variations(w_ref, ids, SEED, variations, config.initial_noise)  # [n, A, D]
+    w = initial_variations(w_ref, ids, SEED, variations, config.init_scale)  # [n, A, D]
     w_avg = face.w_avg.to(w.device, w.dtype)
-    k_e, k_w, r = config.embedding_coefficient, config.latent_coefficient, config.latent_radius
+    k_e, k_w, r = config.attraction, config.repulsion, config.repulsion_radius
     for t in range(config.iterations):
-        noise = config.random_force * step_noise(ids, SEED, variations, t, w.shape[-1]).to(w.device, w.dtype)
+        noise = config.noise * step_noise(ids, SEED, variations, t, w.shape[-1]).to(w.device, w.dtype)
         new = w.clone()
         for i in range(len(ids)):
             for a in range(variations):
@@ -80,8 +80,8 @@ def loop(face: LatentFace, w_ref: torch.Tensor, ids: list[int], variations: int,
                 diff = w[i, a] - w[i]  # [A, D], row a is zero
                 d = diff.norm(dim=-1)  # [A]
                 c = torch.where((d > 0) & (d < r), (r - d) / d.clamp_min(1e-30), 0.0)  # [A]
-                force = -g[0] + k_w * (c[:, None] * diff).sum(0) + config.global_coefficient * (w_avg - w[i, a])
-                new[i, a] = w[i, a] + config.timestep / config.viscosity * (force + noise[i, a])
+                force = -g[0] + k_w * (c[:, None] * diff).sum(0) + config.latent_pull * (w_avg - w[i, a])
+                new[i, a] = w[i, a] + config.dt / config.viscosity * (force + noise[i, a])
         w = new
     return w
 

@@ -112,7 +112,8 @@ def loop_forces(face: LatentFace, w: torch.Tensor, config: lv.LangevinConfig, ro
             ei = face.embed(wi)[0]  # [E]
         others = torch.cat([fixed[:i], fixed[i + 1:]])  # [N - 1, E]
         theta = torch.acos(s * (others @ ei))
-        u = torch.where(theta < config.r0, config.k / 2 * (config.r0 - theta) ** 2, 0.0).sum()
+        r0, k = config.repulsion_radius, config.stiffness
+        u = torch.where(theta < r0, k / 2 * (r0 - theta) ** 2, 0.0).sum()
         if idiap:
             u.backward()
             g = wi.grad

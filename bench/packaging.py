@@ -43,7 +43,7 @@ from app.storage import MULTIPART_PART, LocalStorage, S3Storage, Storage
 from bench import emit, quick_summary, set_threads
 from models.alignment.template import encode_image
 from models.seeding import derive_seed
-from workers.formats import webdataset_sample, write_webdataset_tar
+from workers.outputs.webdataset import webdataset_sample, write_webdataset_tar
 
 IMAGES = 8192  # images per variant
 SHARD = 2048  # images per WebDataset shard (about 15 MB of JPEG: a multipart upload)

@@ -33,6 +33,43 @@ DERIVE_SEED_SCHEME = (
 )
 
 
+# ---- seed purposes: each spelled here only ----------------------------------------------------
+# The second part of a job's derive_seed(job_seed, PURPOSE, ...): which draw a stream feeds. The
+# strings are part of every pinned byte, so they never change; `PURPOSES` says what each seeds.
+IDENTITY = "identity"
+VARIATION = "variation"
+RENDER = "render"
+GALLERY = "gallery"
+GALLERY_RENDER = "gallery-render"
+HYPERFACE_INIT = "hyperface-init"
+HYPERFACE = "hyperface"
+LANGEVIN = "langevin"
+LANGEVIN_NOISE = "noise"
+DISPERSION_INIT = "dispersion.init"
+DISPERSION_NOISE = "dispersion.noise"
+DISCO = "disco"
+COVARIATES_TINY = "covariates.tiny"
+REPORT_IMPOSTOR = "report.impostor"
+
+PURPOSES: dict[str, str] = {
+    IDENTITY: "identity i's reference: a uniform embedding (random sampler) or its z ~ N(0, I) "
+              "(latent generators, Langevin's initial latents)",
+    VARIATION: "sample (i, s)'s embedding-noise draw around its reference",
+    RENDER: "sample (i, s)'s diffusion noise",
+    GALLERY: "HyperFace gallery item k's conditioning embedding (or latent z)",
+    GALLERY_RENDER: "HyperFace gallery item k's diffusion noise",
+    HYPERFACE_INIT: "HyperFace's initial points, picked from the gallery",
+    HYPERFACE: "HyperFace's stochastic batches",
+    LANGEVIN: "the Langevin run's seed, under which LANGEVIN_NOISE streams are derived",
+    LANGEVIN_NOISE: "Langevin's noise of identity i at step t, derived from the LANGEVIN seed",
+    DISPERSION_INIT: "Dispersion's initial offset of sample (i, s)",
+    DISPERSION_NOISE: "Dispersion's random force on sample (i, s) at step t",
+    DISCO: "DisCo's covariate mix of sample (i, s)",
+    COVARIATES_TINY: "the tiny preset's covariate-fitting latents (preset builds only)",
+    REPORT_IMPOSTOR: "the quality report's impostor pairs and per-identity sample order",
+}
+
+
 def derive_seed(*parts: int | str) -> int:
     """sha256 of the parts, joined unambiguously (JSON keeps 1 and "1" apart), as an int in [0, 2**63)."""
     if not parts:

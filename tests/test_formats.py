@@ -1,6 +1,6 @@
 """Dataset output formats, read back by independent readers: the `webdataset` library for the tar
 shards, a RecordIO reader written here from the dmlc/insightface format description (it shares no
-parsing code with workers/formats.py), and pyarrow.parquet for the index."""
+parsing code with workers/outputs/recordio.py), and pyarrow.parquet for the index."""
 
 from __future__ import annotations
 
@@ -16,14 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from workers.formats import (
-    INDEX_SCHEMA,
-    ParquetIndexWriter,
-    RecordIOPackager,
-    webdataset_sample,
-    write_recordio_segment,
-    write_webdataset_tar,
-)
+from workers.outputs.index import INDEX_SCHEMA, ParquetIndexWriter
+from workers.outputs.recordio import RecordIOPackager, write_recordio_segment
+from workers.outputs.webdataset import webdataset_sample, write_webdataset_tar
 
 # ---- WebDataset ------------------------------------------------------------------------------
 

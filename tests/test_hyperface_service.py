@@ -15,9 +15,10 @@ from app.settings import Settings
 from app.spec import JobSpec, SpecError, check_models
 from app.storage import LocalStorage
 from models.registry import Registry
-from workers import identities
+from workers import pipelines
 from workers.errors import Canceled
 from workers.local import generate
+from workers.pipelines import embedding
 from workers.runtime import ModelCache
 
 HF: dict[str, Any] = {
@@ -33,17 +34,17 @@ def models(model_dir: Path) -> ModelCache:
     return ModelCache(Registry(model_dir), "cpu")
 
 
-def _sample(spec: JobSpec, models: ModelCache, root: Path, hooks: identities.Hooks,
-            ) -> identities.Sampled:
-    return identities.sample(spec, models, LocalStorage(root), JobKeys(""), checkpoint_steps=10,
-                             gallery_chunk=16, hooks=hooks)
+def _sample(spec: JobSpec, models: ModelCache, root: Path, hooks: pipelines.Hooks,
+            ) -> pipelines.Sampled:
+    return pipelines.sample_identities(spec, models, LocalStorage(root), JobKeys(""), checkpoint_steps=10,
+                                       gallery_chunk=16, hooks=hooks)
 
 
 def test_hyperface_packs_identities_apart_starting_from_the_gallery(
         models: ModelCache, tmp_path: Path) -> None:
     spec = JobSpec.model_validate(HF)
     progress: list[tuple[int, int, str]] = []
-    got = _sample(spec, models, tmp_path, identities.Hooks(
+    got = _sample(spec, models, tmp_path, pipelines.Hooks(
         progress=lambda d, t, u: progress.append((d, t, u))))
     x = got.embeddings
     assert x.shape == (12, 512)
@@ -59,20 +60,20 @@ def test_hyperface_packs_identities_apart_starting_from_the_gallery(
 def test_interrupted_sampling_resumes_from_its_checkpoint_to_the_same_result(
         models: ModelCache, tmp_path: Path) -> None:
     spec = JobSpec.model_validate(HF)
-    whole = _sample(spec, models, tmp_path / "whole", identities.Hooks())
+    whole = _sample(spec, models, tmp_path / "whole", pipelines.Hooks())
     steps: list[int] = []
 
     def stop_at_35() -> bool:
         return bool(steps) and steps[-1] >= 35
 
     with pytest.raises(Canceled):  # the worker died (here: stopped) at step 35
-        _sample(spec, models, tmp_path / "cut", identities.Hooks(
+        _sample(spec, models, tmp_path / "cut", pipelines.Hooks(
             progress=lambda d, t, u: steps.append(d) if u == "optimiser steps" else None,
             should_stop=stop_at_35))
     assert (tmp_path / "cut" / "identities" / "checkpoint.safetensors").exists()
     events: list[tuple[str, dict[str, Any]]] = []
     resumed_steps: list[int] = []
-    again = _sample(spec, models, tmp_path / "cut", identities.Hooks(
+    again = _sample(spec, models, tmp_path / "cut", pipelines.Hooks(
         progress=lambda d, t, u: resumed_steps.append(d) if u == "optimiser steps" else None,
         event=lambda t, **d: events.append((t, d))))
     assert ("resumed", {"stage": "sampling_identities", "step": 30}) in events
@@ -135,8 +136,8 @@ def test_latent_gallery_is_the_embedders_view_of_random_stylegan2_faces(
 
     spec = JobSpec.model_validate(HF_STYLEGAN_GALLERY)
     check_models(spec)
-    gallery = identities.build_gallery(spec, models, LocalStorage(tmp_path), JobKeys(""), chunk=5,
-                                       hooks=identities.Hooks())
+    gallery = embedding.build_gallery(spec, models, LocalStorage(tmp_path), JobKeys(""), chunk=5,
+                                      hooks=pipelines.Hooks())
     assert gallery.shape == (12, 512)  # the embedder's dimension: it is the embedder's view
     assert torch.allclose(gallery.norm(dim=1), torch.ones(12), atol=1e-5)
     assert torch.pdist(gallery).min() > 1e-4  # twelve different faces
@@ -148,9 +149,9 @@ def test_latent_gallery_is_the_embedders_view_of_random_stylegan2_faces(
     assert crop.alignment == "center"
     assert torch.allclose(emb.embed_images(crop(image).crops).float(), gallery[7:8], atol=1e-5)
     # Another seed, another gallery.
-    other = identities.build_gallery(JobSpec.model_validate({**HF_STYLEGAN_GALLERY, "seed": 14}), models,
-                                     LocalStorage(tmp_path / "other"), JobKeys(""), chunk=16,
-                                     hooks=identities.Hooks())
+    other = embedding.build_gallery(JobSpec.model_validate({**HF_STYLEGAN_GALLERY, "seed": 14}), models,
+                                    LocalStorage(tmp_path / "other"), JobKeys(""), chunk=16,
+                                    hooks=pipelines.Hooks())
     assert not torch.allclose(other, gallery, atol=1e-3)
 
 

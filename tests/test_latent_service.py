@@ -17,7 +17,7 @@ from app.settings import Settings
 from app.spec import JobSpec, SpecError, check_models
 from app.storage import LocalStorage
 from models.registry import Registry
-from workers import identities
+from workers import pipelines
 from workers.errors import Canceled
 from workers.local import generate
 from workers.runtime import ModelCache
@@ -103,14 +103,15 @@ def test_langevin_repels_identities_and_resumes_bit_identically(models: ModelCac
     spec = JobSpec.model_validate({**LANGEVIN, "identities": 8,
                                    "sampler": {"method": "langevin", "iterations": 10, "batch_size": 3}})
 
-    def run(root: Path, hooks: identities.Hooks) -> identities.Sampled:
-        return identities.sample(spec, models, LocalStorage(root), JobKeys(""), checkpoint_steps=3, hooks=hooks)
+    def run(root: Path, hooks: pipelines.Hooks) -> pipelines.Sampled:
+        return pipelines.sample_identities(spec, models, LocalStorage(root), JobKeys(""), checkpoint_steps=3,
+                                           hooks=hooks)
 
-    whole = run(tmp_path / "whole", identities.Hooks())
+    whole = run(tmp_path / "whole", pipelines.Hooks())
     assert whole.latents is not None and whole.latents.shape == (8, 64)
     assert whole.embeddings.shape == (8, 512)
     random = JobSpec.model_validate({**spec.model_dump(), "sampler": {"method": "random"}})
-    start = identities.sample(random, models, LocalStorage(tmp_path / "r"), JobKeys(""))
+    start = pipelines.sample_identities(random, models, LocalStorage(tmp_path / "r"), JobKeys(""))
     assert start.latents is not None
     cos = whole.embeddings @ whole.embeddings.T - 2 * torch.eye(8)
     cos0 = start.embeddings @ start.embeddings.T - 2 * torch.eye(8)
@@ -118,12 +119,12 @@ def test_langevin_repels_identities_and_resumes_bit_identically(models: ModelCac
 
     steps: list[int] = []
     with pytest.raises(Canceled):
-        run(tmp_path / "cut", identities.Hooks(
+        run(tmp_path / "cut", pipelines.Hooks(
             progress=lambda d, t, u: steps.append(d) if u == "Langevin steps" else None,
             should_stop=lambda: bool(steps) and steps[-1] >= 7))
     assert (tmp_path / "cut" / "identities" / "checkpoint.safetensors").exists()
     events: list[tuple[str, dict[str, Any]]] = []
-    again = run(tmp_path / "cut", identities.Hooks(event=lambda t, **d: events.append((t, d))))
+    again = run(tmp_path / "cut", pipelines.Hooks(event=lambda t, **d: events.append((t, d))))
     assert ("resumed", {"stage": "sampling_identities", "step": 6}) in events
     assert again.latents is not None and torch.equal(again.latents, whole.latents)
 

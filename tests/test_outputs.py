@@ -208,7 +208,7 @@ def test_contact_sheet_shows_the_dataset_images(job: tuple[Path, dict[str, Any]]
 
 
 def test_index_rows_map_label_flips_through_each_identitys_kept_samples() -> None:
-    from workers.finalize import index_rows
+    from workers.outputs.index import index_rows
 
     def f(i: int, s: int) -> dict[str, Any]:
         return {"path": f"dataset/imagefolder/{i:06d}/{s:03d}.jpg", "identity": i, "sample": s, "seed": 1,

@@ -19,9 +19,10 @@ from app.spec import JobSpec
 from app.storage import LocalStorage
 from models.alignment.cropper import Cropper
 from models.registry import Registry
-from workers import finalize, jobs, pipeline
+from workers import artifacts, finalize, jobs
 from workers.errors import Canceled, JobGone
 from workers.local import generate
+from workers.pipelines import Hooks, embedding
 from workers.runtime import ModelCache, Runtime
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
@@ -30,11 +31,11 @@ SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
 
 def test_plan_shards_covers_every_identity_once() -> None:
     for n, size in ((1, 1), (5, 2), (64, 64), (65, 64), (1000, 7)):
-        shards = pipeline.plan_shards(n, size)
+        shards = artifacts.plan_shards(n, size)
         flat = [i for r in shards for i in r]
         assert flat == list(range(n)) and max(len(r) for r in shards) <= size
     with pytest.raises(ValueError, match="identities"):
-        pipeline.plan_shards(0, 4)
+        artifacts.plan_shards(0, 4)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -158,11 +159,11 @@ def test_cancel_stops_between_batches(rt: Runtime) -> None:
         return rt.store.status(job_id) == "canceling"
 
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
-    refs = pipeline.load_identities(rt.storage, keys)[0:2]
+    refs = artifacts.load_identities(rt.storage, keys)[0:2]
     with pytest.raises(Canceled):
-        pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
-                              rt.models.embedder("iresnet-tiny"), rt.storage, keys,
-                              should_stop=stop_after_two)
+        embedding.render_references(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
+                                    rt.models.embedder("iresnet-tiny"), rt.storage, keys,
+                                    hooks=Hooks(should_stop=stop_after_two))
     assert len(batches) == 3  # two batches of one image rendered, then it stopped before the third
     # A shard's outputs are written when it completes: a canceled shard leaves none.
     assert list(rt.storage.list_keys(keys.key("dataset"))) == []
@@ -215,14 +216,14 @@ def test_images_without_a_face_are_flagged_and_counted(rt: Runtime) -> None:
     job_id, spec = _submit(rt, {**SPEC, "identities": 2, "images_per_identity": 2})
     jobs.sample_identities(rt, job_id)
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
-    refs = pipeline.load_identities(rt.storage, keys)[0:2]
+    refs = artifacts.load_identities(rt.storage, keys)[0:2]
     # The tiny generator's images are noise: landmark alignment finds no face in any of them.
-    res = pipeline.render_shard(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
-                                rt.models.embedder("iresnet-tiny"), rt.storage, keys,
-                                crop=Cropper("landmarks"))
+    res = embedding.render_references(spec, 0, range(0, 2), refs, rt.models.generator("arc2face-tiny"),
+                                      rt.models.embedder("iresnet-tiny"), rt.storage, keys,
+                                      crop=Cropper("landmarks"))
     assert res.alignment == "landmarks" and res.alignment_failures == 4
     assert [f["aligned"] for f in res.files] == [False] * 4
-    shard = pipeline.load_shard(rt.storage, keys, 0)
+    shard = artifacts.load_shard(rt.storage, keys, 0)
     assert shard["alignment"] == "landmarks"
     assert finalize.counts(spec, [shard])["alignment_failures"] == 4
 

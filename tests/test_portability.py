@@ -51,7 +51,7 @@ PINNED_DRAWS: dict[str, str] = {
         "39838567e73a93571b321cb897d6e8045b9aa20d1a904ba1a5aaec478b49c0be",
     "langevin_noise(7, range(5), 3, 512)":
         "5b93f0b8c764eda9b715077976bf39cb56e0779f38328ed674ed3b82cf4e4616",
-    "dispersion._normals(INIT_PURPOSE, 7, [0, 4, 9], 3, 64, first=1)":
+    "dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1)":
         "8a0749371bd7b11a093ef6b5c5864332cd188cdfa1d5355e6b1e940d4cbb62e1",
     "dispersion.step_noise([0, 4, 9], 7, 3, 5, 64)":
         "1d635805f69ae12057fc553c25c42022c939290af2741917df938b58a1e1c409",
@@ -96,7 +96,7 @@ def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
     from models.sampling.embedding_noise import embedding_noise
     from models.sampling.random import sample_identities
     from models.sampling.sphere import uniform_sphere
-    from models.seeding import make_generator
+    from models.seeding import DISPERSION_INIT, make_generator
 
     g = make_generator(123)  # one stream, drawn in this order
     # DisCo's u ~ U(-0.5, 0.5) per (identity, variation), read back exactly through unit directions
@@ -115,8 +115,8 @@ def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
             lambda: embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7,
                                                first_sample=2),
         "langevin_noise(7, range(5), 3, 512)": lambda: langevin.langevin_noise(7, range(5), 3, 512),
-        "dispersion._normals(INIT_PURPOSE, 7, [0, 4, 9], 3, 64, first=1)":
-            lambda: dispersion._normals(dispersion.INIT_PURPOSE, 7, [0, 4, 9], 3, 64, first=1),
+        "dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1)":
+            lambda: dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1),
         "dispersion.step_noise([0, 4, 9], 7, 3, 5, 64)":
             lambda: dispersion.step_noise([0, 4, 9], 7, 3, 5, 64),
         "disco_offsets(unit directions, [0, 5], 4, 7, first_variation=3)":

@@ -543,7 +543,7 @@ def test_no_spec_field_steers_a_storage_key_outside_the_job(
         make_api: MakeApi, redis_server: RedisServer, store: JobStore, tmp_path: Path, model_dir: Path) -> None:
     from app.queue import TaskQueue
     from models.registry import Registry
-    from workers import jobs, pipeline
+    from workers import artifacts, jobs
     from workers.runtime import ModelCache, Runtime
 
     body = {"identities": 2, "images_per_identity": 1, "seed": 3, "render": {"steps": 1},
@@ -558,7 +558,7 @@ def test_no_spec_field_steers_a_storage_key_outside_the_job(
     rt = Runtime(settings=settings, store=store, storage=storage,
                  queue=TaskQueue.from_settings(settings), models=ModelCache(Registry(model_dir), "cpu"))
     jobs.sample_identities(rt, job_id)
-    for k in range(len(pipeline.plan_shards(2, settings.shard_identities))):
+    for k in range(len(artifacts.plan_shards(2, settings.shard_identities))):
         jobs.render_shard(rt, job_id, k)
     jobs.finalize(rt, job_id)
     job = store.get(job_id)

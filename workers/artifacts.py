@@ -1,20 +1,16 @@
-"""The job pipeline, shard by shard, with no broker or job store in sight.
+"""A job's intermediate objects in storage: the shard plan, the identities (and what their sampler
+reports), the sampler's checkpoint, the HyperFace gallery's chunks and each shard's marker.
 
-Celery tasks (workers/jobs.py) and the in-process `idforge generate` (workers/local.py) both call
-these functions; they report progress and check for cancellation through callbacks.
-
-Every image is addressable by (job seed, identity, sample):
-  identity i's reference  <- derive_seed(seed, "identity", i)      (random sampler)
-  sample (i, s)'s embedding <- derive_seed(seed, "variation", i, s)
-  sample (i, s)'s diffusion noise <- derive_seed(seed, "render", i, s)
+Every key comes from `app.layout.JobKeys`; the pipelines (`workers.pipelines`) and the tasks
+(`workers.jobs`, `workers.local`) read and write these objects through the functions here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -22,49 +18,10 @@ from safetensors.torch import save as st_save
 
 from app.errors import StorageKeyMissing
 from app.layout import JobKeys
-from app.spec import EmbeddingNoise, JobSpec
 from app.storage import Storage
-from models.alignment.cropper import Cropper
-from models.sampling.embedding_noise import (
-    EmbeddingNoiseConfig,
-    embedding_noise,
-    mean_cosine,
-    scale_for_mean_cosine,
-)
-from models.seeding import DERIVE_SEED_SCHEME, STREAM_SCHEME, derive_seed
-from workers.shard import Batch, Embedder, ShardResult, write_shard
 
-__all__ = ["Batch", "ShardResult", "write_shard"]
-
-# Every seed below starts its own portable stream (`make_generator`): the same bits on every machine.
-SEED_DERIVATION = {
-    "function": DERIVE_SEED_SCHEME,
-    "stream": STREAM_SCHEME,
-    "identity": "derive_seed(seed, 'identity', i)",
-    "variation": "derive_seed(seed, 'variation', i, s)",
-    "render": "derive_seed(seed, 'render', i, s)",
-    "gallery": "HyperFace gallery item k: embedding (or latent z) from derive_seed(seed, 'gallery', k), "
-               "diffusion noise from derive_seed(seed, 'gallery-render', k)",
-    "hyperface": "initial points from derive_seed(seed, 'hyperface-init'); batches from "
-                 "derive_seed(seed, 'hyperface')",
-}
-# Latent generators: identity i's z, Langevin's noise, Dispersion's initial offset and per-step
-# noise of sample s, DisCo's covariate mix; each file's `seed` is its dispersion.init seed.
-LATENT_SEED_DERIVATION = {
-    "function": DERIVE_SEED_SCHEME,
-    "stream": STREAM_SCHEME,
-    "identity": "z_i ~ N(0, I) from derive_seed(seed, 'identity', i)",
-    "langevin_noise": "derive_seed(derive_seed(seed, 'langevin'), 'noise', i, step)",
-    "dispersion_init": "derive_seed(seed, 'dispersion.init', i, s)",
-    "dispersion_noise": "derive_seed(seed, 'dispersion.noise', i, s, step)",
-    "disco_mix": "derive_seed(seed, 'disco', i, s)",
-}
-
-class Generator(Protocol):
-    embedding_dim: int
-
-    def render(self, embeddings: torch.Tensor, seeds: Sequence[int], *, steps: int,
-               guidance_scale: float) -> torch.Tensor: ...
+if TYPE_CHECKING:
+    from workers.pipelines.common import Hooks
 
 
 def plan_shards(identities: int, shard_identities: int) -> list[range]:
@@ -98,14 +55,6 @@ def identities_stats(storage: Storage, keys: JobKeys) -> dict[str, Any]:
     return stats
 
 
-def models_used(spec: JobSpec, models: Any) -> dict[str, dict[str, Any]]:
-    """Each model the job used, by role, with its licence notes and weight sha256."""
-    roles = [("generator", spec.models.generator), ("embedder", spec.models.embedder)]
-    if spec.sampler.method == "hyperface":
-        roles.append(("gallery_generator", spec.models.gallery_generator or spec.models.generator))
-    return {role: models.weights(name) for role, name in roles}
-
-
 def identities_checkpoint(storage: Storage, keys: JobKeys) -> dict[str, torch.Tensor] | None:
     """The sampler's latest saved state (tensors), or None when it has not saved one."""
     try:
@@ -114,17 +63,16 @@ def identities_checkpoint(storage: Storage, keys: JobKeys) -> dict[str, torch.Te
         return None
 
 
-def checkpoint_every(storage: Storage, keys: JobKeys, *, every: int, total: int, unit: str,
-                     progress: Callable[[int, int, str], None], event: Callable[..., None],
-                     check: Callable[[], None]) -> Callable[[Any, Any], None]:
+def checkpoint_every(storage: Storage, keys: JobKeys, hooks: Hooks, *, every: int, total: int,
+                     unit: str) -> Callable[[Any, Any], None]:
     """An optimiser's `on_step(stats, state)`: report progress, save `state.to_tensors()` every
     `every` steps (not at the last), then check for cancellation."""
     def on_step(stats: Any, state: Any) -> None:
-        progress(stats.step, total, unit)
+        hooks.progress(stats.step, total, unit)
         if stats.step % every == 0 and stats.step < total:
             storage.put_bytes(keys.identity_checkpoint, st_save(state.to_tensors()))
-            event("checkpoint", step=stats.step)
-        check()
+            hooks.event("checkpoint", step=stats.step)
+        hooks.check()
     return on_step
 
 
@@ -137,62 +85,21 @@ def load_identity_latents(storage: Storage, keys: JobKeys) -> torch.Tensor:
     return st_load(storage.get_bytes(keys.identities))["latents"]  # [N, D]
 
 
-# ---- rendering -------------------------------------------------------------------------------
+# ---- the HyperFace gallery -------------------------------------------------------------------
 
-def render_options(spec: JobSpec) -> dict[str, Any]:
-    """The generator's render arguments from the job spec (fast = LCM-LoRA sampling)."""
-    r = spec.render
-    options: dict[str, Any] = {"steps": r.steps, "guidance_scale": r.guidance_scale}
-    if r.mode == "fast":
-        options["fast"] = True
-    return options
-
-
-def noise_scale(spec: JobSpec, dim: int) -> float:
-    """The embedding-noise sigma: given, or solved from the target mean cosine."""
-    v = spec.variations
-    if not isinstance(v, EmbeddingNoise):
-        raise ValueError(f"variations {v.method!r} are not implemented by this worker")
-    return v.scale if v.target_cosine is None else scale_for_mean_cosine(v.target_cosine, dim)
+def load_gallery_chunk(storage: Storage, keys: JobKeys, k: int) -> torch.Tensor | None:
+    """Gallery chunk k's embeddings [m, E], or None when it has not been saved."""
+    try:
+        return st_load(storage.get_bytes(keys.gallery_chunk(k)))["embeddings"]
+    except StorageKeyMissing:
+        return None
 
 
-def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for b0 in range(0, len(items), size):
-        yield items[b0:b0 + size]
+def save_gallery_chunk(storage: Storage, keys: JobKeys, k: int, embeddings: torch.Tensor) -> None:
+    storage.put_bytes(keys.gallery_chunk(k), st_save({"embeddings": embeddings.contiguous()}))
 
 
-def render_shard(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
-                 generator: Generator, embedder: Embedder, storage: Storage, keys: JobKeys, *,
-                 crop: Cropper | None = None, evaluator: Any = None,
-                 on_progress: Callable[[int, int], None] = lambda ids_done, imgs_done: None,
-                 should_stop: Callable[[], bool] = lambda: False) -> ShardResult:
-    """Render identities `ids` of an embedding-conditioned generator (references [len(ids), D]).
-
-    Sample (i, s) conditions the generator on embedding noise around reference i and renders with
-    its own seed; `write_shard` crops, embeds, filters and saves the images.
-    """
-    if references.shape[0] != len(ids):
-        raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
-    a = spec.images_per_identity
-    config = EmbeddingNoiseConfig(scale=noise_scale(spec, references.shape[1]))
-    first_block = embedding_noise(references, list(ids), a, spec.seed, config)  # [n, A, D]
-    realised = mean_cosine(references, first_block)  # [n] mean cosine of samples to reference
-    result = ShardResult(shard=shard, identities=list(ids), noise_scale=config.scale,
-                         reference_cosine=[round(float(c), 6) for c in realised])
-
-    def blocks(subset: list[int], first: int) -> Iterator[Batch]:
-        rows = references[[i - ids.start for i in subset]]  # [m, D]
-        variations = first_block if first == 0 and subset == list(ids) else \
-            embedding_noise(rows, subset, a, spec.seed, config, first_sample=first)  # [m, A, D]
-        items = [(k, i, first + j) for k, i in enumerate(subset) for j in range(a)]
-        for batch in batched(items, spec.render.batch_size):
-            emb = torch.stack([variations[k, s - first] for k, _, s in batch])  # [B, D]
-            seeds = [derive_seed(spec.seed, "render", i, s) for _, i, s in batch]
-            yield Batch([(i, s) for _, i, s in batch], seeds, generator.render(emb, seeds, **render_options(spec)))
-
-    return write_shard(spec, ids, blocks, embedder, storage, keys, result, crop=crop, evaluator=evaluator,
-                       references=references, on_progress=on_progress, should_stop=should_stop)
-
+# ---- shards ----------------------------------------------------------------------------------
 
 def load_shard(storage: Storage, keys: JobKeys, shard: int) -> dict[str, Any]:
     marker: dict[str, Any] = json.loads(storage.get_bytes(keys.shard_done(shard)))

@@ -1,5 +1,6 @@
 """The job's last two stages, once every shard is done: `evaluating` (the quality report) and
-`packaging` (RecordIO, the Parquet index of every image, the manifest).
+`packaging` (each format's finalize step in `workers.outputs`: RecordIO, the Parquet index of every
+image; then the manifest).
 
 Both stream over the shards' stored outputs: one shard's features or one RecordIO segment at a
 time, never the dataset.
@@ -13,7 +14,6 @@ time, never the dataset.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,8 +30,9 @@ from app.spec import JobSpec
 from app.storage import Storage, sha256_hex
 from models.embedders.sface import SFACE_COSINE_THRESHOLD
 from models.registry import hash_file
-from workers import formats, pipeline, provenance, report
+from workers import artifacts, pipelines, provenance, report
 from workers.errors import Incomplete, ReferenceUnavailable
+from workers.outputs import PackageContext, asked_for
 from workers.shard import IMAGE_EXT
 
 THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
@@ -155,63 +156,6 @@ def _content_type(name: str) -> str:
 
 # ---- packaging ---------------------------------------------------------------------------------
 
-def _upload(storage: Storage, keys: JobKeys, rel: str, path: Path, content_type: str,
-            outputs: dict[str, dict[str, Any]]) -> None:
-    storage.put_file(keys.key(rel), path, content_type)
-    outputs[rel] = {"size": path.stat().st_size, "sha256": hash_file(path)}
-
-
-def write_recordio(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
-                   outputs: dict[str, dict[str, Any]]) -> None:
-    """insightface's train.rec/.idx/.lst/property from the shards' segments, streamed through files."""
-    ext = IMAGE_EXT[spec.output.image_format]
-    n_images = spec.identities * spec.images_per_identity
-    with tempfile.TemporaryDirectory(prefix="idforge-rec-") as tmp:
-        d = Path(tmp)
-        with (d / "train.rec").open("wb") as rec, (d / "train.idx").open("w") as idx, \
-                (d / "train.lst").open("w") as lst:
-            packer = formats.RecordIOPackager(
-                rec, idx, lst, n_images=n_images, n_identities=spec.identities,
-                path_template=layout.IMAGEFOLDER.replace("{ext}", ext))
-            for s in shards:
-                segment = d / "segment.rec"
-                storage.get_file(keys.shard_recordio(s['shard']), segment)
-                with segment.open("rb") as f:
-                    packer.add_segment(f)
-                segment.unlink()
-            (d / "property").write_text(packer.close(spec.output.image_size))
-        for name, ctype in (("train.rec", "application/octet-stream"), ("train.idx", "text/plain"),
-                            ("train.lst", "text/plain"), ("property", "text/plain")):
-            _upload(storage, keys, layout.RECORDIO.format(name=name), d / name, ctype, outputs)
-
-
-def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped.
-    label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's."""
-    columns = set(formats.INDEX_SCHEMA.names)
-    rows: list[dict[str, Any]] = []
-    slot: dict[int, int] = {}
-    for f in sorted(shard["files"], key=lambda f: (f["identity"], f["sample"])):
-        i = f["identity"]
-        slot[i] = slot.get(i, -1) + 1
-        flip = bool(label_flips[i, slot[i]]) if label_flips is not None else None
-        rows.append({**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip})
-    rows += [{**{k: v for k, v in f.items() if k in columns}, "filtered": True, "path": None,
-              "label_flip": None}
-             for f in shard.get("filtered", [])]
-    return rows
-
-
-def write_index(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
-                outputs: dict[str, dict[str, Any]], label_flips: torch.Tensor | None = None) -> None:
-    with tempfile.TemporaryDirectory(prefix="idforge-index-") as tmp:
-        path = Path(tmp) / "index.parquet"
-        with path.open("wb") as out, formats.ParquetIndexWriter(out) as writer:
-            for s in shards:
-                writer.write_rows(index_rows(s, label_flips))
-        _upload(storage, keys, layout.INDEX, path, "application/vnd.apache.parquet", outputs)
-
-
 def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
             label_flips: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
     """Write the job-level dataset objects; returns every dataset object's size and sha256 (the
@@ -219,9 +163,10 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[st
     outputs: dict[str, dict[str, Any]] = {}
     for s in shards:
         outputs.update({k: v for k, v in s.get("outputs", {}).items() if k.startswith("dataset/")})
-    if "recordio" in spec.output.formats:
-        write_recordio(spec, storage, keys, shards, outputs)
-    write_index(storage, keys, shards, outputs, label_flips)
+    ctx = PackageContext(spec=spec, storage=storage, keys=keys, shards=shards,
+                         ext=IMAGE_EXT[spec.output.image_format], label_flips=label_flips, objects=outputs)
+    for output in asked_for(spec):  # RecordIO's train.rec/.idx/.lst/property, the Parquet index
+        output.package(ctx)
     identities = storage.get_bytes(keys.identities)
     outputs[keys.relative(keys.identities)] = {"size": len(identities),
                                                "sha256": sha256_hex(identities)}
@@ -265,7 +210,7 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
         "spec": spec.normalized(),
         "spec_hash": spec.spec_hash(),
         "seed": spec.seed,
-        "seed_derivation": {**(pipeline.LATENT_SEED_DERIVATION if latent else pipeline.SEED_DERIVATION),
+        "seed_derivation": {**(pipelines.latent.SEED_DERIVATION if latent else pipelines.embedding.SEED_DERIVATION),
                             "top_up": "replacement candidates are samples A..2A-1, 2A..3A-1, ... of the "
                                       "identity, with the same derivations"},
         # The shard plan: latent generators batch an identity's samples together, so the plan is part
@@ -311,7 +256,7 @@ def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: 
     t1 = time.perf_counter()
     on_stage("packaging")
     outputs = package(spec, storage, keys, shards, flips)
-    sampling = pipeline.identities_stats(storage, keys)
+    sampling = artifacts.identities_stats(storage, keys)
     manifest = build_manifest(
         job_id=job_id, spec=spec, shards=shards, shard_identities=shard_identities, models=models,
         quality=quality, sampling=sampling, outputs=outputs, reference=reference,

@@ -19,7 +19,7 @@ from app.errors import StorageKeyMissing
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
 from app.spec import JobSpec
-from workers import identities, pipeline, render
+from workers import artifacts, pipelines
 from workers.errors import Incomplete, JobGone
 from workers.finalize import finish, reference_for
 from workers.runtime import Runtime
@@ -100,17 +100,17 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
     if not rt.storage.exists(keys.identities):  # a redelivered task resumes from the saved set
-        hooks = identities.Hooks(
+        hooks = pipelines.Hooks(
             progress=lambda done, total, unit: rt.store.set_stage_progress(job_id, done, total, unit),
             event=lambda type_, **data: rt.store.add_event(job_id, type_, **data),
             should_stop=_should_stop(rt, job_id))
-        got = identities.sample(spec, rt.models, rt.storage, keys,
-                                checkpoint_steps=rt.settings.checkpoint_steps,
-                                gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
-        pipeline.save_identities(rt.storage, keys, got.embeddings,
-                                 {**got.stats, "seconds": round(time.perf_counter() - t0, 3)},
-                                 latents=got.latents)
-    shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
+        got = pipelines.sample_identities(spec, rt.models, rt.storage, keys,
+                                          checkpoint_steps=rt.settings.checkpoint_steps,
+                                          gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
+        artifacts.save_identities(rt.storage, keys, got.embeddings,
+                                  {**got.stats, "seconds": round(time.perf_counter() - t0, 3)},
+                                  latents=got.latents)
+    shards = artifacts.plan_shards(spec.identities, rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
                        shards=len(shards), seconds=round(time.perf_counter() - t0, 3))
@@ -121,15 +121,14 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
 
 def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     job, spec, keys = _live(rt, job_id)
-    shards = pipeline.plan_shards(spec.identities, rt.settings.shard_identities)
+    shards = artifacts.plan_shards(spec.identities, rt.settings.shard_identities)
     if not 0 <= shard < len(shards):
         raise ValueError(f"shard {shard} out of range 0..{len(shards) - 1}")
     ids = shards[shard]
     part = f"shard{shard}"
     if not rt.storage.exists(keys.shard_done(shard)):
-        render.render_shard(
-            spec, shard, ids, rt.models, rt.storage, keys, should_stop=_should_stop(rt, job_id),
-            on_progress=shard_progress(rt, job_id, part))
+        pipelines.render_shard(spec, shard, ids, rt.models, rt.storage, keys, hooks=pipelines.Hooks(
+            shard_progress=shard_progress(rt, job_id, part), should_stop=_should_stop(rt, job_id)))
     rt.store.set_progress(job_id, part, identities=len(ids),
                              images=len(ids) * spec.images_per_identity)
     if rt.store.shard_done(job_id, shard) == len(shards):
@@ -138,16 +137,16 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
 
 def finalize(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
-    n_shards = len(pipeline.plan_shards(spec.identities, rt.settings.shard_identities))
+    n_shards = len(artifacts.plan_shards(spec.identities, rt.settings.shard_identities))
     try:
-        shards = [pipeline.load_shard(rt.storage, keys, k) for k in range(n_shards)]
+        shards = [artifacts.load_shard(rt.storage, keys, k) for k in range(n_shards)]
     except StorageKeyMissing as e:  # finalize raced a redelivered shard: that shard resends it
         log.warning("job %s: finalize before every shard is done (%s)", job_id, e.detail)
         return
     try:
         manifest = finish(
             job_id, spec, rt.storage, keys, shards, shard_identities=rt.settings.shard_identities,
-            models=pipeline.models_used(spec, rt.models), reference=reference_for(spec, rt.settings.model_dir),
+            models=pipelines.models_used(spec, rt.models), reference=reference_for(spec, rt.settings.model_dir),
             on_stage=lambda stage: enter_stage(rt, job_id, stage))
     except Incomplete as e:
         fail(rt, job_id, e.code, str(e))

@@ -11,7 +11,7 @@ from app.layout import JobKeys
 from app.settings import Settings
 from app.spec import JobSpec, check_models
 from app.storage import LocalStorage
-from workers import finalize, identities, pipeline, render
+from workers import artifacts, finalize, pipelines
 from workers.runtime import ModelCache, model_registry, pick_device, quiet_libraries
 
 
@@ -26,19 +26,20 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     models = models or ModelCache(model_registry(s), pick_device(s.device))
     storage, keys = LocalStorage(out_dir), JobKeys("")
     t0 = time.perf_counter()
-    got = identities.sample(spec, models, storage, keys, checkpoint_steps=s.checkpoint_steps,
-                            gallery_chunk=s.gallery_chunk)
-    pipeline.save_identities(storage, keys, got.embeddings,
-                             {**got.stats, "seconds": round(time.perf_counter() - t0, 3)}, latents=got.latents)
+    got = pipelines.sample_identities(spec, models, storage, keys, checkpoint_steps=s.checkpoint_steps,
+                                      gallery_chunk=s.gallery_chunk)
+    artifacts.save_identities(storage, keys, got.embeddings,
+                              {**got.stats, "seconds": round(time.perf_counter() - t0, 3)}, latents=got.latents)
     total = spec.identities * spec.images_per_identity
     shards, done = [], 0
-    for k, ids in enumerate(pipeline.plan_shards(spec.identities, s.shard_identities)):
+    for k, ids in enumerate(artifacts.plan_shards(spec.identities, s.shard_identities)):
         def progress(ids_done: int, imgs_done: int, base: int = done) -> None:
             on_progress(base + imgs_done, total)
 
-        res = render.render_shard(spec, k, ids, models, storage, keys, on_progress=progress)
+        res = pipelines.render_shard(spec, k, ids, models, storage, keys,
+                                     hooks=pipelines.Hooks(shard_progress=progress))
         done += len(res.files)
-        shards.append(pipeline.load_shard(storage, keys, k))
+        shards.append(artifacts.load_shard(storage, keys, k))
     return finalize.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
-                          models=pipeline.models_used(spec, models),
+                          models=pipelines.models_used(spec, models),
                           reference=finalize.reference_for(spec, s.model_dir), device=models.device)

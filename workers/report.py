@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from models import quality as q
-from models.seeding import derive_seed, make_generator
+from models.seeding import REPORT_IMPOSTOR, derive_seed, make_generator
 from workers.report_pages import LABEL_W, PLOT_ORDER, THUMB, contact_sheet, fmt, plots, render_html
 
 __all__ = ["LABEL_W", "PLOT_ORDER", "THUMB", "contact_sheet", "fmt", "render_html"]
@@ -225,7 +225,7 @@ def impostor_quota(identities: int, per_identity: int, cap: int, seed: int) -> t
     if identities * per_identity <= cap:
         return torch.full((identities,), per_identity, dtype=torch.long)
     base, extra = divmod(cap, identities)
-    order = make_generator(derive_seed(seed, "report.impostor")).permutation(identities)
+    order = make_generator(derive_seed(seed, REPORT_IMPOSTOR)).permutation(identities)
     quota = torch.full((identities,), base, dtype=torch.long)
     quota[order[:extra]] += 1
     return quota
@@ -239,7 +239,7 @@ def _subset_picks(ids: list[int], quota: torch.Tensor, a: int, seed: int) -> tup
         if k == a:
             picked = torch.arange(a)
         else:
-            gen = make_generator(derive_seed(seed, "report.impostor", i))
+            gen = make_generator(derive_seed(seed, REPORT_IMPOSTOR, i))
             picked = gen.permutation(a)[:k].sort().values
         rows.append(torch.full((k,), r, dtype=torch.long))
         samples.append(picked)

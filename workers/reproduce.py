@@ -53,7 +53,7 @@ from PIL import Image
 from app import __version__
 from app.settings import Settings
 from app.spec import JobSpec
-from workers import pipeline
+from workers import pipelines
 from workers.local import generate
 from workers.provenance import platform_differences
 from workers.runtime import ModelCache, model_registry, pick_device
@@ -166,7 +166,7 @@ class Comparison:
 def check_weights(manifest: dict[str, Any], models: ModelCache) -> None:
     """Every model the job used is here with the same weight digests."""
     spec = JobSpec.model_validate(manifest["spec"])
-    ours = pipeline.models_used(spec, models)
+    ours = pipelines.models_used(spec, models)
     for role, used in manifest["models"].items():
         local = ours.get(role)
         if local is None or local["name"] != used["name"]:

@@ -14,7 +14,8 @@ Identities short of A samples get a further block of A candidates (samples A..2A
 an identity still short fails the job with a reason. Every sample keeps its own (seed, identity,
 sample) streams, so the kept images are reproducible like the rest.
 
-Then the shard's outputs are written under deterministic keys, so a rerun writes identical objects:
+Then the kept images go to each format the spec asks for (`workers.outputs`), and the shard's own
+intermediates follow, all under deterministic keys, so a rerun writes identical objects:
   dataset/imagefolder/{identity:06d}/{sample:03d}.jpg    the kept images
   dataset/webdataset/{shard:06d}.tar                    (webdataset) .jpg + .cls + .json per image
   shards/{shard:05d}/images.rec                         (recordio) this shard's image records
@@ -28,11 +29,9 @@ time); the dataset as a whole never does.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -43,13 +42,11 @@ from app.spec import JobSpec
 from app.storage import Storage, sha256_hex
 from models.alignment import template
 from models.alignment.cropper import Cropper
-from models.registry import hash_file
 from models.sampling.sphere import normalize
-from workers import formats
 from workers.errors import Canceled, QualityShortfall
+from workers.outputs import ShardContext, asked_for
 
 IMAGE_EXT = {"jpeg": "jpg", "png": "png"}
-CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}
 
 
 @dataclass
@@ -207,7 +204,8 @@ def _filter_and_top_up(spec: JobSpec, ids: range, samples: dict[tuple[int, int],
 def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
                    samples: dict[tuple[int, int], _Sample], storage: Storage, keys: JobKeys,
                    result: ShardResult, references: torch.Tensor | None) -> None:
-    """The kept images in every layout asked for, their features and latents, and the file list."""
+    """The kept images in every format asked for (`workers.outputs`), their features and latents,
+    and the file list."""
     fmt = spec.output.image_format
     ext = IMAGE_EXT[fmt]
     order = [(i, s) for i in ids for s in kept[i]]  # [n * A] in (identity, sample) order
@@ -225,16 +223,20 @@ def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
     aligned = torch.tensor([samples[p].aligned for p in order]).view(n, a)  # [n, A]
     result.alignment_failures = int((~aligned).sum())
 
+    records = []  # what the shard knows of each kept image; the image folder adds its path
     for k, (i, s) in enumerate(order):
         smp, row, col = samples[(i, s)], k // a, k % a
-        key = keys.image(i, s, ext)
-        storage.put_bytes(key, smp.data, CONTENT_TYPE[fmt])
-        result.files.append({
-            "path": keys.relative(key), "identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
+        records.append({
+            "identity": i, "sample": s, "seed": smp.seed, "shard": result.shard,
             "size": len(smp.data), "sha256": sha256_hex(smp.data), "aligned": smp.aligned,
             "centre_cosine": round(float(centre_cos[row, col]), 6),
             "reference_cosine": round(float(ref_cos[row, col]), 6) if ref_cos is not None else None,
             "evaluator_centre_cosine": round(float(eval_cos[row, col]), 6) if evals is not None else None})
+    ctx = ShardContext(spec=spec, storage=storage, keys=keys, shard=result.shard, ids=ids, kept=kept, ext=ext,
+                       data={p: samples[p].data for p in order}, records=records, files=result.files,
+                       objects=result.outputs)
+    for output in asked_for(spec):
+        output.write_shard(ctx)
 
     tensors = {"job": job.contiguous(), "centres": centres.contiguous(), "aligned": aligned.to(torch.uint8),
                "identities": torch.tensor(list(ids), dtype=torch.int64),
@@ -246,39 +248,3 @@ def _write_outputs(spec: JobSpec, ids: range, kept: dict[int, list[int]],
         latents = torch.stack([samples[p].latent for p in order]).view(n, a, -1)  # type: ignore[misc]
         storage.put_bytes(keys.shard_latents(result.shard),
                           st_save({"latents": latents.contiguous(), "samples": tensors["samples"]}))
-
-    by_key = {(f["identity"], f["sample"]): f for f in result.files}
-    if "webdataset" in spec.output.formats:
-        def wds_samples() -> Iterator[tuple[str, dict[str, bytes]]]:
-            for i, s in order:
-                f = by_key[(i, s)]
-                meta = {k: f[k] for k in ("identity", "sample", "seed", "reference_cosine", "centre_cosine",
-                                          "aligned")}
-                yield formats.webdataset_sample(i, s, ext, samples[(i, s)].data, meta)
-
-        tar = keys.webdataset_tar(result.shard)
-        _put_stream(storage, keys, tar, "application/x-tar",
-                    lambda out: formats.write_webdataset_tar(out, wds_samples()), result)
-    if "recordio" in spec.output.formats:
-        records = ((recordio_id(i, slot, a), i, s, samples[(i, s)].data)
-                   for i in ids for slot, s in enumerate(kept[i]))
-        segment = keys.shard_recordio(result.shard)
-        _put_stream(storage, keys, segment, "application/octet-stream",
-                    lambda out: formats.write_recordio_segment(out, records), result)
-
-
-def recordio_id(identity: int, slot: int, images_per_identity: int) -> int:
-    """Record id of an identity's `slot`-th kept image in train.rec: 1 + identity * A + slot (record 0
-    is the header; the identity records follow the images)."""
-    return 1 + identity * images_per_identity + slot
-
-
-def _put_stream(storage: Storage, keys: JobKeys, key: str, content_type: str, write: Callable[[Any], Any],
-                result: ShardResult) -> None:
-    """Write an object through a temporary file (a multipart upload when large) and record its digest."""
-    with tempfile.TemporaryDirectory(prefix="idforge-") as tmp:
-        path = Path(tmp) / "object"
-        with path.open("wb") as out:
-            write(out)
-        storage.put_file(key, path, content_type)
-        result.outputs[keys.relative(key)] = {"size": path.stat().st_size, "sha256": hash_file(path)}

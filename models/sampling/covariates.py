@@ -36,11 +36,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from models.seeding import build_generator, derive_seed, make_generator, portable
+from models.seeding import COVARIATES_TINY, DISCO, build_generator, derive_seed, make_generator, portable
 
 FORMAT = "idforge.covariates/1"  # metadata "format" of files written here
 METADATA_KEY = "idforge.covariates"  # the single safetensors metadata key
-DISCO_PURPOSE = "disco"  # derive_seed purpose of the mixing weights u
 UNIT_TOLERANCE = 1e-4  # |‖dir_k‖ - 1| allowed when loading or building Covariates
 SVM_MAX_ITER = 10000  # LinearSVC iterations, as the reference
 EXCLUDED = -1  # label value: the latent takes no part in this covariate's fit
@@ -147,7 +146,7 @@ def disco_offsets(covariates: Covariates, identities: Sequence[int], variations:
     u = torch.empty(len(ids), variations, k)  # [n, A, K]
     for i, identity in enumerate(ids):
         for a in range(variations):
-            u[i, a] = make_generator(derive_seed(seed, DISCO_PURPOSE, identity, first_variation + a)).uniform(k)
+            u[i, a] = make_generator(derive_seed(seed, DISCO, identity, first_variation + a)).uniform(k)
     u -= 0.5
     directions = covariates.directions.float()  # [K, D]
     scaled = (factors * covariates.scales.float().cpu()).to(directions.device)[:, None] * directions  # [K, D]
@@ -262,7 +261,6 @@ def fit_from_file(path: str | Path, seed: int = 0) -> Covariates:
 # --- the tiny preset's covariates ---------------------------------------------------------------
 
 TINY_PSI = 0.7  # truncation of the tiny preset's labelled latents (as identities are sampled)
-TINY_PURPOSE = "covariates.tiny"  # derive_seed purpose of their z
 TINY_DECIMALS = 6  # directions and scales are rounded to this many decimals, so that last-bit float
 # differences between platforms rarely change the file's bytes (same platform: always identical)
 
@@ -304,7 +302,7 @@ def tiny_covariates(generator: Any, seed: int, n: int = 512, batch_size: int = 6
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")  # noqa: TRY004
     d = int(generator.style_dim)
-    z = torch.stack([torch.randn(d, generator=build_generator(derive_seed(seed, TINY_PURPOSE, m)))
+    z = torch.stack([torch.randn(d, generator=build_generator(derive_seed(seed, COVARIATES_TINY, m)))
                      for m in range(n)])  # [n, D]
     # float64 on the CPU, latents rounded (`portable`): the labels and the fit, hence the file's
     # bytes, must not depend on the thread count or the CPU

@@ -12,10 +12,10 @@ a few over-damped steps under
   - a random force eta xi;
   w_ia += (dt / mu) (F_embedding + F_repulsion + F_pull + eta xi).
 Constants, update and defaults follow idiap/face_synthetics (`augment_identities_dispersion`).
-There the noise is a force (scaled by dt, not sqrt(dt)), dt is fixed (0.05) unless `timestep` < 0,
-which makes it adaptive: dt = |timestep| mu min_{a != b} d_ab / max_a |F_ia|. The reference takes
-that min and max over every identity in the run; here they are taken per identity, so that a shard
-of identities moves exactly as it would inside the whole job.
+There the noise is a force (scaled by dt, not sqrt(dt)), dt is fixed (0.05) unless `dt` < 0 (the
+reference's `timestep`), which makes it adaptive: dt = |dt| mu min_{a != b} d_ab / max_a |F_ia|. The
+reference takes that min and max over every identity in the run; here they are taken per identity, so
+that a shard of identities moves exactly as it would inside the whole job.
 
 Batching: the attraction of a variation depends on its own latent only, so the n x A variations
 are flattened and rendered batch_size at a time, whatever identity they belong to (one forward and
@@ -36,26 +36,26 @@ from typing import Any
 
 import torch
 
-from models.seeding import derive_seed, make_generator
+from models.seeding import DISPERSION_INIT, DISPERSION_NOISE, derive_seed, make_generator
 
 ARCCOS_SHRINK = 0.999999  # theta = arccos(ARCCOS_SHRINK * cos), as the reference computes angles
-INIT_PURPOSE = "dispersion.init"  # derive_seed purpose of the initial noise
-NOISE_PURPOSE = "dispersion.noise"  # derive_seed purpose of the per-step random force
 PAIR_BUDGET = 1 << 24  # identities per repulsion chunk: chunk x A x A <= this many distances
 
 
 @dataclass(frozen=True)
 class DispersionConfig:
     iterations: int = 20  # update steps; 0 = return the initial latents
-    initial_noise: float = 0.2  # s: std of the Gaussian added to w_ref to start each variation, W units
-    embedding_coefficient: float = 20.0  # k_e: attraction U = (k_e / 4) theta^2 to the reference
+    init_scale: float = 0.2  # s in the paper: std of the Gaussian added to w_ref to start each variation,
+    # W units
+    attraction: float = 20.0  # k_e in the paper: attraction U = (k_e / 4) theta^2 to the reference
     # embedding, theta in radians
-    latent_coefficient: float = 1.0  # k_w: stiffness of the latent soft-sphere repulsion
-    latent_radius: float = 12.0  # r: variations of one identity closer than this in W (Euclidean) repel
-    global_coefficient: float = 1.0  # k_g: pull k_g (w_avg - w) toward the generator's mean latent
-    random_force: float = 0.05  # eta: std of the random force (a force: it moves w by dt/mu x eta x xi)
+    repulsion: float = 1.0  # k_w in the paper: stiffness of the latent soft-sphere repulsion
+    repulsion_radius: float = 12.0  # r in the paper: variations of one identity closer than this in W
+    # (Euclidean) repel
+    latent_pull: float = 1.0  # k_g in the paper: pull k_g (w_avg - w) toward the generator's mean latent
+    noise: float = 0.05  # eta in the paper: std of the random force (a force: it moves w by dt/mu x eta x xi)
     viscosity: float = 1.0  # mu: w += (dt / mu) x total force
-    timestep: float = 0.05  # dt > 0: fixed; < 0: adaptive, dt = |timestep| x mu x (smallest distance
+    dt: float = 0.05  # dt in the paper: > 0 fixed; < 0 adaptive, dt = |dt| x mu x (smallest distance
     # between the identity's variations) / (largest total-force norm among them), per identity
     batch_size: int = 64  # variations rendered per forward/backward pass (any identities mixed); memory
     # only: results do not depend on it
@@ -65,17 +65,16 @@ class DispersionConfig:
             raise ValueError(f"iterations: must be >= 0, got {self.iterations}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        for name in ("initial_noise", "embedding_coefficient", "latent_coefficient",
-                     "global_coefficient", "random_force"):
+        for name in ("init_scale", "attraction", "repulsion", "latent_pull", "noise"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
-        if not self.latent_radius > 0:
-            raise ValueError(f"latent_radius: must be > 0, got {self.latent_radius}")
+        if not self.repulsion_radius > 0:
+            raise ValueError(f"repulsion_radius: must be > 0, got {self.repulsion_radius}")
         if not self.viscosity > 0:
             raise ValueError(f"viscosity: must be > 0, got {self.viscosity}")
-        if self.timestep == 0 or self.timestep != self.timestep:
-            raise ValueError(f"timestep: must be non-zero (> 0 fixed, < 0 adaptive), got {self.timestep}")
+        if self.dt == 0 or self.dt != self.dt:
+            raise ValueError(f"dt: must be non-zero (> 0 fixed, < 0 adaptive), got {self.dt}")
 
 
 @dataclass(frozen=True)
@@ -129,13 +128,13 @@ def _normals(purpose: str, seed: int, identities: Sequence[int], variations: int
 
 
 def initial_variations(w_ref: torch.Tensor, identities: Sequence[int], seed: int, variations: int,
-                       initial_noise: float, offsets: torch.Tensor | None = None,
+                       init_scale: float, offsets: torch.Tensor | None = None,
                        first: int = 0) -> torch.Tensor:
-    """w_ia = w_ref_i + initial_noise xi_ia (+ offsets_ia): [n, A, D] on w_ref's device and dtype;
+    """w_ia = w_ref_i + init_scale xi_ia (+ offsets_ia): [n, A, D] on w_ref's device and dtype;
     column a is variation `first + a`."""
     d = w_ref.shape[1]
-    xi = _normals(INIT_PURPOSE, seed, identities, variations, d, first=first).to(w_ref.device, w_ref.dtype)
-    w = w_ref[:, None, :] + initial_noise * xi  # [n, A, D]
+    xi = _normals(DISPERSION_INIT, seed, identities, variations, d, first=first).to(w_ref.device, w_ref.dtype)
+    w = w_ref[:, None, :] + init_scale * xi  # [n, A, D]
     if offsets is not None:
         w = w + offsets.to(w_ref.device, w_ref.dtype)
     return w
@@ -144,7 +143,7 @@ def initial_variations(w_ref: torch.Tensor, identities: Sequence[int], seed: int
 def step_noise(identities: Sequence[int], seed: int, variations: int, step: int, dim: int,
                first: int = 0) -> torch.Tensor:
     """The unit-variance random force of step `step` (0-based): [n, A, dim] float32 on the CPU."""
-    return _normals(NOISE_PURPOSE, seed, identities, variations, dim, step, first=first)
+    return _normals(DISPERSION_NOISE, seed, identities, variations, dim, step, first=first)
 
 
 # --- forces -------------------------------------------------------------------------------------
@@ -215,20 +214,20 @@ def repulsion_forces(w: torch.Tensor, coefficient: float, radius: float
 
 def forces(face: Any, w: torch.Tensor, e_ref: torch.Tensor, config: DispersionConfig) -> DispersionForces:
     """Every deterministic force on the variations w [n, A, D] of references e_ref [n, E]."""
-    embedding, cosine = embedding_forces(face, w, e_ref, config.embedding_coefficient, config.batch_size)
-    repulsion, min_dist, mean_dist = repulsion_forces(w, config.latent_coefficient, config.latent_radius)
+    embedding, cosine = embedding_forces(face, w, e_ref, config.attraction, config.batch_size)
+    repulsion, min_dist, mean_dist = repulsion_forces(w, config.repulsion, config.repulsion_radius)
     w_avg = face.w_avg.to(w.device, w.dtype)  # [D]
-    pull = config.global_coefficient * (w_avg - w.detach())  # [n, A, D]
+    pull = config.latent_pull * (w_avg - w.detach())  # [n, A, D]
     return DispersionForces(embedding, repulsion, pull, cosine, min_dist, mean_dist)
 
 
 def time_steps(total: torch.Tensor, min_distance: torch.Tensor, config: DispersionConfig) -> torch.Tensor:
-    """dt per identity [n]: config.timestep, or the adaptive step when it is negative."""
+    """dt per identity [n]: config.dt, or the adaptive step when it is negative."""
     n = total.shape[0]
-    if config.timestep > 0:
-        return torch.full((n,), config.timestep, device=total.device, dtype=total.dtype)
+    if config.dt > 0:
+        return torch.full((n,), config.dt, device=total.device, dtype=total.dtype)
     largest = total.norm(dim=-1).amax(dim=1)  # [n]
-    return -config.timestep * config.viscosity * min_distance / largest.clamp_min(torch.finfo(total.dtype).tiny)
+    return -config.dt * config.viscosity * min_distance / largest.clamp_min(torch.finfo(total.dtype).tiny)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -255,8 +254,8 @@ def _check_inputs(face: Any, w_ref: torch.Tensor, identities: Sequence[int], see
         raise ValueError(f"variations: expected an int >= 1, got {variations!r}")
     if not isinstance(config, DispersionConfig):
         raise ValueError(f"config: expected a DispersionConfig, got {type(config).__name__}")  # noqa: TRY004
-    if config.timestep < 0 and variations < 2 and config.iterations > 0:
-        raise ValueError("config.timestep: the adaptive time step needs variations >= 2 (it uses their distances)")
+    if config.dt < 0 and variations < 2 and config.iterations > 0:
+        raise ValueError("config.dt: the adaptive time step needs variations >= 2 (it uses their distances)")
     if offsets is not None:
         expected = (w_ref.shape[0], variations, w_ref.shape[1])
         if not isinstance(offsets, torch.Tensor) or tuple(offsets.shape) != expected:
@@ -292,14 +291,14 @@ def disperse(
     ids = _check_inputs(face, w_ref, identities, seed, variations, config, offsets)
     d = w_ref.shape[1]
     e_ref = reference_embeddings(face, w_ref.detach(), config.batch_size)  # [n, E]
-    w = initial_variations(w_ref.detach(), ids, seed, variations, config.initial_noise, offsets,
+    w = initial_variations(w_ref.detach(), ids, seed, variations, config.init_scale, offsets,
                            first_variation)  # [n, A, D]
     history: list[StepStats] = []
     for t in range(config.iterations):
         if should_stop is not None and should_stop():
             break
         f = forces(face, w, e_ref, config)
-        noise = config.random_force * step_noise(ids, seed, variations, t, d, first_variation).to(w.device, w.dtype)  # [n, A, D]
+        noise = config.noise * step_noise(ids, seed, variations, t, d, first_variation).to(w.device, w.dtype)  # [n, A, D]
         total = f.embedding + f.repulsion + f.pull + noise  # [n, A, D]
         dt = time_steps(total, f.min_distance, config)  # [n]
         w = w + (dt / config.viscosity)[:, None, None] * total  # [n, A, D]

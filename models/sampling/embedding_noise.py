@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from models.sampling.sphere import normalize
-from models.seeding import derive_seed, make_generator, normalize_exact
+from models.seeding import VARIATION, derive_seed, make_generator, normalize_exact
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def embedding_noise(
     noise = torch.empty(n, samples, d, dtype=torch.float32)  # [N, samples, D]
     for row, i in enumerate(identity_ids):
         for j in range(samples):
-            g = make_generator(derive_seed(job_seed, "variation", int(i), first_sample + j))
+            g = make_generator(derive_seed(job_seed, VARIATION, int(i), first_sample + j))
             noise[row, j] = g.normal(d)
     noise = noise.to(refs.device)
     # the reference plus seeded noise, normalised exactly: the same conditioning on every machine

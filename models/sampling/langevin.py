@@ -47,7 +47,7 @@ import torch
 from models.sampling.latent_face import LatentFace
 from models.sampling.metrics import gram_tiles
 from models.sampling.sphere import normalize
-from models.seeding import derive_seed, make_generator
+from models.seeding import IDENTITY, LANGEVIN_NOISE, derive_seed, make_generator
 
 STATE_FORMAT = "idforge.langevin.state/1"  # `LangevinState.state_dict` meta["format"]
 
@@ -55,9 +55,11 @@ STATE_FORMAT = "idforge.langevin.state/1"  # `LangevinState.state_dict` meta["fo
 @dataclass(frozen=True)
 class LangevinConfig:
     iterations: int = 100  # Langevin steps in all; a run resumed from a state continues up to this count
-    k: float = 1.0  # stiffness of the soft-sphere repulsion between identities (energy per rad^2)
-    r0: float = 1.4  # repulsion radius, radians of embedding angle: pairs closer than this repel
-    k_l: float = 0.1  # latent pull toward the mean latent: F_lat = k_l (w_avg - w); 0 = off
+    stiffness: float = 1.0  # k in the paper: stiffness of the soft-sphere repulsion between identities
+    # (energy per rad^2)
+    repulsion_radius: float = 1.4  # r0 in the paper: radians of embedding angle; pairs closer than this repel
+    latent_pull: float = 0.1  # k_l in the paper: pull toward the mean latent, F_lat = k_l (w_avg - w);
+    # 0 = off
     noise: float = 0.01  # eta, the random force's scale: the update adds (sqrt(dt) / mu) eta xi; 0 = off
     tau: float = -0.3  # time step: < 0 adaptive, dt = |tau| mu (min pairwise W distance) / (max norm of
     # the deterministic force), so the fastest identity moves |tau| x the closest pair's distance; > 0 fixed dt
@@ -65,10 +67,10 @@ class LangevinConfig:
     truncation: float = 0.7  # psi of the initial latents, w_avg + psi (mapping(z) - w_avg)
     batch_size: int = 64  # identities per forward/backward pass (the reference code's recipe: 64);
     # results do not depend on it beyond the float rounding of batched kernels
-    reference_k: float = 1.0  # stiffness of the repulsion from fixed reference embeddings (the
+    reference_stiffness: float = 1.0  # stiffness of the repulsion from fixed reference embeddings (the
     # reference code reuses k for it)
-    reference_r0: float = 1.4  # radius of that repulsion, radians; 0 = off (the reference code's
-    # `constant_distance` defaults to 0; here it defaults to r0 so that passing references acts)
+    reference_repulsion_radius: float = 1.4  # radius of that repulsion, radians; 0 = off (the reference
+    # code's `constant_distance` defaults to 0; here it defaults to r0 so that passing references acts)
     threshold: float = 1.4  # angle (radians) of the statistics nn_beyond and pairs_beyond (the
     # reference code's `ict`; its published 10k recipe uses 1.4)
     cos_scale: float = 0.999999  # angles are acos(cos_scale x cosine) in the potential and the
@@ -193,16 +195,16 @@ def check_config(config: LangevinConfig) -> None:
     """ValueError naming the first invalid field of `config`."""
     checks = [
         ("iterations", config.iterations >= 0),
-        ("k", config.k >= 0),
-        ("r0", 0 < config.r0 <= math.pi),
-        ("k_l", config.k_l >= 0),
+        ("stiffness", config.stiffness >= 0),
+        ("repulsion_radius", 0 < config.repulsion_radius <= math.pi),
+        ("latent_pull", config.latent_pull >= 0),
         ("noise", config.noise >= 0),
         ("tau", config.tau != 0),
         ("mu", config.mu > 0),
         ("truncation", config.truncation >= 0),
         ("batch_size", config.batch_size >= 1),
-        ("reference_k", config.reference_k >= 0),
-        ("reference_r0", 0 <= config.reference_r0 <= math.pi),
+        ("reference_stiffness", config.reference_stiffness >= 0),
+        ("reference_repulsion_radius", 0 <= config.reference_repulsion_radius <= math.pi),
         ("threshold", 0 <= config.threshold <= math.pi),
         ("cos_scale", 0 < config.cos_scale <= 1),
         ("tile", config.tile >= 1),
@@ -258,7 +260,8 @@ def pair_terms(
     energy = torch.zeros((), dtype=torch.float64, device=dev)
     beyond = torch.zeros((), dtype=torch.int64, device=dev)
     for i0, i1, j0, j1 in gram_tiles(n, tile):
-        theta, u, a = _pair_potential(e[i0:i1] @ e[j0:j1].T, config.k, config.r0, config.cos_scale)  # [ti, tj]
+        theta, u, a = _pair_potential(e[i0:i1] @ e[j0:j1].T, config.stiffness, config.repulsion_radius,
+                                      config.cos_scale)  # [ti, tj]
         if i0 == j0:  # a diagonal tile: no self pairs; pair sums over its upper triangle only
             a.fill_diagonal_(0)
             theta.fill_diagonal_(math.inf)
@@ -283,8 +286,8 @@ def pair_terms(
         reference_min = math.inf
         for i0 in range(0, n, tile):
             for m0 in range(0, refs.shape[0], tile):
-                theta, u, a = _pair_potential(e[i0:i0 + tile] @ refs[m0:m0 + tile].T, config.reference_k,
-                                              config.reference_r0, config.cos_scale)  # [ti, tm]
+                theta, u, a = _pair_potential(e[i0:i0 + tile] @ refs[m0:m0 + tile].T, config.reference_stiffness,
+                                              config.reference_repulsion_radius, config.cos_scale)  # [ti, tm]
                 grad[i0:i0 + tile] += a @ refs[m0:m0 + tile]
                 energy += u.sum(dtype=torch.float64)
                 reference_min = min(reference_min, float(theta.min()))
@@ -377,7 +380,7 @@ def compute_forces(
             w_b, e_b = _embed_with_graph(face, w[lo:hi])
         (g,) = torch.autograd.grad(e_b, w_b, grad_outputs=pairs.grad[lo:hi].to(e_b.dtype))
         repulsion[lo:hi] = -g
-    latent = (face.w_avg.to(w.device, w.dtype) - w).mul_(config.k_l)  # [N, D]
+    latent = (face.w_avg.to(w.device, w.dtype) - w).mul_(config.latent_pull)  # [N, D]
     return LangevinForces(embeddings=embeddings, repulsion=repulsion, latent=latent, pairs=pairs)
 
 
@@ -392,7 +395,7 @@ def time_step(config: LangevinConfig, latent_distance_min: float, force_max: flo
 
 def langevin_noise(seed: int, identities: range, step: int, dim: int) -> torch.Tensor:
     """xi [len(identities), dim] float32 on the CPU: row i from derive_seed(seed, "noise", identity, step)."""
-    rows = [make_generator(derive_seed(seed, "noise", i, step)).normal(dim) for i in identities]
+    rows = [make_generator(derive_seed(seed, LANGEVIN_NOISE, i, step)).normal(dim) for i in identities]
     return torch.stack(rows)  # [N, D]
 
 
@@ -407,7 +410,7 @@ def init_state(face: LatentFace, n: int, seed: int, config: LangevinConfig = Lan
     if first_identity < 0:
         raise ValueError(f"first_identity: must be >= 0, got {first_identity}")
     check_config(config)
-    seeds = [derive_seed(seed, "identity", i) for i in range(first_identity, first_identity + n)]
+    seeds = [derive_seed(seed, IDENTITY, i) for i in range(first_identity, first_identity + n)]
     latents = face.initial_latents(seeds, config.truncation).to(_model_device(face), _latent_dtype(face))  # [N, D]
     return LangevinState(latents=latents, step=0, first_identity=first_identity)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from models.sampling.sphere import uniform_sphere
-from models.seeding import derive_seed, make_generator
+from models.seeding import IDENTITY, derive_seed, make_generator
 
 
 def sample_identities(job_seed: int, start: int, count: int, dim: int = 512) -> torch.Tensor:
@@ -21,7 +21,7 @@ def sample_identities(job_seed: int, start: int, count: int, dim: int = 512) -> 
     if dim < 1:
         raise ValueError(f"dim: must be >= 1, got {dim}")
     rows = [
-        uniform_sphere(1, dim, make_generator(derive_seed(job_seed, "identity", i)))  # [1, dim]
+        uniform_sphere(1, dim, make_generator(derive_seed(job_seed, IDENTITY, i)))  # [1, dim]
         for i in range(start, start + count)
     ]
     if not rows:

@@ -64,14 +64,14 @@ def loop_force(face: LatentFace, w: torch.Tensor, e_ref: torch.Tensor, i: int, a
     wa = w[i, a].detach().clone().requires_grad_(True)
     e = face.embed(wa[None])[0]
     theta = torch.arccos(0.999999 * torch.dot(e, e_ref[i]))
-    u = cfg.embedding_coefficient / 4 * theta**2
+    u = cfg.attraction / 4 * theta**2
     for b in range(w.shape[1]):
         if b != a:
             d = torch.linalg.vector_norm(wa - w[i, b].detach())
-            if d < cfg.latent_radius:
-                u = u + cfg.latent_coefficient / 2 * (cfg.latent_radius - d) ** 2
+            if d < cfg.repulsion_radius:
+                u = u + cfg.repulsion / 2 * (cfg.repulsion_radius - d) ** 2
     w_avg = face.w_avg.to(w.dtype)
-    u = u + cfg.global_coefficient / 2 * (wa - w_avg).square().sum()
+    u = u + cfg.latent_pull / 2 * (wa - w_avg).square().sum()
     (g,) = torch.autograd.grad(u, wa)
     return -g
 
@@ -86,15 +86,15 @@ def loop_run(face: LatentFace, w_ref: torch.Tensor, ids: list[int], variations: 
     def normal(*parts: int | str) -> torch.Tensor:
         return make_generator(derive_seed(SEED, *parts)).normal(d).to(w_ref.dtype)
 
-    w = torch.stack([torch.stack([w_ref[i] + cfg.initial_noise * normal("dispersion.init", ident, a)
+    w = torch.stack([torch.stack([w_ref[i] + cfg.init_scale * normal("dispersion.init", ident, a)
                                   for a in range(variations)]) for i, ident in enumerate(ids)])
     for t in range(cfg.iterations):
         new = w.clone()
         for i, ident in enumerate(ids):
             for a in range(variations):
                 f = loop_force(face, w, e_ref, i, a, cfg)
-                f = f + cfg.random_force * normal("dispersion.noise", ident, a, t)
-                new[i, a] = w[i, a] + cfg.timestep / cfg.viscosity * f
+                f = f + cfg.noise * normal("dispersion.noise", ident, a, t)
+                new[i, a] = w[i, a] + cfg.dt / cfg.viscosity * f
         w = new
     return w
 
@@ -107,7 +107,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_batched_forces_match_the_per_variation_loop(face64: LatentFace, plain64: LatentFace) -> None:
-    cfg = DispersionConfig(batch_size=3, latent_radius=5.0)  # A = 5 > batch; radius: some pairs out of range
+    cfg = DispersionConfig(batch_size=3, repulsion_radius=5.0)  # A = 5 > batch; radius: some pairs out of range
     w_ref = w_refs(face64, IDS)
     w = initial_variations(w_ref, IDS, SEED, 5, 0.4)  # [2, 5, D]
     e_ref = reference_embeddings(face64, w_ref, batch_size=1)
@@ -120,10 +120,10 @@ def test_batched_forces_match_the_per_variation_loop(face64: LatentFace, plain64
             expected = loop_force(plain64, w, e_ref, i, a, cfg)
             assert rel_err(total[i, a], expected) < 1e-5
     # each component alone, against the loop with the other coefficients zeroed
-    for field, zeroed in (("embedding", {"latent_coefficient": 0.0, "global_coefficient": 0.0}),
-                          ("repulsion", {"embedding_coefficient": 0.0, "global_coefficient": 0.0}),
-                          ("pull", {"embedding_coefficient": 0.0, "latent_coefficient": 0.0})):
-        only = DispersionConfig(batch_size=3, latent_radius=5.0, **zeroed)
+    for field, zeroed in (("embedding", {"repulsion": 0.0, "latent_pull": 0.0}),
+                          ("repulsion", {"attraction": 0.0, "latent_pull": 0.0}),
+                          ("pull", {"attraction": 0.0, "repulsion": 0.0})):
+        only = DispersionConfig(batch_size=3, repulsion_radius=5.0, **zeroed)
         expected = torch.stack([torch.stack([loop_force(plain64, w, e_ref, i, a, only) for a in range(5)])
                                 for i in range(2)])
         assert rel_err(getattr(f, field), expected) < 1e-5, field
@@ -131,9 +131,9 @@ def test_batched_forces_match_the_per_variation_loop(face64: LatentFace, plain64
     torch.testing.assert_close(f.cosine, cos, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("random_force", [0.0, 0.05])
-def test_trajectory_matches_the_loop(face64: LatentFace, plain64: LatentFace, random_force: float) -> None:
-    cfg = DispersionConfig(iterations=3, batch_size=3, random_force=random_force)
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_trajectory_matches_the_loop(face64: LatentFace, plain64: LatentFace, noise: float) -> None:
+    cfg = DispersionConfig(iterations=3, batch_size=3, noise=noise)
     w_ref = w_refs(face64, IDS)
     got = disperse(face64, w_ref, IDS, SEED, 5, cfg).latents
     expected = loop_run(plain64, w_ref, IDS, 5, cfg)
@@ -163,9 +163,9 @@ def test_independent_of_batch_size_and_of_the_other_identities(face64: LatentFac
 def test_attraction_pulls_embeddings_toward_the_reference(face: LatentFace) -> None:
     ids = list(range(4))
     w_ref = w_refs(face, ids, torch.float32)
-    init = DispersionConfig(iterations=0, initial_noise=0.4)
-    attract = DispersionConfig(iterations=8, initial_noise=0.4, latent_coefficient=0.0,
-                               global_coefficient=0.0, random_force=0.0)
+    init = DispersionConfig(iterations=0, init_scale=0.4)
+    attract = DispersionConfig(iterations=8, init_scale=0.4, repulsion=0.0,
+                               latent_pull=0.0, noise=0.0)
     start = disperse(face, w_ref, ids, SEED, 6, init)
     end = disperse(face, w_ref, ids, SEED, 6, attract)
     e_ref = start.reference_embeddings
@@ -181,18 +181,18 @@ def test_attraction_pulls_embeddings_toward_the_reference(face: LatentFace) -> N
     assert means[-1] > means[0]
     # under the published recipe, attraction keeps them closer than the same run without it
     recipe = disperse(face, w_ref, ids, SEED, 6, DispersionConfig(iterations=6)).latents
-    no_pull = disperse(face, w_ref, ids, SEED, 6, DispersionConfig(iterations=6, embedding_coefficient=0.0)).latents
+    no_pull = disperse(face, w_ref, ids, SEED, 6, DispersionConfig(iterations=6, attraction=0.0)).latents
     assert cosines(recipe).mean() > cosines(no_pull).mean()
 
 
 def test_repulsion_spreads_variations_in_w(face: LatentFace) -> None:
     w_ref = w_refs(face, [0, 1], torch.float32)
-    cfg = DispersionConfig(iterations=5, embedding_coefficient=0.0, global_coefficient=0.0, random_force=0.0)
+    cfg = DispersionConfig(iterations=5, attraction=0.0, latent_pull=0.0, noise=0.0)
     res = disperse(face, w_ref, [0, 1], SEED, 6, cfg)
     spreads = [s.mean_spread for s in res.history]
     assert all(b > a for a, b in itertools.pairwise(spreads))
     assert torch.pdist(res.latents[0]).min() > torch.pdist(
-        initial_variations(w_ref, [0, 1], SEED, 6, cfg.initial_noise)[0]).min()
+        initial_variations(w_ref, [0, 1], SEED, 6, cfg.init_scale)[0]).min()
 
 
 def test_repulsion_closed_form_for_two_variations() -> None:
@@ -210,7 +210,7 @@ def test_repulsion_closed_form_for_two_variations() -> None:
 
 
 def test_adaptive_time_step_is_per_identity(face64: LatentFace) -> None:
-    cfg = DispersionConfig(iterations=2, timestep=-0.3, batch_size=4)
+    cfg = DispersionConfig(iterations=2, dt=-0.3, batch_size=4)
     w_ref = w_refs(face64, IDS)
     seen = []
     res = disperse(face64, w_ref, IDS, SEED, 3, cfg, on_step=seen.append)
@@ -242,7 +242,7 @@ def test_offsets_start_and_early_stop(face: LatentFace) -> None:
     ({"variations": 0}, "variations"),
     ({"seed": 1.5}, "seed"),
     ({"offsets": torch.zeros(2, 4, 64)}, "offsets"),
-    ({"config": DispersionConfig(timestep=-0.3), "variations": 1}, "config.timestep"),
+    ({"config": DispersionConfig(dt=-0.3), "variations": 1}, "config.dt"),
 ])
 def test_bad_inputs_raise_naming_the_argument(face: LatentFace, kwargs: dict, name: str) -> None:
     args = {"w_ref": w_refs(face, [0, 1], torch.float32), "identities": [0, 1], "seed": 0, "variations": 3}
@@ -251,8 +251,8 @@ def test_bad_inputs_raise_naming_the_argument(face: LatentFace, kwargs: dict, na
         disperse(face, **args)
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("iterations", -1), ("timestep", 0.0),
-                                          ("latent_radius", 0.0), ("random_force", -1.0), ("viscosity", 0.0)])
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("iterations", -1), ("dt", 0.0),
+                                          ("repulsion_radius", 0.0), ("noise", -1.0), ("viscosity", 0.0)])
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DispersionConfig(**{field: value})

@@ -88,15 +88,16 @@ def reference_forces(
         ei = face.embed(wi)[0]  # [E]
         others = torch.cat([fixed[:i], fixed[i + 1 :]])  # [N - 1, E]
         theta = torch.acos(s * (others @ ei))
-        u = torch.where(theta < config.r0, config.k / 2 * (config.r0 - theta) ** 2, 0.0).sum()
+        r0, k = config.repulsion_radius, config.stiffness
+        u = torch.where(theta < r0, k / 2 * (r0 - theta) ** 2, 0.0).sum()
         if references is not None:
             refs = references / references.norm(dim=1, keepdim=True)
             theta_r = torch.acos(s * (refs @ ei))
-            u = u + torch.where(theta_r < config.reference_r0,
-                                config.reference_k / 2 * (config.reference_r0 - theta_r) ** 2, 0.0).sum()
+            r0_ref, k_ref = config.reference_repulsion_radius, config.reference_stiffness
+            u = u + torch.where(theta_r < r0_ref, k_ref / 2 * (r0_ref - theta_r) ** 2, 0.0).sum()
         u.backward()
         repulsion[i] = -wi.grad[0]
-    latent = config.k_l * (face.w_avg.to(w.dtype) - w)
+    latent = config.latent_pull * (face.w_avg.to(w.dtype) - w)
     return repulsion, latent
 
 
@@ -121,7 +122,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_batched_forces_match_the_per_identity_loop(face64: LatentFace, plain64: LatentFace) -> None:
     # tiles that do not divide N; one batch's graph kept, the others rendered twice
-    config = lv.LangevinConfig(batch_size=BATCH, reference_r0=1.5, tile=3, keep_graphs=0)
+    config = lv.LangevinConfig(batch_size=BATCH, reference_repulsion_radius=1.5, tile=3, keep_graphs=0)
     refs = other_embeddings(face64, 3)
     w = lv.init_state(face64, N, SEED, config).latents
     assert w.dtype == torch.float64
@@ -167,7 +168,7 @@ def test_noisy_run_does_not_depend_on_batch_size(face64: LatentFace) -> None:
 
 def test_noise_comes_from_seed_identity_and_step(face: LatentFace) -> None:
     # No forces: each increment is sqrt(dt) eta xi, xi from (seed, identity, step) alone.
-    config = lv.LangevinConfig(k=0.0, k_l=0.0, noise=0.5, tau=0.04, iterations=2, batch_size=2)
+    config = lv.LangevinConfig(stiffness=0.0, latent_pull=0.0, noise=0.5, tau=0.04, iterations=2, batch_size=2)
     whole = lv.init_state(face, 6, SEED, config)
     part = lv.init_state(face, 3, SEED, config, first_identity=3)
     assert torch.allclose(part.latents, whole.latents[3:], rtol=0, atol=1e-5)  # the same identities
@@ -222,7 +223,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(face: LatentFace, tmp_path
 
 
 def test_repulsion_raises_the_minimum_angle(face: LatentFace) -> None:
-    config = lv.LangevinConfig(iterations=6, k_l=0.0, noise=0.0, batch_size=8)
+    config = lv.LangevinConfig(iterations=6, latent_pull=0.0, noise=0.0, batch_size=8)
     state = lv.init_state(face, 8, SEED, config)
     history: list[lv.LangevinStats] = []
     lv.run(face, state, config, SEED, on_step=lambda s, st: history.append(s))
@@ -233,7 +234,8 @@ def test_repulsion_raises_the_minimum_angle(face: LatentFace) -> None:
 
 def test_reference_repulsion_moves_identities_away(face: LatentFace) -> None:
     refs = other_embeddings(face, 4)
-    config = lv.LangevinConfig(iterations=5, k=0.0, k_l=0.0, noise=0.0, reference_r0=1.5, batch_size=8)
+    config = lv.LangevinConfig(iterations=5, stiffness=0.0, latent_pull=0.0, noise=0.0,
+                               reference_repulsion_radius=1.5, batch_size=8)
     state = lv.init_state(face, 6, SEED, config)
     before = lv.pair_terms(lv.compute_forces(face, state.latents, config).embeddings, config, refs)
     lv.run(face, state, config, SEED, refs)
@@ -278,7 +280,7 @@ def test_pair_terms_on_a_hand_built_case() -> None:
     a = 0.5
     e = torch.tensor([[1.0, 0, 0], [math.cos(a), math.sin(a), 0], [0, 0, 1], [-1, 0, 0]], dtype=torch.float64)
     # pair angles: (0,1) a, (0,2) pi/2, (0,3) pi, (1,2) pi/2, (1,3) pi - a, (2,3) pi/2
-    config = lv.LangevinConfig(k=2.0, r0=1.4, threshold=1.0, cos_scale=1.0)
+    config = lv.LangevinConfig(stiffness=2.0, repulsion_radius=1.4, threshold=1.0, cos_scale=1.0)
     for tile in (1, 3, 4):
         p = lv.pair_terms(e, replace(config, tile=tile))
         assert p.angle_min == pytest.approx(a) and p.angle_max == pytest.approx(math.pi)
@@ -292,7 +294,7 @@ def test_pair_terms_on_a_hand_built_case() -> None:
         assert torch.allclose(p.grad, expected)
         assert p.reference_angle_min is None
     refs = torch.tensor([[0.0, 0, 2.0]], dtype=torch.float64)  # normalised inside: e2 itself
-    p = lv.pair_terms(e, replace(config, reference_k=3.0, reference_r0=1.6), refs)
+    p = lv.pair_terms(e, replace(config, reference_stiffness=3.0, reference_repulsion_radius=1.6), refs)
     assert p.reference_angle_min == pytest.approx(0.0, abs=1e-6)
     assert p.energy == pytest.approx((1.4 - a) ** 2 + 1.5 * 1.6**2 + 3 * 1.5 * (1.6 - math.pi / 2) ** 2)
 
@@ -328,7 +330,7 @@ def test_initial_latents_are_the_random_samplers(face: LatentFace) -> None:
     assert torch.equal(state.latents, expected) and state.step == 0 and state.first_identity == 10
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("r0", 0.0), ("tau", 0.0), ("mu", -1.0),
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("repulsion_radius", 0.0), ("tau", 0.0), ("mu", -1.0),
                                           ("cos_scale", 1.5), ("noise", math.nan), ("tile", 0), ("keep_graphs", -1)])
 def test_invalid_config_is_refused(face: LatentFace, field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"config.{field}"):

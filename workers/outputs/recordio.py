@@ -1,14 +1,12 @@
-"""Dataset output formats as streaming writers: WebDataset tar shards, insightface RecordIO and the
-Parquet index of every image.
+"""insightface's MXNet RecordIO: a segment of image records per render shard
+(`shards/{shard:05d}/images.rec`), joined at finalize into `dataset/recordio/train.rec`, `.idx`,
+`.lst` and `property` (`app.layout.RECORDIO`).
 
-No broker, job store or storage here: every writer takes open files, so the pipeline decides where
-bytes go (a temp file that is then uploaded) and tests read the results with independent readers.
-Every writer is byte-deterministic: the same input gives the same bytes, so a rerun of a shard
-overwrites its objects with identical ones.
+The writers take open files, so the caller decides where bytes go (a temp file that is then
+uploaded) and tests read the results with an independent reader. They are byte-deterministic: the
+same input gives the same bytes, so a rerun of a shard overwrites its segment with an identical one.
 
 Format facts used here:
-- WebDataset: a POSIX tar whose members `{key}.{ext}` are grouped into samples by `key`, the member
-  name up to its first dot; `.cls` holds the class as ASCII decimal.
 - MXNet RecordIO (dmlc-core): each record is framed as uint32 magic 0xced7230a, uint32 lrecord
   (upper 3 bits: continuation flag, lower 29 bits: length), the payload, zero padding to 4 bytes;
   little-endian. A payload holding the magic word at a 4-byte aligned offset is split there into
@@ -23,104 +21,16 @@ Format facts used here:
 
 from __future__ import annotations
 
-import io
-import json
 import struct
-import tarfile
-from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, BinaryIO, Self, TextIO
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from app import layout
 
-# ---- WebDataset ------------------------------------------------------------------------------
-
-TAR_MTIME = 0  # every member's mtime (1970-01-01): the same samples give the same tar bytes
-TAR_MODE = 0o644  # every member's permission bits
-IMAGE_EXTS = ("jpg", "png")  # image members webdataset_sample makes
-
-
-def _check_key(key: str) -> None:
-    if not key or "." in key or "/" in key or not key.isascii() or not key.isprintable():
-        raise ValueError(f"sample key: expected non-empty printable ASCII without '.' or '/', got {key!r}")
-
-
-def _check_ext(key: str, ext: str) -> None:
-    if not ext or "/" in ext or not ext.isascii() or not ext.isprintable():
-        raise ValueError(f"sample {key!r}: member extension must be non-empty printable ASCII "
-                         f"without '/', got {ext!r}")
-
-
-def write_webdataset_tar(out: BinaryIO, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> int:
-    """Write `samples` (key, {ext: bytes}) as one WebDataset tar shard to `out`; returns how many.
-
-    Members are `{key}.{ext}` in the order given; their headers carry no time, owner or host
-    detail, so the same samples give the same bytes. Keys must be unique, non-empty and free of
-    '.' (webdataset splits the member name at its first dot) and '/'.
-    """
-    n = 0
-    seen: set[str] = set()
-    # "w|": a plain stream, no seeking, so `out` may be a pipe or an upload buffer
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            _check_key(key)
-            if key in seen:
-                raise ValueError(f"sample key {key!r} appears twice in one shard")
-            seen.add(key)
-            if not members:
-                raise ValueError(f"sample {key!r} has no members")
-            for ext, data in members.items():
-                _check_ext(key, ext)
-                if not isinstance(data, (bytes, bytearray, memoryview)):
-                    got = type(data).__name__
-                    raise ValueError(f"sample {key!r} member {ext!r}: expected bytes, got {got}")  # noqa: TRY004
-                name = f"{key}.{ext}"
-                if len(name) > 100:  # the ustar name field
-                    raise ValueError(f"member name {name!r} is longer than 100 characters")
-                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-            n += 1
-    return n
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = TAR_MTIME
-    info.mode = TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def sample_key(identity: int, sample: int) -> str:
-    """The WebDataset key of image (identity, sample): "000012_003"."""
-    for name, v in (("identity", identity), ("sample", sample)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-    return f"{identity:06d}_{sample:03d}"
-
-
-def webdataset_sample(identity: int, sample: int, image_ext: str, image_bytes: bytes,
-                      meta: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
-    """One WebDataset sample: the image, `.cls` (identity, ASCII decimal) and `.json` (`meta` with
-    identity and sample added; sorted keys, compact, NaN refused)."""
-    key = sample_key(identity, sample)
-    if image_ext not in IMAGE_EXTS:
-        raise ValueError(f"image_ext: expected one of {IMAGE_EXTS}, got {image_ext!r}")
-    for name, v in (("identity", identity), ("sample", sample)):
-        if name in meta and meta[name] != v:
-            raise ValueError(f"meta[{name!r}] is {meta[name]!r} but the sample's {name} is {v}")
-    try:
-        doc = json.dumps({**meta, "identity": identity, "sample": sample}, sort_keys=True,
-                         separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta of sample {key}: not JSON-serialisable: {e}") from e
-    return key, {image_ext: bytes(image_bytes), "cls": str(identity).encode("ascii"),
-                 "json": doc.encode("utf-8")}
-
-
-# ---- MXNet / insightface RecordIO ------------------------------------------------------------
+if TYPE_CHECKING:
+    from workers.outputs import PackageContext, ShardContext
 
 RECORD_MAGIC = 0xCED7230A  # dmlc recordio's frame marker
 _MAGIC = struct.pack("<I", RECORD_MAGIC)
@@ -324,73 +234,43 @@ class RecordIOPackager:
         return f"{self.n_identities},{image_size},{image_size}"
 
 
-# ---- Parquet index ---------------------------------------------------------------------------
 
-INDEX_SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=True),  # dataset-relative image path; null: filtered out
-    pa.field("identity", pa.int32(), nullable=False),
-    pa.field("sample", pa.int32(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),  # derive_seed output, in [0, 2**63)
-    pa.field("shard", pa.int32(), nullable=False),  # render shard that made the image
-    pa.field("size", pa.int64(), nullable=True),  # encoded bytes; null: not written
-    pa.field("sha256", pa.string(), nullable=True),  # of the encoded bytes; null: not written
-    pa.field("aligned", pa.bool_(), nullable=False),  # a face was found and aligned (else centre crop)
-    pa.field("filtered", pa.bool_(), nullable=False),  # dropped by the quality filter
-    pa.field("label_flip", pa.bool_(), nullable=True),  # nearer another identity's centre; null: not checked
-    pa.field("centre_cosine", pa.float32(), nullable=False),  # to its identity centre, job embedder
-    pa.field("reference_cosine", pa.float32(), nullable=True),  # to its reference embedding
-    pa.field("evaluator_centre_cosine", pa.float32(), nullable=True),  # to its centre, independent FR model
-])
-_INT_TYPES = {pa.int32(), pa.int64()}
+def recordio_id(identity: int, slot: int, images_per_identity: int) -> int:
+    """Record id of an identity's `slot`-th kept image in train.rec: 1 + identity * A + slot (record 0
+    is the header; the identity records follow the images)."""
+    return 1 + identity * images_per_identity + slot
 
 
-def _column(field: pa.Field, values: list[Any]) -> pa.Array:
-    if field.type in _INT_TYPES and any(isinstance(v, bool) for v in values):
-        raise ValueError(f"column {field.name!r}: expected integers, got a bool")
-    if field.type == pa.bool_() and any(v is not None and not isinstance(v, bool) for v in values):
-        raise ValueError(f"column {field.name!r}: expected bools")
-    try:
-        arr = pa.array(values, type=field.type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as e:
-        raise ValueError(f"column {field.name!r}: {e}") from e
-    if not field.nullable and arr.null_count:
-        raise ValueError(f"column {field.name!r} may not be null")
-    return arr
+class RecordIO:
+    name = "recordio"
+    always = False
 
+    def write_shard(self, ctx: ShardContext) -> None:
+        """The shard's segment: its kept images as records, ids in (identity, slot) order."""
+        a = ctx.spec.images_per_identity
+        records = ((recordio_id(i, slot, a), i, s, ctx.data[(i, s)])
+                   for i in ctx.ids for slot, s in enumerate(ctx.kept[i]))
+        segment = ctx.keys.shard_recordio(ctx.shard)
+        ctx.put_stream(segment, "application/octet-stream", lambda out: write_recordio_segment(out, records))
 
-class ParquetIndexWriter:
-    """The Parquet table of every image (`INDEX_SCHEMA`), one row group per `write_rows` call.
-
-    Byte-deterministic for the same rows (fixed schema, compression and writer options). Rows are
-    dicts keyed by column name; a nullable column may be left out (null).
-    """
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.rows = 0
-        self._writer = pq.ParquetWriter(out, INDEX_SCHEMA, compression="zstd", compression_level=3,
-                                        use_dictionary=["path", "sha256"], write_statistics=True)
-
-    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        if not rows:
-            return
-        names = set(INDEX_SCHEMA.names)
-        for i, row in enumerate(rows):
-            unknown = sorted(set(row) - names)
-            if unknown:
-                raise ValueError(f"row {self.rows + i}: unknown column(s) {unknown}")
-            missing = [f.name for f in INDEX_SCHEMA if not f.nullable and f.name not in row]
-            if missing:
-                raise ValueError(f"row {self.rows + i}: missing column(s) {missing}")
-        arrays = [_column(f, [row.get(f.name) for row in rows]) for f in INDEX_SCHEMA]
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=INDEX_SCHEMA), row_group_size=len(rows))
-        self.rows += len(rows)
-
-    def close(self) -> None:
-        self._writer.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+    def package(self, ctx: PackageContext) -> None:
+        """insightface's train.rec/.idx/.lst/property from the shards' segments, streamed through files."""
+        spec, storage, keys = ctx.spec, ctx.storage, ctx.keys
+        n_images = spec.identities * spec.images_per_identity
+        with tempfile.TemporaryDirectory(prefix="idforge-rec-") as tmp:
+            d = Path(tmp)
+            with (d / "train.rec").open("wb") as rec, (d / "train.idx").open("w") as idx, \
+                    (d / "train.lst").open("w") as lst:
+                packer = RecordIOPackager(
+                    rec, idx, lst, n_images=n_images, n_identities=spec.identities,
+                    path_template=layout.IMAGEFOLDER.replace("{ext}", ctx.ext))
+                for s in ctx.shards:
+                    segment = d / "segment.rec"
+                    storage.get_file(keys.shard_recordio(s['shard']), segment)
+                    with segment.open("rb") as f:
+                        packer.add_segment(f)
+                    segment.unlink()
+                (d / "property").write_text(packer.close(spec.output.image_size))
+            for name, ctype in (("train.rec", "application/octet-stream"), ("train.idx", "text/plain"),
+                                ("train.lst", "text/plain"), ("property", "text/plain")):
+                ctx.upload(layout.RECORDIO.format(name=name), d / name, ctype)

@@ -1,70 +1,87 @@
-"""The identity-sampling stage: reference embeddings for every identity of a job.
+"""The embedding-conditioned pipeline (Arc2Face): identities are unit embeddings, variations are
+embedding noise around them, and the generator renders each variation with its own seed.
 
-`random`: uniform points on the sphere, identity i from derive_seed(seed, "identity", i).
-`hyperface`: a gallery of embeddings of images from the gallery generator, an embedding-conditioned
-one (Arc2Face, from random conditioning embeddings) or an unconditional one (StyleGAN2, from random
-latents, as in the paper), rendered in chunks, each saved, so a redelivered task resumes chunk by
-chunk; then the HyperFace packing started from gallery points, checkpointed every
-`checkpoint_steps` steps and resumed from the latest checkpoint.
+Identities:
+  `random`: uniform points on the sphere, identity i from derive_seed(seed, IDENTITY, i).
+  `hyperface`: a gallery of embeddings of images from the gallery generator, an embedding-
+  conditioned one (Arc2Face, from random conditioning embeddings) or an unconditional one
+  (StyleGAN2, from random latents, as in the paper), rendered in chunks, each saved, so a
+  redelivered task resumes chunk by chunk; then the HyperFace packing started from gallery points,
+  checkpointed every `checkpoint_steps` steps and resumed from the latest checkpoint.
+
+Every image is addressable by (job seed, identity, sample):
+  sample (i, s)'s embedding <- derive_seed(seed, VARIATION, i, s)
+  sample (i, s)'s diffusion noise <- derive_seed(seed, RENDER, i, s)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from app import catalog
-from app.errors import StorageKeyMissing
 from app.layout import JobKeys
-from app.spec import HyperFaceSampler, JobSpec, LangevinSampler
+from app.spec import EmbeddingNoise, HyperFaceSampler, JobSpec
 from app.storage import Storage
+from models.alignment.cropper import Cropper
 from models.sampling import hyperface, metrics
 from models.sampling import random as random_sampler
+from models.sampling.embedding_noise import (
+    EmbeddingNoiseConfig,
+    embedding_noise,
+    mean_cosine,
+    scale_for_mean_cosine,
+)
 from models.sampling.sphere import uniform_sphere
-from models.seeding import derive_seed, make_generator
-from workers import latent, pipeline
-from workers.errors import Canceled
+from models.seeding import (
+    DERIVE_SEED_SCHEME,
+    GALLERY,
+    GALLERY_RENDER,
+    HYPERFACE,
+    HYPERFACE_INIT,
+    IDENTITY,
+    RENDER,
+    STREAM_SCHEME,
+    VARIATION,
+    derive_seed,
+    make_generator,
+)
+from workers import artifacts
+from workers.pipelines.common import Hooks, Sampled, batched, shard_parts
+from workers.pipelines.latent import RANDOM_TRUNCATION
 from workers.runtime import ModelCache
+from workers.shard import Batch, Embedder, ShardResult, write_shard
+
+# The manifest's `seed_derivation` for this pipeline. Every seed starts its own portable stream
+# (`make_generator`): the same bits on every machine.
+SEED_DERIVATION = {
+    "function": DERIVE_SEED_SCHEME,
+    "stream": STREAM_SCHEME,
+    "identity": f"derive_seed(seed, {IDENTITY!r}, i)",
+    "variation": f"derive_seed(seed, {VARIATION!r}, i, s)",
+    "render": f"derive_seed(seed, {RENDER!r}, i, s)",
+    "gallery": f"HyperFace gallery item k: embedding (or latent z) from derive_seed(seed, {GALLERY!r}, k), "
+               f"diffusion noise from derive_seed(seed, {GALLERY_RENDER!r}, k)",
+    "hyperface": f"initial points from derive_seed(seed, {HYPERFACE_INIT!r}); batches from "
+                 f"derive_seed(seed, {HYPERFACE!r})",
+}
 
 
-@dataclass
-class Hooks:
-    """How the stage talks to its caller: progress, events and cancellation."""
+class Generator(Protocol):
+    embedding_dim: int
 
-    progress: Callable[[int, int, str], None] = lambda done, total, unit: None
-    event: Callable[..., None] = lambda type_, **data: None
-    should_stop: Callable[[], bool] = lambda: False
-
-    def check(self) -> None:
-        if self.should_stop():
-            raise Canceled()
+    def render(self, embeddings: torch.Tensor, seeds: Sequence[int], *, steps: int,
+               guidance_scale: float) -> torch.Tensor: ...
 
 
-@dataclass
-class Sampled:
-    embeddings: torch.Tensor  # [N, D] unit rows
-    stats: dict[str, Any] = field(default_factory=dict)
-    latents: torch.Tensor | None = None  # [N, W] W latents, for latent generators
+# ---- identities -------------------------------------------------------------------------------
 
-
-def sample(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
-           checkpoint_steps: int = 50, gallery_chunk: int = 256,
-           hooks: Hooks | None = None) -> Sampled:
-    hooks = hooks or Hooks()
-    if catalog.CATALOG[spec.models.generator].conditioning == "latent":
-        face = latent.latent_face(spec, models)
-        if isinstance(spec.sampler, LangevinSampler):
-            latents, stats = latent.sample_langevin(spec, spec.sampler, face, storage, keys,
-                                                    checkpoint_steps=checkpoint_steps, hooks=hooks)
-        else:
-            latents, stats = latent.sample_random(spec, face, hooks)
-        return Sampled(latent.embed_latents(face, latents), stats, latents)
+def sample_identities(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
+                      checkpoint_steps: int, gallery_chunk: int, hooks: Hooks) -> Sampled:
+    """Reference embeddings for every identity of the job, by its sampler."""
     if spec.sampler.method == "random":
         return Sampled(sample_random(spec, hooks), {"method": "random"})
     if isinstance(spec.sampler, HyperFaceSampler):
@@ -87,32 +104,26 @@ def sample_random(spec: JobSpec, hooks: Hooks, chunk: int = 4096) -> torch.Tenso
 
 # ---- the gallery ------------------------------------------------------------------------------
 
-def gallery_chunk_key(keys: JobKeys, k: int) -> str:
-    return keys.gallery_chunk(k)
-
-
 def build_gallery(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
                   chunk: int, hooks: Hooks) -> torch.Tensor:
     """Embeddings [M, E] (job embedder) of `gallery_size` images from the gallery generator.
 
     An embedding-conditioned gallery generator renders image k from a uniform conditioning
-    embedding drawn from derive_seed(seed, "gallery", k) with diffusion noise from
-    derive_seed(seed, "gallery-render", k); a latent one (StyleGAN2, as in the HyperFace paper)
-    from a random latent drawn from derive_seed(seed, "gallery", k) (`_latent_gallery_images`).
+    embedding drawn from derive_seed(seed, GALLERY, k) with diffusion noise from
+    derive_seed(seed, GALLERY_RENDER, k); a latent one (StyleGAN2, as in the HyperFace paper)
+    from a random latent drawn from derive_seed(seed, GALLERY, k) (`_latent_gallery_images`).
     """
     assert isinstance(spec.sampler, HyperFaceSampler)
     m = spec.sampler.gallery_size
     name = spec.models.gallery_generator or spec.models.generator
     parts = []
     for k in range(math.ceil(m / chunk)):
-        key = gallery_chunk_key(keys, k)
         lo, hi = k * chunk, min(m, (k + 1) * chunk)
-        try:
-            parts.append(st_load(storage.get_bytes(key))["embeddings"])  # resumed
-        except StorageKeyMissing:
+        part = artifacts.load_gallery_chunk(storage, keys, k)  # resumed
+        if part is None:
             part = _render_gallery(spec, models, name, range(lo, hi), hooks)
-            storage.put_bytes(key, st_save({"embeddings": part.contiguous()}))
-            parts.append(part)
+            artifacts.save_gallery_chunk(storage, keys, k, part)
+        parts.append(part)
         hooks.progress(hi, m, "gallery images")
     return torch.cat(parts)  # [M, E]
 
@@ -133,24 +144,24 @@ def _render_gallery(spec: JobSpec, models: ModelCache, name: str, ids: range,
             images = _latent_gallery_images(spec, gen, batch)
         else:
             cond = torch.cat([uniform_sphere(1, gen.embedding_dim,
-                                             make_generator(derive_seed(spec.seed, "gallery", k)))
+                                             make_generator(derive_seed(spec.seed, GALLERY, k)))
                               for k in batch])  # [B, D]
-            seeds = [derive_seed(spec.seed, "gallery-render", k) for k in batch]
-            images = gen.render(cond, seeds, **pipeline.render_options(spec))  # [B, H, W, 3]
+            seeds = [derive_seed(spec.seed, GALLERY_RENDER, k) for k in batch]
+            images = gen.render(cond, seeds, **render_options(spec))  # [B, H, W, 3]
         out.append(emb.embed_images(crop(images).crops).float().cpu())  # [B, E]
     return torch.cat(out)
 
 
 def _latent_gallery_images(spec: JobSpec, gen: Any, batch: range) -> torch.Tensor:
     """An unconditional generator's gallery images (HyperFace's gallery: randomly synthesised
-    faces), uint8 [B, S, S, 3]: image k from z_k ~ N(0, I) drawn from derive_seed(seed, "gallery",
+    faces), uint8 [B, S, S, 3]: image k from z_k ~ N(0, I) drawn from derive_seed(seed, GALLERY,
     k), mapped to W and truncated as the latent path's random identities are (psi 0.7), with the
     generator's constant noise. Embedded like any dataset image (crop, then the job's embedder),
     so any embedder serves, forward-only ones included."""
     d = int(gen.style_dim)
-    z = torch.stack([make_generator(derive_seed(spec.seed, "gallery", k)).normal(d)
+    z = torch.stack([make_generator(derive_seed(spec.seed, GALLERY, k)).normal(d)
                      for k in batch])  # [B, D]
-    images: torch.Tensor = gen.render(z, space="z", truncation_psi=latent.RANDOM_TRUNCATION,
+    images: torch.Tensor = gen.render(z, space="z", truncation_psi=RANDOM_TRUNCATION,
                                       noise_mode="const")  # [B, S, S, 3]
     return images
 
@@ -164,18 +175,17 @@ def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Te
         iterations=sampler.iterations, learning_rate=sampler.learning_rate, alpha=sampler.alpha,
         batch_size=sampler.batch_size, gallery_refresh=sampler.gallery_refresh)
     init = hyperface.init_from_gallery(gallery, spec.identities,
-                                       make_generator(derive_seed(spec.seed, "hyperface-init")))
+                                       make_generator(derive_seed(spec.seed, HYPERFACE_INIT)))
     state = None
-    saved = pipeline.identities_checkpoint(storage, keys)
+    saved = artifacts.identities_checkpoint(storage, keys)
     if saved is not None:
         state = hyperface.HyperFaceState.from_tensors(saved)
         hooks.event("resumed", stage="sampling_identities", step=int(state.step))
-    on_step = pipeline.checkpoint_every(storage, keys, every=checkpoint_steps, total=sampler.iterations,
-                                        unit="optimiser steps", progress=hooks.progress,
-                                        event=hooks.event, check=hooks.check)
+    on_step = artifacts.checkpoint_every(storage, keys, hooks, every=checkpoint_steps,
+                                         total=sampler.iterations, unit="optimiser steps")
 
     result = hyperface.optimize(init, gallery, config,
-                                generator=make_generator(derive_seed(spec.seed, "hyperface")),
+                                generator=make_generator(derive_seed(spec.seed, HYPERFACE)),
                                 on_step=on_step, state=state)
     x = result.embeddings.float().cpu()  # [N, D]
     init_angle = float(metrics.min_angle(init)) if spec.identities > 1 else math.pi
@@ -191,3 +201,64 @@ def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Te
     }
     hooks.event("identities_packed", **stats)
     return Sampled(x, stats)
+
+
+# ---- variations and rendering -----------------------------------------------------------------
+
+def render_options(spec: JobSpec) -> dict[str, Any]:
+    """The generator's render arguments from the job spec (fast = LCM-LoRA sampling)."""
+    r = spec.render
+    options: dict[str, Any] = {"steps": r.steps, "guidance_scale": r.guidance_scale}
+    if r.mode == "fast":
+        options["fast"] = True
+    return options
+
+
+def noise_scale(spec: JobSpec, dim: int) -> float:
+    """The embedding-noise sigma: given, or solved from the target mean cosine."""
+    v = spec.variations
+    if not isinstance(v, EmbeddingNoise):
+        raise ValueError(f"variations {v.method!r} are not implemented by this worker")
+    return v.scale if v.target_cosine is None else scale_for_mean_cosine(v.target_cosine, dim)
+
+
+def render_shard(spec: JobSpec, shard: int, ids: range, models: ModelCache, storage: Storage,
+                 keys: JobKeys, *, hooks: Hooks) -> ShardResult:
+    """Shard `shard` (identities `ids`) from the saved identities, with the job's models."""
+    embedder, crop, evaluator = shard_parts(spec, models)
+    refs = artifacts.load_identities(storage, keys)[ids.start:ids.stop]  # [n, D]
+    return render_references(spec, shard, ids, refs, models.generator(spec.models.generator), embedder,
+                             storage, keys, crop=crop, evaluator=evaluator, hooks=hooks)
+
+
+def render_references(spec: JobSpec, shard: int, ids: range, references: torch.Tensor,
+                      generator: Generator, embedder: Embedder, storage: Storage, keys: JobKeys, *,
+                      crop: Cropper | None = None, evaluator: Any = None,
+                      hooks: Hooks | None = None) -> ShardResult:
+    """Render identities `ids` of an embedding-conditioned generator (references [len(ids), D]).
+
+    Sample (i, s) conditions the generator on embedding noise around reference i and renders with
+    its own seed; `write_shard` crops, embeds, filters and saves the images.
+    """
+    hooks = hooks or Hooks()
+    if references.shape[0] != len(ids):
+        raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
+    a = spec.images_per_identity
+    config = EmbeddingNoiseConfig(scale=noise_scale(spec, references.shape[1]))
+    first_block = embedding_noise(references, list(ids), a, spec.seed, config)  # [n, A, D]
+    realised = mean_cosine(references, first_block)  # [n] mean cosine of samples to reference
+    result = ShardResult(shard=shard, identities=list(ids), noise_scale=config.scale,
+                         reference_cosine=[round(float(c), 6) for c in realised])
+
+    def blocks(subset: list[int], first: int) -> Iterator[Batch]:
+        rows = references[[i - ids.start for i in subset]]  # [m, D]
+        variations = first_block if first == 0 and subset == list(ids) else \
+            embedding_noise(rows, subset, a, spec.seed, config, first_sample=first)  # [m, A, D]
+        items = [(k, i, first + j) for k, i in enumerate(subset) for j in range(a)]
+        for batch in batched(items, spec.render.batch_size):
+            emb = torch.stack([variations[k, s - first] for k, _, s in batch])  # [B, D]
+            seeds = [derive_seed(spec.seed, RENDER, i, s) for _, i, s in batch]
+            yield Batch([(i, s) for _, i, s in batch], seeds, generator.render(emb, seeds, **render_options(spec)))
+
+    return write_shard(spec, ids, blocks, embedder, storage, keys, result, crop=crop, evaluator=evaluator,
+                       references=references, on_progress=hooks.shard_progress, should_stop=hooks.should_stop)

@@ -1,0 +1,29 @@
+"""The image folder: every kept image as a loose file, `dataset/imagefolder/{identity:06d}/{sample:03d}.{ext}`
+(`app.layout.IMAGEFOLDER`). Always written: the shard's file list, the Parquet index, the RecordIO
+`.lst` and the manifest name images by their path here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.outputs import PackageContext, ShardContext
+
+CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}  # by spec.output.image_format
+
+
+class ImageFolder:
+    name = "imagefolder"
+    always = True  # the spec requires it too
+
+    def write_shard(self, ctx: ShardContext) -> None:
+        """Store each kept image and add it, with its path, to the shard's file list."""
+        fmt = ctx.spec.output.image_format
+        for record in ctx.records:
+            i, s = record["identity"], record["sample"]
+            key = ctx.keys.image(i, s, ctx.ext)
+            ctx.storage.put_bytes(key, ctx.data[(i, s)], CONTENT_TYPE[fmt])
+            ctx.files.append({"path": ctx.keys.relative(key), **record})
+
+    def package(self, ctx: PackageContext) -> None:
+        """Nothing: the shards wrote the images."""
