@@ -12,7 +12,7 @@
 # Every pip install is constrained by constraints.txt, the locked versions `make install` uses.
 
 ARG PYTHON_VERSION=3.11
-# Keep equal to the torch pin of the `worker` extra in pyproject.toml (tests/test_deploy_files.py checks).
+# Keep equal to the torch pin of the `worker` extra in pyproject.toml (tests/deploy/test_deploy_files.py checks).
 ARG TORCH_VERSION=2.13.0
 # CPU-only wheels: no CUDA libraries, a far smaller image.
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu

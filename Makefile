@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
-# Minutes of random kill -9, Redis restarts and S3 faults over a stream of jobs (tests/test_faults.py).
+# Minutes of random kill -9, Redis restarts and S3 faults over a stream of jobs (tests/integration/test_faults.py).
 # IDFORGE_SOAK_SECONDS (default 300) sets how long; IDFORGE_SOAK_SEED picks the run.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -s -m soak

@@ -4,7 +4,7 @@ API key. No response may be a 5xx, and every response must match the document: i
 documented, and its content type, headers and body match what is declared for it.
 
 Hypothesis' `max_examples` (FUZZ_EXAMPLES, default 100 per operation) keeps the run short; raise it
-for a deeper run: `FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py`.
+for a deeper run: `FUZZ_EXAMPLES=500 pytest tests/api/test_fuzz.py`.
 """
 
 from __future__ import annotations

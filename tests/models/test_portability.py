@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # sha256 of (dtype, shape, bytes) of each job draw; see _draws.
 PINNED_DRAWS: dict[str, str] = {
@@ -129,7 +129,7 @@ def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
 
 
 def probe(model_dir: Path) -> dict:
-    """What one setting reports (run in a fresh interpreter: `python tests/test_portability.py DIR`)."""
+    """What one setting reports (run in a fresh interpreter: `python tests/models/test_portability.py DIR`)."""
     torch.set_num_threads(int(os.environ["IDFORGE_PROBE_THREADS"]))
     import models
     from models.registry import Registry, hash_file

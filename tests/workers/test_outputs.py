@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from app.settings import Settings
 from app.spec import JobSpec
 from models.seeding import make_generator
-from tests.test_formats import read_record, unpack
+from tests.workers.test_formats import read_record, unpack
 from workers.cli import main as cli
 from workers.errors import QualityShortfall, ReferenceUnavailable
 from workers.local import generate

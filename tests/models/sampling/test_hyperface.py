@@ -23,7 +23,7 @@ from models.sampling.metrics import min_angle, rankin_bound
 from models.sampling.sphere import normalize, uniform_sphere
 from models.seeding import make_generator
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # Pure packing (alpha = 0), a local schedule: cool from T = 0.05, for runs that start near an optimum
 # (or anywhere, when only the mechanics matter). Known optima from random starts use the defaults of
 # `optimize_with_restarts` instead.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml  # PyYAML: present through the dev extra (moto -> responses) and the worker extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -36,7 +36,7 @@ from celery import Celery
 from app.queue import celery_config
 from app.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "idforge"
 CI_VALUES = CHART / "ci"
 CRD_SCHEMAS = ROOT / "helm" / "schemas"
