@@ -237,3 +237,20 @@ def test_every_import_of_ours_names_something_that_exists() -> None:
             stale += [f"{m}:{node.lineno} {node.module} has no {a.name}" for a in node.names
                       if f"{node.module}.{a.name}" not in MODULES and a.name not in defined]
     assert stale == [], stale
+
+
+def test_tests_import_helpers_that_exist() -> None:
+    """The same for the tests' own imports of each other (`from tests.x.y import z`), lazy ones too:
+    moving a test file must not leave an import of its old path behind."""
+    stale = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tests":
+                target = ROOT.joinpath(*node.module.split(".")).with_suffix(".py")
+                if not target.is_file():
+                    stale.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+                    continue
+                defined = _top_level_names(target)
+                stale += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module} has no {a.name}"
+                          for a in node.names if a.name not in defined]
+    assert stale == [], stale

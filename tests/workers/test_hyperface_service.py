@@ -210,7 +210,7 @@ def test_fast_mode_with_a_stylegan2_gallery_needs_only_arc2faces_lcm_lora(
 
     from app.queue import TaskQueue
     from models.registry import ensure_model, file_sha256, load_generator, load_overrides
-    from tests.models.test_arc2face import kohya_state, lcm_lora_factors
+    from tests.models.generators.test_arc2face import kohya_state, lcm_lora_factors
     from workers import jobs, runtime, tasking
     from workers.runtime import Runtime
 

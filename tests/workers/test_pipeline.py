@@ -254,7 +254,7 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
     from safetensors.torch import save_file
 
     from models.registry import ensure_model, file_sha256, load_generator, load_overrides
-    from tests.models.test_arc2face import kohya_state, lcm_lora_factors
+    from tests.models.generators.test_arc2face import kohya_state, lcm_lora_factors
     from workers import runtime, tasking
 
     monkeypatch.setattr(runtime, "_runtime", rt)
