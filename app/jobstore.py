@@ -5,6 +5,29 @@ Job ids sort by creation time (hex milliseconds first), so lexicographic order i
 the team indexes are sorted sets ranged by lex. Status changes go through one Lua script so the
 check, the write, the index move and the event are atomic. Single Redis instance (no cluster):
 the scripts derive the team's index keys from the job.
+
+What a job keeps in Redis, and how it stays bounded however many shards the job has (see
+`JOB_KEY_SUFFIXES`, the one list of a job's keys, and README "Operations"):
+
+- `job:<id>`: the job hash: a fixed set of fields (constant size); never expires by default.
+- `:progress`: running sums (`sum:*`, what `read` returns), the folded totals of finished shards
+  (`folded:*`) and the live progress of the shards still rendering (`shard<k>:*`, removed when the
+  shard finishes: fields for in-flight shards only, so bounded by the workers, not the shards).
+- `:shards_done_bits`: one bit per shard (a redelivered shard cannot count twice): ceil(shards/8)
+  bytes, e.g. 1.25 kB at 10,000 shards.
+- `:events` and `:events:folded`: the event log. Per-shard task events (`task_started` /
+  `task_ended` of a numbered task such as `render_shard:17`) are compacted: the first
+  `EVENTS_KEEP_FIRST` and the last `EVENTS_KEEP_LAST` stay verbatim, the ones between are folded
+  into one `compacted` marker event (counts by type and outcome, the id range) once more than
+  `EVENTS_FOLD_BATCH` wait; so a job's stream holds at most EVENTS_TASK_CAP task events plus its
+  other events (status, stage, sampling checkpoints, webhook attempts: none of them per shard).
+- `:webhooks`: one message per webhook event (terminal events and stages: bounded).
+- the task ledger (`workers/tasking.py`): `:attempts`, `:tasks_done`, `:tasks_done:<task>` bits
+  and leases `:lease:<task>` (those expire by themselves).
+
+When a job reaches a terminal state its progress sums are copied into the job hash and every key
+above but the job hash gets an expiry `keys_ttl_s` later (`IDFORGE_JOB_KEYS_TTL_S`; 0 = keep);
+a write that comes later (a late redelivery, a webhook attempt) keeps that same expiry.
 """
 
 from __future__ import annotations
@@ -34,8 +57,64 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset({"queued", "running", "canceling"}),
 }
 
+# ---- the per-job footprint (module docstring) --------------------------------------------------
+# Events of one shard's task: `task_started` and `task_ended` of a numbered task (`render_shard:17`).
+FOLDABLE_EVENTS = frozenset({"task_started", "task_ended"})
+_NUMBERED_TASK = re.compile(r".+:[0-9]+")
+EVENTS_KEEP_FIRST = 64  # the first per-shard task events, kept verbatim
+EVENTS_KEEP_LAST = 256  # the most recent ones, kept verbatim
+EVENTS_FOLD_BATCH = 128  # compaction runs once this many more wait (amortised: O(1) per event)
+# The most per-shard task events a job's stream holds at any time; then one `compacted` marker.
+EVENTS_TASK_CAP = EVENTS_KEEP_FIRST + EVENTS_KEEP_LAST + EVENTS_FOLD_BATCH
+EVENTS_MAXLEN = 10000  # backstop on the whole stream (XADD MAXLEN ~), far above what jobs write
+MARKER_TASKS = 20  # restarted tasks named in the marker (the rest are counted)
+# Every per-job key but the job hash: they expire `keys_ttl_s` after the job ends (leases, with
+# their own short expiry, are not listed).
+JOB_KEY_SUFFIXES = (":progress", ":shards_done_bits", ":shards_done", ":events", ":events:folded",
+                    ":webhooks", ":attempts", ":tasks_done", ":tasks_done:render_shard")
+BITMAP_TASKS = ("render_shard",)  # numbered tasks whose done marks are bits (`:tasks_done:<name>`)
+DEFAULT_KEYS_TTL_S = 30 * 86400  # the default of IDFORGE_JOB_KEYS_TTL_S
 
-_TRANSITION = """
+
+def job_key(job_id: str, suffix: str = "") -> str:
+    """The Redis key of a job (`suffix` ''), or of one of its records (`:progress`, ...)."""
+    return P + f"job:{job_id}{suffix}"
+
+
+def foldable(type_: str, data: dict[str, Any]) -> bool:
+    """Whether an event is one of a shard's task events, which compaction may fold."""
+    return type_ in FOLDABLE_EVENTS and bool(_NUMBERED_TASK.fullmatch(str(data.get("task", ""))))
+
+
+# A later write to a job's record keeps the expiry the job got when it ended (KEYS[1] the job hash).
+KEEP_EXPIRY = """
+local function keep_expiry(job, key)
+  local at = redis.call('HGET', job, 'keys_expire_at')
+  if at then redis.call('PEXPIREAT', key, at) end
+end
+"""
+
+
+# Sum the progress fields that `_decode` sums (folded:*, shard*:*) of the hash `key`: used once per
+# job to seed the running sums, and by reads of jobs without them.
+_SUM_SHARDS_FN = """
+local function sum_shards(key)
+  local ids, imgs = 0, 0
+  local progress = redis.call('HGETALL', key)
+  for i = 1, #progress, 2 do
+    local part, what = string.match(progress[i], '^(.*):([^:]*)$')
+    if part and (string.sub(part, 1, 5) == 'shard' or part == 'folded') then
+      if what == 'identities' then ids = ids + tonumber(progress[i + 1])
+      elseif what == 'images' then imgs = imgs + tonumber(progress[i + 1]) end
+    end
+  end
+  return ids, imgs
+end
+"""
+
+# KEYS[1] the job, KEYS[2] its progress, KEYS[3..] its other records (JOB_KEY_SUFFIXES). ARGV[5]:
+# '' unless `to` is terminal, then the milliseconds its records are kept ('0': no expiry).
+_TRANSITION = _SUM_SHARDS_FN + """
 local job = KEYS[1]
 local cur = redis.call('HGET', job, 'status')
 if not cur then return {0, ''} end
@@ -47,15 +126,29 @@ local id = redis.call('HGET', job, 'id')
 local owner = redis.call('HGET', job, 'owner')
 redis.call('HSET', job, 'status', to, 'updated_at', now)
 if cur ~= to then redis.call('HSET', job, to .. '_at', now) end
-for i = 5, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', ARGV[4] .. 'team:' .. owner .. ':status:' .. cur, id)
 redis.call('ZADD', ARGV[4] .. 'team:' .. owner .. ':status:' .. to, 0, id)
 if cur ~= to then
-  redis.call('XADD', job .. ':events', 'MAXLEN', '~', 10000, '*', 'type', 'status',
+  redis.call('XADD', job .. ':events', 'MAXLEN', '~', %(maxlen)d, '*', 'type', 'status',
              'from', cur, 'to', to, 'at', now)
 end
+if ARGV[5] ~= '' and cur ~= to then
+  -- Ended: the job hash keeps its progress (the progress hash may expire), the rest expires.
+  local sums = redis.call('HMGET', KEYS[2], 'sum:identities', 'sum:images')
+  local ids, imgs = tonumber(sums[1]), tonumber(sums[2])
+  if not ids then ids, imgs = sum_shards(KEYS[2]) end
+  redis.call('HSET', job, 'identities_done', ids, 'images_done', imgs)
+  local ttl = tonumber(ARGV[5])
+  if ttl > 0 then
+    local t = redis.call('TIME')
+    local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+    redis.call('HSET', job, 'keys_expire_at', at)
+    for i = 2, #KEYS do redis.call('PEXPIREAT', KEYS[i], at) end
+  end
+end
 return {1, cur}
-"""
+""" % {"maxlen": EVENTS_MAXLEN}
 
 _CREATE = """
 local job, idem = KEYS[1], KEYS[2]
@@ -70,36 +163,54 @@ redis.call('HSET', job, 'id', ARGV[1], 'owner', ARGV[2], 'status', 'queued', 'sp
            'updated_at', ARGV[7], 'identities_total', ARGV[8], 'images_total', ARGV[9])
 redis.call('ZADD', ARGV[10] .. 'team:' .. ARGV[2] .. ':jobs', 0, ARGV[1])
 redis.call('ZADD', ARGV[10] .. 'team:' .. ARGV[2] .. ':status:queued', 0, ARGV[1])
-redis.call('XADD', job .. ':events', 'MAXLEN', '~', 10000, '*', 'type', 'status', 'from', '',
+redis.call('XADD', job .. ':events', 'MAXLEN', '~', %d, '*', 'type', 'status', 'from', '',
            'to', 'queued', 'at', ARGV[7])
 return {'created', ARGV[1]}
-"""
+""" % EVENTS_MAXLEN
 
-# Sum the shards' progress fields (shard*:identities, shard*:images: what `_decode` sums) of the
-# progress hash KEYS[2]; used once per job to seed the running sums, and by reads of jobs without them.
-_SUM_SHARDS = """
-local function sum_shards(key)
-  local ids, imgs = 0, 0
-  local progress = redis.call('HGETALL', key)
-  for i = 1, #progress, 2 do
-    local part, what = string.match(progress[i], '^(.*):([^:]*)$')
-    if part and string.sub(part, 1, 5) == 'shard' then
-      if what == 'identities' then ids = ids + tonumber(progress[i + 1])
-      elseif what == 'images' then imgs = imgs + tonumber(progress[i + 1]) end
+# The progress hash (KEYS of the scripts below: 1 the job, 2 `:progress`, 3 `:shards_done_bits`,
+# 4 the legacy `:shards_done` set):
+# - `sum:identities`, `sum:images`: the running sums `read` returns (finished and live shards);
+# - `folded:identities`, `folded:images`: what finished shards rendered (folded in by `shard_done`);
+# - `shard<k>:identities`, `shard<k>:images`: a shard still rendering (`set_progress`), removed
+#   when it finishes; `get` adds them to `folded:*`.
+# A shard's bit in `:shards_done_bits` says it finished: its progress is final, so a redelivered
+# or stale delivery neither reports for it again nor counts it twice.
+
+_SUM_SHARDS = _SUM_SHARDS_FN + KEEP_EXPIRY + """
+local function seed_sums(key)
+  if redis.call('HEXISTS', key, 'sum:identities') == 0 then
+    local si, sm = sum_shards(key)
+    redis.call('HSET', key, 'sum:identities', si, 'sum:images', sm)
+  end
+end
+-- A job that started under the per-shard layout (a set of shard numbers): into bits and folds.
+local function migrate(set, bits, progress)
+  if redis.call('EXISTS', set) == 0 then return end
+  seed_sums(progress)
+  for _, m in ipairs(redis.call('SMEMBERS', set)) do
+    local k = tonumber(m)
+    if k then
+      redis.call('SETBIT', bits, k, 1)
+      local p = 'shard' .. m
+      local got = redis.call('HMGET', progress, p .. ':identities', p .. ':images')
+      redis.call('HINCRBY', progress, 'folded:identities', tonumber(got[1] or '0'))
+      redis.call('HINCRBY', progress, 'folded:images', tonumber(got[2] or '0'))
+      redis.call('HDEL', progress, p .. ':identities', p .. ':images')
     end
   end
-  return ids, imgs
+  redis.call('DEL', set)
 end
 """
 
-# Set one part's progress (KEYS[2] the progress hash, KEYS[1] the job) and move the running sums
-# `sum:identities`/`sum:images` by the change, so reads need not add up every shard.
+# Set one part's progress (ARGV: part, identities, images, now, the shard number or '') and move the
+# running sums `sum:identities`/`sum:images` by the change, so reads need not add up every shard.
+# A finished shard's report is dropped (0): its folded progress is final.
 _RECORD_PROGRESS = _SUM_SHARDS + """
+migrate(KEYS[4], KEYS[3], KEYS[2])
+if ARGV[5] ~= '' and redis.call('GETBIT', KEYS[3], tonumber(ARGV[5])) == 1 then return 0 end
 local part, ids, imgs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('HEXISTS', KEYS[2], 'sum:identities') == 0 then
-  local si, sm = sum_shards(KEYS[2])
-  redis.call('HSET', KEYS[2], 'sum:identities', si, 'sum:images', sm)
-end
+seed_sums(KEYS[2])
 local old_ids = tonumber(redis.call('HGET', KEYS[2], part .. ':identities') or '0')
 local old_imgs = tonumber(redis.call('HGET', KEYS[2], part .. ':images') or '0')
 redis.call('HSET', KEYS[2], part .. ':identities', ids, part .. ':images', imgs)
@@ -108,23 +219,123 @@ if string.sub(part, 1, 5) == 'shard' then
   redis.call('HINCRBY', KEYS[2], 'sum:images', imgs - old_imgs)
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+keep_expiry(KEYS[1], KEYS[2])
 return 1
 """
 
-# A job's hash and its shards' summed progress, or an empty reply when there is no such job.
-_READ = _SUM_SHARDS + """
+# A shard finished (ARGV: shard, identities, images, now; identities '' = as last reported): set its
+# bit; the first time, fold its final progress into `folded:*` (the sums move by the change) and
+# drop its live fields. Returns how many distinct shards are done.
+_SHARD_DONE = _SUM_SHARDS + """
+migrate(KEYS[4], KEYS[3], KEYS[2])
+local k = tonumber(ARGV[1])
+if redis.call('SETBIT', KEYS[3], k, 1) == 0 then
+  seed_sums(KEYS[2])
+  local p = 'shard' .. ARGV[1]
+  local got = redis.call('HMGET', KEYS[2], p .. ':identities', p .. ':images')
+  local old_ids, old_imgs = tonumber(got[1] or '0'), tonumber(got[2] or '0')
+  local ids, imgs = old_ids, old_imgs
+  if ARGV[2] ~= '' then ids, imgs = tonumber(ARGV[2]), tonumber(ARGV[3]) end
+  redis.call('HINCRBY', KEYS[2], 'sum:identities', ids - old_ids)
+  redis.call('HINCRBY', KEYS[2], 'sum:images', imgs - old_imgs)
+  redis.call('HINCRBY', KEYS[2], 'folded:identities', ids)
+  redis.call('HINCRBY', KEYS[2], 'folded:images', imgs)
+  redis.call('HDEL', KEYS[2], p .. ':identities', p .. ':images')
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[4])
+end
+keep_expiry(KEYS[1], KEYS[2])
+keep_expiry(KEYS[1], KEYS[3])
+return redis.call('BITCOUNT', KEYS[3])
+"""
+
+# A job's hash and its shards' summed progress, or an empty reply when there is no such job: the
+# running sums, else what the job kept when it ended (its progress hash may have expired), else
+# the sum of the fields (a job from before the running sums).
+_READ = _SUM_SHARDS_FN + """
 local job = redis.call('HGETALL', KEYS[1])
 if #job == 0 then return {} end
 local sums = redis.call('HMGET', KEYS[2], 'sum:identities', 'sum:images')
 if sums[1] then return {job, tonumber(sums[1]), tonumber(sums[2])} end
+local kept = redis.call('HMGET', KEYS[1], 'identities_done', 'images_done')
+if kept[1] then return {job, tonumber(kept[1]), tonumber(kept[2])} end
 local ids, imgs = sum_shards(KEYS[2])
 return {job, ids, imgs}
 """
 
-_SHARD_DONE = """
-redis.call('SADD', KEYS[1], ARGV[1])
-return redis.call('SCARD', KEYS[1])
-"""
+# Append an event (KEYS: 1 the job, 2 `:events`, 3 `:events:folded`; ARGV: foldable '1'/'0', keep
+# first, keep last, fold batch, maxlen, restarted tasks named, now, then the event's field pairs) and,
+# when more than `keep last + fold batch` foldable events wait after the first `keep first`, fold
+# the oldest of them (all but the last `keep last`) into the one `compacted` marker: XDEL them,
+# add their counts to `:events:folded`, and replace the previous marker by a new one at the end
+# of the stream. Cursors stay valid (an id deleted from a stream still orders the ones after it);
+# a reader who had not seen the folded events sees the marker saying what they were.
+_ADD_EVENT = KEEP_EXPIRY + """
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
+local meta = KEYS[3]
+if ARGV[1] == '1' then
+  local first, last, batch = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local seen = redis.call('HINCRBY', meta, 'seen', 1)
+  if seen == first then redis.call('HSET', meta, 'head_last', id) end
+  local waiting = seen - first - tonumber(redis.call('HGET', meta, 'folded') or '0')
+  if waiting > last + batch then
+    local want = waiting - last
+    local cursor = redis.call('HGET', meta, 'last') or redis.call('HGET', meta, 'head_last')
+    local start = cursor and ('(' .. cursor) or '-'
+    local ids, restarted = {}, {}
+    local named = cjson.decode(redis.call('HGET', meta, 'restarted') or '[]')
+    while #ids < want do
+      local got = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', want - #ids + 16)
+      if #got == 0 then break end
+      for _, e in ipairs(got) do
+        if #ids >= want then break end
+        start = '(' .. e[1]
+        local f = {}
+        for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+        if %(foldable)s and f['task'] and string.match(f['task'], '^.+:%%d+$') then
+          ids[#ids + 1] = e[1]
+          redis.call('HINCRBY', meta, 't:' .. f['type'], 1)
+          if f['outcome'] then redis.call('HINCRBY', meta, 'o:' .. f['outcome'], 1) end
+          if f['type'] == 'task_started' and tonumber(f['attempt'] or '1') > 1 then
+            redis.call('HINCRBY', meta, 'restarts', 1)
+            if #named < tonumber(ARGV[6]) then named[#named + 1] = f['task'] end
+          end
+        end
+      end
+    end
+    if #ids > 0 then
+      redis.call('XDEL', KEYS[2], unpack(ids))
+      local folded = redis.call('HINCRBY', meta, 'folded', #ids)
+      redis.call('HSETNX', meta, 'first', ids[1])
+      redis.call('HSET', meta, 'last', ids[#ids])
+      if #named > 0 then redis.call('HSET', meta, 'restarted', cjson.encode(named)) end
+      local counts, outcomes = {}, {}
+      local all = redis.call('HGETALL', meta)
+      local n = 0
+      for j = 1, #all, 2 do
+        local kind, name = string.match(all[j], '^([to]):(.*)$')
+        if kind == 't' then counts[name] = tonumber(all[j + 1]); n = n + 1 end
+        if kind == 'o' then outcomes[name] = tonumber(all[j + 1]) end
+      end
+      local old = redis.call('HGET', meta, 'marker')
+      if old then redis.call('XDEL', KEYS[2], old) end
+      local marker = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', 'compacted',
+        'at', ARGV[7], 'folded', folded,
+        'first', redis.call('HGET', meta, 'first'), 'last', ids[#ids],
+        'counts', n > 0 and cjson.encode(counts) or '{}',
+        'outcomes', next(outcomes) and cjson.encode(outcomes) or '{}',
+        'restarts', redis.call('HGET', meta, 'restarts') or '0',
+        'restarted', redis.call('HGET', meta, 'restarted') or '[]',
+        'kept', 'the first ' .. first .. ' and the last ' .. last .. ' per-shard task events')
+      redis.call('HSET', meta, 'marker', marker)
+    end
+  end
+end
+keep_expiry(KEYS[1], KEYS[2])
+if ARGV[1] == '1' then keep_expiry(KEYS[1], meta) end
+return id
+""" % {"foldable": " or ".join(f"f['type'] == '{t}'" for t in sorted(FOLDABLE_EVENTS))}
 
 # Quotas (app.api.limits), checked in the same script as the creation: this prelude runs first, then
 # _CREATE's text. Its own arguments are the last five of ARGV (owner, images, prefix, max concurrent
@@ -151,9 +362,11 @@ if KEYS[2] == '' or redis.call('EXISTS', KEYS[2]) == 0 then
 end
 """
 
-_PUT_WEBHOOK = """
+# KEYS[1] `:webhooks`, KEYS[2] the job.
+_PUT_WEBHOOK = KEEP_EXPIRY + """
 if redis.call('HSETNX', KEYS[1], 'once:' .. ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'msg:' .. ARGV[2], ARGV[3])
+keep_expiry(KEYS[2], KEYS[1])
 return 1
 """
 
@@ -212,9 +425,14 @@ class Created:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis) -> None:
+    """`keys_ttl_s`: how long a job's records but its hash (JOB_KEY_SUFFIXES) are kept after it
+    ends (IDFORGE_JOB_KEYS_TTL_S; 0 = for ever)."""
+
+    def __init__(self, client: redis.Redis, *, keys_ttl_s: int = DEFAULT_KEYS_TTL_S) -> None:
         # redis-py's annotations do not model decode_responses=True (str, not bytes): Any here.
         self.r: Any = client
+        self.keys_ttl_s = keys_ttl_s
+        self._add_event = client.register_script(_ADD_EVENT)
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._shard_done = client.register_script(_SHARD_DONE)
@@ -224,8 +442,8 @@ class JobStore:
         self._record_progress = client.register_script(_RECORD_PROGRESS)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        return cls(connect(url))
+    def from_url(cls, url: str, *, keys_ttl_s: int = DEFAULT_KEYS_TTL_S) -> JobStore:
+        return cls(connect(url), keys_ttl_s=keys_ttl_s)
 
     def ping(self) -> bool:
         with translate():
@@ -326,19 +544,27 @@ class JobStore:
         """What `get` returns, in one round trip whose size does not grow with the job's shards:
         progress comes from the running sums that `set_progress` keeps (the status poll's read)."""
         with translate():
-            got = self._read(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"])
+            got = self._read(keys=[job_key(job_id), job_key(job_id, ":progress")])
         if not got:
             return None
         flat, identities, images = got
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
         return _decode(raw, {"shards:identities": identities, "shards:images": images})
 
-    def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> None:
-        """Progress of one part (a shard, or sampling), and the job's running sums that `read`
-        returns. Set, not added: a redelivered shard that starts again moves the sums back."""
+    def set_progress(self, job_id: str, part: str, *, identities: int, images: int) -> bool:
+        """Progress of one part (a shard `shard<k>`, or sampling), and the job's running sums that
+        `read` returns. Set, not added: a redelivered shard that starts again moves the sums back.
+        A shard that `shard_done` recorded keeps its final progress: a late report of it is dropped
+        (False)."""
+        shard = part[5:] if part.startswith("shard") and part[5:].isdigit() else ""
         with translate():
-            self._record_progress(keys=[P + f"job:{job_id}", P + f"job:{job_id}:progress"],
-                                  args=[part, identities, images, now_iso()])
+            return bool(self._record_progress(keys=self._progress_keys(job_id),
+                                              args=[part, identities, images, now_iso(), shard]))
+
+    @staticmethod
+    def _progress_keys(job_id: str) -> list[str]:
+        return [job_key(job_id), job_key(job_id, ":progress"), job_key(job_id, ":shards_done_bits"),
+                job_key(job_id, ":shards_done")]
 
     def status(self, job_id: str) -> str | None:
         with translate():
@@ -381,11 +607,13 @@ class JobStore:
                    **fields: Any) -> tuple[bool, str | None]:
         """Compare-and-set: move to `to` if the current status is in `allowed` (default: every
         legal predecessor). Returns (done, previous status)."""
-        args: list[Any] = [to, now_iso(), ",".join(allowed or TRANSITIONS[to]), P]
+        ended = str(max(0, self.keys_ttl_s) * 1000) if to in TERMINAL else ""
+        args: list[Any] = [to, now_iso(), ",".join(allowed or TRANSITIONS[to]), P, ended]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
         with translate():
-            ok, prev = self._transition(keys=[P + f"job:{job_id}"], args=args)
+            ok, prev = self._transition(
+                keys=[job_key(job_id)] + [job_key(job_id, x) for x in JOB_KEY_SUFFIXES], args=args)
         return bool(ok), (prev or None)
 
     def request_cancel(self, job_id: str) -> str | None:
@@ -402,8 +630,7 @@ class JobStore:
                 return
             pipe = self.r.pipeline()
             pipe.hset(key, mapping={"stage": stage, "updated_at": now_iso()})
-            pipe.xadd(key + ":events", {"type": "stage", "stage": stage, "at": now_iso()},
-                      maxlen=10000, approximate=True)
+            self._event(pipe, job_id, "stage", {"stage": stage})
             pipe.execute()
 
     def set_totals(self, job_id: str, **totals: int) -> None:
@@ -418,10 +645,21 @@ class JobStore:
                 "updated_at": now_iso()})
 
     def add_event(self, job_id: str, type_: str, **data: Any) -> None:
-        fields = {"type": type_, "at": now_iso()}
-        fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
+        """Append an event to the job's log. A shard's task events (`foldable`) may later be folded
+        into the log's `compacted` marker (module docstring)."""
         with translate():
-            self.r.xadd(P + f"job:{job_id}:events", fields, maxlen=10000, approximate=True)
+            self._event(None, job_id, type_, data)
+
+    def _event(self, client: Any, job_id: str, type_: str, data: dict[str, Any]) -> Any:
+        at = now_iso()
+        fields: dict[str, str] = {"type": type_, "at": at}
+        fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
+        return self._add_event(
+            keys=[job_key(job_id), job_key(job_id, ":events"), job_key(job_id, ":events:folded")],
+            args=["1" if foldable(type_, data) else "0", EVENTS_KEEP_FIRST, EVENTS_KEEP_LAST,
+                  EVENTS_FOLD_BATCH, EVENTS_MAXLEN, MARKER_TASKS, at,
+                  *(x for kv in fields.items() for x in kv)],
+            client=client)
 
     def events(self, job_id: str, *, after: str = "-", limit: int = 1000,
                block_ms: int | None = None) -> list[dict[str, Any]]:
@@ -442,10 +680,15 @@ class JobStore:
                 items = self.r.xrange(key, start, "+", count=limit)
         return [{"id": eid, **fields} for eid, fields in items]
 
-    def shard_done(self, job_id: str, shard: int) -> int:
-        """Record shard completion; returns how many distinct shards are done."""
+    def shard_done(self, job_id: str, shard: int, *, identities: int | None = None,
+                   images: int | None = None) -> int:
+        """Record shard completion with its final progress (None: as it last reported), folded into
+        the job's totals once however often it is recorded; returns how many distinct shards are
+        done. Per shard this keeps one bit (`:shards_done_bits`)."""
+        final = ["", ""] if identities is None else [identities, images if images is not None else 0]
         with translate():
-            return int(self._shard_done(keys=[P + f"job:{job_id}:shards_done"], args=[shard]))
+            return int(self._shard_done(keys=self._progress_keys(job_id),
+                                        args=[shard, *final, now_iso()]))
 
     # ---- webhook messages ------------------------------------------------------------------
 
@@ -454,7 +697,7 @@ class JobStore:
         `stage:<stage>`); True when this call stored it. The message is re-read by id at each
         delivery attempt, so every attempt sends the same bytes."""
         with translate():
-            return bool(self._put_webhook(keys=[P + f"job:{job_id}:webhooks"],
+            return bool(self._put_webhook(keys=[job_key(job_id, ":webhooks"), job_key(job_id)],
                                           args=[once, msg_id, message]))
 
     def get_webhook(self, job_id: str, msg_id: str) -> str | None:
@@ -481,6 +724,7 @@ _INT_FIELDS = ("identities_total", "images_total", "shards_total")
 
 def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
     job: dict[str, Any] = dict(raw)
+    kept = (job.pop("identities_done", None), job.pop("images_done", None))  # set when it ended
     for f in _JSON_FIELDS:
         if f in job:
             job[f] = json.loads(job[f])
@@ -488,10 +732,12 @@ def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
         if f in job:
             job[f] = int(job[f])
     done = {"identities": 0, "images": 0}
-    for k, v in progress.items():
+    for k, v in progress.items():  # finished shards' folded totals plus the live shards
         part, _, what = k.rpartition(":")
-        if part.startswith("shard") and what in done:
+        if (part.startswith("shard") or part == "folded") and what in done:
             done[what] += int(v)
+    if not progress and kept[0] is not None:  # the progress hash expired after the job ended
+        done = {"identities": int(kept[0]), "images": int(kept[1] or 0)}
     job["progress"] = {
         "identities_done": done["identities"],
         "identities_total": job.get("identities_total", 0),

@@ -113,7 +113,7 @@ def manifest_layout(formats: Collection[str], ext: str, report: bool) -> dict[st
     """The manifest's `layout` table: each output's key template relative to the job root, None for
     an output the job did not ask for."""
     return {
-        "imagefolder": IMAGEFOLDER.replace("{ext}", ext),
+        "imagefolder": IMAGEFOLDER.replace("{ext}", ext) if "imagefolder" in formats else None,
         "webdataset": WEBDATASET if "webdataset" in formats else None,
         "recordio": RECORDIO.format(name="{" + ",".join(RECORDIO_FILES) + "}") if "recordio" in formats else None,
         "index": INDEX,

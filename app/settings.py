@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     # Retry-After sent with non-terminal jobs, seconds.
     poll_interval_s: int = Field(2, ge=1)
+    # Seconds a job's records other than its hash (progress, shard bits, events, webhook messages,
+    # the task ledger) are kept after the job ends; 0 = for ever. The job hash itself, with its
+    # final progress, is kept regardless. At least a day when set: webhook retries and late
+    # redeliveries read them after the job ends.
+    job_keys_ttl_s: int = Field(30 * 86400, ge=0)
 
     # --- Workers.
     # Identities per render shard: size shards to minutes, well below visibility_timeout_s.
@@ -202,6 +207,13 @@ class Settings(BaseSettings):
                 raise ValueError("IDFORGE_API_KEYS holds a placeholder key")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("IDFORGE_S3_BUCKET is required when IDFORGE_STORAGE=s3")
+        return self
+
+    @model_validator(mode="after")
+    def _check_job_keys_ttl(self) -> Settings:
+        if 0 < self.job_keys_ttl_s < 86400:
+            raise ValueError(f"IDFORGE_JOB_KEYS_TTL_S ({self.job_keys_ttl_s}) must be 0 (keep) or at "
+                             "least 86400 (a day)")
         return self
 
     @model_validator(mode="after")

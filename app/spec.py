@@ -178,9 +178,10 @@ DatasetFormat = Literal["imagefolder", "webdataset", "recordio"]
 class OutputSpec(_Strict):
     formats: list[DatasetFormat] = Field(
         default=["imagefolder", "webdataset"], min_length=1,
-        description="dataset layouts: imagefolder (dataset/imagefolder/{identity:06d}/{sample:03d}.jpg, "
-        "always written: the index and the other layouts name its files), webdataset (a tar per shard: "
-        ".jpg + .cls + .json per sample), recordio (insightface's train.rec/.idx/.lst/property)")
+        description="dataset layouts, at least one: imagefolder (loose files, dataset/imagefolder/"
+        "{identity:06d}/{sample:03d}.jpg), webdataset (a tar per shard: .jpg + .cls + .json per sample), "
+        "recordio (insightface's train.rec/.idx/.lst/property). Without imagefolder no image is a loose "
+        "object: the Parquet index names each image's tar member or RecordIO record")
     image_size: Literal[112] = Field(112, description="aligned crop size, pixels (ArcFace template)")
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=50, le=100)
@@ -190,9 +191,6 @@ class OutputSpec(_Strict):
     def _formats(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"formats lists a layout twice: {v}")
-        if "imagefolder" not in v:
-            raise ValueError("formats must include 'imagefolder': it is always written, because the image "
-                             "index and the other layouts name its files")
         return v
 
 
@@ -218,6 +216,11 @@ class QualitySpec(_Strict):
         3, ge=1, le=10, description="rounds of replacement samples (each renders images_per_identity "
         "candidates for every identity short of images) before the job fails with a reason")
     leakage: LeakageSpec | None = Field(None, description="optional leakage check against real faces")
+    evaluator_sample: Literal["all"] | Annotated[int, Field(ge=2)] = Field(
+        1000, description="images the independent evaluator (SFace) embeds for the report: about this many, "
+        "as whole identities (ceil(n / images_per_identity) of them, at least 2) drawn from the job seed; "
+        "\"all\" embeds every image. The report states the sample and the confidence it gives "
+        "(docs/outputs.md, \"Evaluator sample\")")
 
     @field_validator("leakage")
     @classmethod

@@ -24,12 +24,24 @@ class Storage(Protocol):
     def get_bytes(self, key: str) -> bytes: ...
     def put_file(self, key: str, path: Path, content_type: str = ...) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
+    def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
     def presign_get(self, key: str, expires_s: int) -> str: ...
     def ping(self) -> None: ...
 
+
+
+def _check_range(start: int, length: int) -> None:
+    if isinstance(start, bool) or isinstance(length, bool) or not isinstance(start, int) \
+            or not isinstance(length, int) or start < 0 or length < 0:
+        raise ValueError(f"byte range: start and length must be ints >= 0, got {start!r}, {length!r}")
+
+
+def _missing(key: str) -> int:
+    raise StorageKeyMissing(f"no object {key}")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -100,6 +112,24 @@ class LocalStorage:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot read {key} into {path}: {e}") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from byte `start` (fewer at its end)."""
+        _check_range(start, length)
+        try:
+            with self._path(key).open("rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError as e:
+            raise StorageKeyMissing(f"no object {key}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {key}: {e}") from e
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size if self._path(key).is_file() else _missing(key)
+        except OSError as e:
+            raise StorageError(f"cannot stat {key}: {e}") from e
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -213,6 +243,38 @@ class S3Storage:
                        Config=transfer_config())
         except OSError as e:
             raise StorageError(f"cannot download {key} to {path}: {e}") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from byte `start` (fewer at its end): one ranged GET."""
+        from botocore.exceptions import BotoCoreError
+
+        _check_range(start, length)
+        if length == 0:
+            return b""
+        for attempt in range(1, GET_BODY_ATTEMPTS + 1):
+            try:
+                resp = self._call("get", key, self.client.get_object, Key=key,
+                                  Range=f"bytes={start}-{start + length - 1}")
+            except StorageKeyMissing:
+                raise
+            except StorageError as e:
+                if "InvalidRange" in str(e):  # start at or past the end
+                    return b""
+                raise
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+                return data[:length]
+            except BotoCoreError as e:
+                if attempt == GET_BODY_ATTEMPTS:
+                    raise StorageError(f"S3 get {key}: the body broke off {attempt} times: {e}") from e
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes (a HEAD)."""
+        return int(self._call("head", key, self.client.head_object, Key=key)["ContentLength"])
 
     def exists(self, key: str) -> bool:
         try:

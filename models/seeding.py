@@ -50,6 +50,7 @@ DISPERSION_NOISE = "dispersion.noise"
 DISCO = "disco"
 COVARIATES_TINY = "covariates.tiny"
 REPORT_IMPOSTOR = "report.impostor"
+REPORT_EVALUATOR = "report.evaluator"
 
 PURPOSES: dict[str, str] = {
     IDENTITY: "identity i's reference: a uniform embedding (random sampler) or its z ~ N(0, I) "
@@ -67,6 +68,7 @@ PURPOSES: dict[str, str] = {
     DISCO: "DisCo's covariate mix of sample (i, s)",
     COVARIATES_TINY: "the tiny preset's covariate-fitting latents (preset builds only)",
     REPORT_IMPOSTOR: "the quality report's impostor pairs and per-identity sample order",
+    REPORT_EVALUATOR: "the identities whose images the quality report's independent evaluator embeds",
 }
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from safetensors.torch import load as st_load
@@ -104,3 +104,45 @@ def save_gallery_chunk(storage: Storage, keys: JobKeys, k: int, embeddings: torc
 def load_shard(storage: Storage, keys: JobKeys, shard: int) -> dict[str, Any]:
     marker: dict[str, Any] = json.loads(storage.get_bytes(keys.shard_done(shard)))
     return marker
+
+
+class ShardRecords(Sequence[dict[str, Any]]):
+    """The shards' done.json records, in shard order, read from storage when used: a pass over
+    them holds one shard's file list at a time (the last two read are kept), so finalize's memory
+    does not grow with the job's images."""
+
+    def __init__(self, storage: Storage, keys: JobKeys, n_shards: int) -> None:
+        self.storage, self.keys, self.n = storage, keys, n_shards
+        self._recent: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, k: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, k: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(self.n))]
+        if k < 0:
+            k += self.n
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        got = self._recent.get(k)
+        if got is None:
+            got = load_shard(self.storage, self.keys, k)
+            if len(self._recent) >= 2:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[k] = got
+        return got
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for k in range(self.n):
+            yield self[k]
+
+    def missing(self) -> list[int]:
+        """Shards with no done.json yet."""
+        return [k for k in range(self.n) if not self.storage.exists(self.keys.shard_done(k))]

@@ -12,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from app.cli import DEFAULT_URL, _client, _load_spec, main
-from app.client import ApiError, Client
+from app.client import ApiError, Client, fetch_to_file
 from app.credentials import new_secret
 
 
@@ -196,17 +197,30 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
                   lower) (exit 0)
       differs     an image below it, missing or not comparable, or an object missing (exit 1)
     """
+    import tempfile
+
     import httpx
 
-    from workers.reproduce import DEFAULT_MIN_COSINE, WeightsDiffer, directory_originals
+    from app import dataset_index
+    from app.layout import INDEX
+    from workers.reproduce import (
+        DEFAULT_MIN_COSINE,
+        ListingMissing,
+        WeightsDiffer,
+        directory_originals,
+        directory_rows,
+    )
     from workers.reproduce import reproduce as run
 
     path = Path(job)
     if path.is_dir():
         path = path / "manifest.json"
+    tmp = tempfile.TemporaryDirectory(prefix="idforge-reproduce-")
     if path.is_file():
         manifest = json.loads(path.read_text())
-        originals = directory_originals(original_dir or path.parent)
+        root = original_dir or path.parent
+        originals = directory_originals(root)
+        theirs = directory_rows(root, manifest)
     else:
         try:
             client = _client(url, api_key)
@@ -214,6 +228,14 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
         except ApiError as e:
             raise click.ClickException(str(e)) from e
         manifest = httpx.get(art["manifest_url"], timeout=60).raise_for_status().json()
+        index_root = Path(original_dir) if original_dir else Path(tmp.name)
+        if dataset_index.inline_files(manifest) is None and not original_dir:
+            obj = next((o for o in art.get("objects", []) if o["path"] == INDEX), None)
+            if obj is None:
+                raise click.ClickException(f"job {job} lists no {INDEX}")
+            with httpx.Client(timeout=60) as http:  # streamed to a file, checked against its digest
+                fetch_to_file(http, obj["url"], index_root / INDEX, obj["sha256"])
+        theirs = directory_rows(index_root, manifest)
         originals = directory_originals(original_dir) if original_dir else _service_originals(
             client, job, manifest)
     out = out_dir or Path(f"reproduce-{manifest.get('job_id', 'job')}")
@@ -221,12 +243,14 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
     if own is not None and out.resolve() == own.resolve():
         raise click.ClickException(f"--out {out} is the job's own dataset: reproduce into another directory")
     try:
-        result = run(manifest, out, check=not skip_weight_check, originals=originals,
+        result = run(manifest, out, check=not skip_weight_check, originals=originals, theirs=theirs,
                      check_originals=original_dir is not None or path.is_file(),
                      min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
                      on_progress=lambda d, t: click.echo(f"\r{d}/{t} images", nl=False, err=True))
     except WeightsDiffer as e:
         raise click.ClickException(f"{e} (--skip-weight-check runs anyway)") from e
+    except ListingMissing as e:
+        raise click.ClickException(f"{e} (--original DIR names a copy of the job's dataset)") from e
     click.echo("", err=True)
     if as_json:
         click.echo(json.dumps({**result.to_json(), "out": str(out)}, indent=1))
@@ -237,22 +261,55 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
 
 
 def _service_originals(client: Client, job_id: str, manifest: dict[str, Any]) -> Any:
-    """The job's image at a path, through the service's presigned URL (one artifacts page of one
-    file, after the file before it in the manifest's order); None when the service has none."""
+    """The job's copy of an image, through the service's presigned URLs: the artifacts pages are
+    walked forward once, a page at a time, as `measure` asks for images in the job's order (the
+    loose file's URL; the bytes of a tar member by a Range request; a RecordIO record by ranged
+    reads of train.rec). None when the service has no such image."""
     import httpx
 
-    before = {f["path"]: prev["path"] if prev else None
-              for prev, f in zip([None, *manifest["files"]], manifest["files"], strict=False)}
+    from app import dataset_index
 
-    def fetch(path: str) -> bytes | None:
-        if path not in before:
+    def entries() -> Iterator[dict[str, Any]]:
+        after = None
+        while True:
+            art = client.artifacts(job_id, limit=1000, **({"after": after} if after else {}))
+            yield from art["files"]
+            if not art["has_more"]:
+                return
+            after = art["next"]
+
+    walk = entries()
+    held: list[dict[str, Any]] = []  # the entry read past, at most one
+
+    def fetch(row: dict[str, Any]) -> bytes | None:
+        key = (row["identity"], row["sample"])
+        while True:
+            f = held.pop() if held else next(walk, None)
+            if f is None:
+                return None
+            at = (f["identity"], f["sample"])
+            if at > key:
+                held.append(f)
+                return None
+            if at == key:
+                break
+
+        def ranged(start: int, length: int) -> bytes:
+            r = httpx.get(f["url"], headers={"Range": f"bytes={start}-{start + length - 1}"}, timeout=60)
+            r.raise_for_status()
+            return r.content[:length] if r.status_code == 206 else r.content[start:start + length]
+
+        try:
+            if f.get("path"):
+                r = httpx.get(f["url"], timeout=60)
+                return r.content if r.status_code == 200 else None
+            if f.get("tar_offset") is not None:
+                return ranged(int(f["tar_offset"]), int(f["size"]))
+            if f.get("record_offset") is not None:
+                return dataset_index.read_record(ranged, int(f["record_offset"]))
+        except httpx.HTTPError:
             return None
-        after = before[path]
-        page = client.artifacts(job_id, limit=1, **({"after": after} if after else {}))["files"]
-        if not page or page[0]["path"] != path:
-            return None
-        r = httpx.get(page[0]["url"], timeout=60)
-        return r.content if r.status_code == 200 else None
+        return None
     return fetch
 
 

@@ -2,8 +2,10 @@
 `packaging` (each format's finalize step in `workers.outputs`: RecordIO, the Parquet index of every
 image; then the manifest).
 
-Both stream over the shards' stored outputs: one shard's features or one RecordIO segment at a
-time, never the dataset.
+Both stream over the shards' stored outputs: one shard's features, file list or RecordIO segment
+at a time, never the dataset (`shards` may be `artifacts.ShardRecords`, which reads each shard's
+done.json when a pass reaches it). The manifest's size does not grow with the images: the Parquet
+index lists them, and the manifest pins its sha256 (`index`).
 
   report/report.json, report/report.html, report/plots/*.png
   dataset/recordio/train.rec, train.idx, train.lst, property    (recordio)
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 
-from app import __version__, catalog, layout
+from app import __version__, catalog, dataset_index, layout
 from app.layout import JobKeys
 from app.spec import JobSpec
 from app.storage import Storage, sha256_hex
@@ -89,7 +91,7 @@ def _features(storage: Storage, keys: JobKeys, shard: int) -> dict[str, torch.Te
     return st_load(storage.get_bytes(keys.shard_features(shard)))
 
 
-def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
+def shard_features(storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]]
                    ) -> Callable[[], Iterator[report.ShardFeatures]]:
     """A pass over the shards' stored features, one shard in memory at a time."""
     def passes() -> Iterator[report.ShardFeatures]:
@@ -101,8 +103,21 @@ def shard_features(storage: Storage, keys: JobKeys, shards: list[dict[str, Any]]
     return passes
 
 
+def shard_image(storage: Storage, keys: JobKeys, f: dict[str, Any]) -> bytes:
+    """A kept image of a shard's file list, from wherever its shard put it: the loose file, the
+    shard's tar, or the record in the shard's RecordIO segment (train.rec is not joined yet)."""
+    if f.get("path"):
+        return storage.get_bytes(keys.key(f["path"]))
+    if f.get("tar") and f.get("tar_offset") is not None:
+        return storage.get_range(keys.key(f["tar"]), int(f["tar_offset"]), int(f["size"]))
+    if f.get("record_offset") is not None:
+        segment = keys.shard_recordio(int(f["shard"]))
+        return dataset_index.read_record(lambda a, n: storage.get_range(segment, a, n), int(f["record_offset"]))
+    raise ValueError(f"image ({f['identity']}, {f['sample']}): its shard records no location")
+
+
 def thumbnails(storage: Storage, keys: JobKeys,
-               shards: list[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
+               shards: Sequence[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
     """The first identities' first images, for the contact sheet."""
     out: dict[int, list[bytes]] = {}
     for s in shards:
@@ -111,25 +126,28 @@ def thumbnails(storage: Storage, keys: JobKeys,
             if len(out) >= THUMBNAIL_IDENTITIES and i not in out:
                 return list(out.items())
             if len(out.setdefault(i, [])) < THUMBNAIL_SAMPLES:
-                out[i].append(storage.get_bytes(keys.key(f["path"])))
+                out[i].append(shard_image(storage, keys, f))
     return list(out.items())
 
 
-def counts(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, int]:
-    return {
-        "requested": spec.identities * spec.images_per_identity,
-        "rendered": sum(int(s.get("rendered", len(s["files"]))) for s in shards),
-        "alignment_failures": sum(int(s.get("alignment_failures", 0)) for s in shards),
-        "filtered": sum(len(s.get("filtered", [])) for s in shards),
-        "topped_up": sum(int(s.get("topped_up", 0)) for s in shards),
-        "images": sum(len(s["files"]) for s in shards),
+def counts(spec: JobSpec, shards: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The job's counts, in one pass over the shards."""
+    c = {"requested": spec.identities * spec.images_per_identity, "rendered": 0, "alignment_failures": 0,
+         "filtered": 0, "topped_up": 0, "images": 0, "unused_candidates": 0}
+    for s in shards:
+        kept, filtered = len(s["files"]), len(s.get("filtered", []))
+        rendered = int(s.get("rendered", kept))
+        c["rendered"] += rendered
+        c["alignment_failures"] += int(s.get("alignment_failures", 0))
+        c["filtered"] += filtered
+        c["topped_up"] += int(s.get("topped_up", 0))
+        c["images"] += kept
         # top-up candidates that passed the filter after their identity was full again
-        "unused_candidates": sum(int(s.get("rendered", len(s["files"]))) - len(s["files"])
-                                 - len(s.get("filtered", [])) for s in shards),
-    }
+        c["unused_candidates"] += rendered - kept - filtered
+    return c
 
 
-def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
+def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]], *,
              reference: ReferenceSet | None) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Build the quality report and write report/...; returns its summary (the job result's `quality`)
     and the job FR model's label flips, bool [N, A] (None with a single identity)."""
@@ -156,7 +174,7 @@ def _content_type(name: str) -> str:
 
 # ---- packaging ---------------------------------------------------------------------------------
 
-def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]],
+def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]],
             label_flips: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
     """Write the job-level dataset objects; returns every dataset object's size and sha256 (the
     shards' tars included), for the manifest."""
@@ -170,27 +188,34 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[st
     identities = storage.get_bytes(keys.identities)
     outputs[keys.relative(keys.identities)] = {"size": len(identities),
                                                "sha256": sha256_hex(identities)}
+    index = outputs.get(layout.INDEX)
+    if index is not None:  # what the manifest pins of the index (outputs has its digest too)
+        index["rows"], index["row_groups"] = ctx.index_rows, ctx.index_row_groups
     return dict(sorted(outputs.items()))
 
 
 # ---- the manifest ------------------------------------------------------------------------------
 
-def realised(spec: JobSpec, shards: list[dict[str, Any]]) -> dict[str, Any]:
+def realised(spec: JobSpec, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the variations and the cropping did: for embedding noise, the sigma used and the realised
     cosine of each identity's sample embeddings to its reference; how images were aligned and how
     many had no detectable face (kept as centre crops, flagged `aligned: false`)."""
-    failures = sum(int(s.get("alignment_failures", 0)) for s in shards)
+    failures, n, total, low = 0, 0, 0.0, None
+    for s in shards:  # one pass, one shard at a time
+        failures += int(s.get("alignment_failures", 0))
+        for c in s.get("reference_cosine", []):
+            n, total, low = n + 1, total + c, c if low is None else min(low, c)
+    first = shards[0] if len(shards) else {}
     out: dict[str, Any] = {"variations": spec.variations.method,
-                           "alignment": {"method": shards[0].get("alignment") if shards else None,
+                           "alignment": {"method": first.get("alignment") if len(shards) else None,
                                          "failures": failures}}
-    cos = [c for s in shards for c in s.get("reference_cosine", [])]
-    if cos:
-        out["noise_scale"] = shards[0].get("noise_scale")
-        out["reference_cosine"] = {"mean": round(sum(cos) / len(cos), 6), "min": min(cos)}
+    if n:
+        out["noise_scale"] = first.get("noise_scale")
+        out["reference_cosine"] = {"mean": round(total / n, 6), "min": low}
     return out
 
 
-def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], shard_identities: int,
+def build_manifest(*, job_id: str, spec: JobSpec, shards: Sequence[dict[str, Any]], shard_identities: int,
                    models: dict[str, dict[str, Any]], quality: dict[str, Any], sampling: dict[str, Any],
                    timings: dict[str, float], outputs: dict[str, dict[str, Any]],
                    reference: ReferenceSet | None = None, platform: dict[str, Any] | None = None
@@ -200,11 +225,13 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
     `platform` (`workers.provenance.platform_block`): what the bytes' numerics depend on (library
     versions, device, CPU capability, threads, deterministic flags); manifests from before it have
     none, and `idforge reproduce` reads them all the same."""
-    files = sorted((f for s in shards for f in s["files"]), key=lambda f: (f["identity"], f["sample"]))
     ext = IMAGE_EXT[spec.output.image_format]
+    index = outputs.get(layout.INDEX, {})
     latent = spec.variations.method in ("dispersion", "disco")
     return {
-        "format": "idforge.manifest/2",
+        "format": f"idforge.manifest/{dataset_index.MANIFEST_VERSION}",
+        # 3: the images are listed by the Parquet index alone (`index`); 2 and older: inline `files`
+        "manifest_version": dataset_index.MANIFEST_VERSION,
         "job_id": job_id,
         "code_version": __version__,
         "spec": spec.normalized(),
@@ -228,7 +255,12 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: list[dict[str, Any]], 
         "sampling": sampling,
         "layout": layout.manifest_layout(spec.output.formats, ext, spec.quality.report),
         "outputs": outputs,
-        "files": files,
+        # The per-image listing: path or tar member or RecordIO record, identity, sample, seed, size,
+        # sha256, flags. Sorted by (identity, sample) within each row group (a shard), kept images
+        # first; a reader pages it by row group (`app.dataset_index`).
+        "index": {"path": layout.INDEX, "sha256": index.get("sha256"), "size": index.get("size"),
+                  "rows": index.get("rows"), "row_groups": index.get("row_groups"),
+                  "sort": ["identity", "sample"]},
     }
 
 
@@ -238,13 +270,13 @@ def write_manifest(storage: Storage, keys: JobKeys, manifest: dict[str, Any]) ->
                       "application/json")
 
 
-def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: list[dict[str, Any]], *,
+def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]], *,
            shard_identities: int, models: dict[str, dict[str, Any]], reference: ReferenceSet | None,
            on_stage: Callable[[str], None] = lambda stage: None, device: str | None = None) -> dict[str, Any]:
     """Evaluate, package and write the manifest (last); returns the manifest. `device`: where the
     models ran, for the manifest's platform block (default: CUDA when this process sees one)."""
     expected = spec.identities * spec.images_per_identity
-    images = sum(len(s["files"]) for s in shards)
+    images = sum(len(s["files"]) for s in shards)  # one shard's file list in memory at a time
     if images != expected:
         raise Incomplete(f"{images} images in the shards for {expected} expected")
     t0 = time.perf_counter()

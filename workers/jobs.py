@@ -15,7 +15,6 @@ from typing import Any
 
 from app import catalog, webhooks
 from app import queue as q
-from app.errors import StorageKeyMissing
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
 from app.spec import JobSpec
@@ -129,19 +128,21 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     if not rt.storage.exists(keys.shard_done(shard)):
         pipelines.render_shard(spec, shard, ids, rt.models, rt.storage, keys, hooks=pipelines.Hooks(
             shard_progress=shard_progress(rt, job_id, part), should_stop=_should_stop(rt, job_id)))
-    rt.store.set_progress(job_id, part, identities=len(ids),
-                             images=len(ids) * spec.images_per_identity)
-    if rt.store.shard_done(job_id, shard) == len(shards):
+    # The shard's final progress, folded into the job's totals once (a redelivery adds nothing).
+    if rt.store.shard_done(job_id, shard, identities=len(ids),
+                           images=len(ids) * spec.images_per_identity) == len(shards):
         rt.queue.send(q.FINALIZE, job_id)
 
 
 def finalize(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
     n_shards = len(artifacts.plan_shards(spec.identities, rt.settings.shard_identities))
-    try:
-        shards = [artifacts.load_shard(rt.storage, keys, k) for k in range(n_shards)]
-    except StorageKeyMissing as e:  # finalize raced a redelivered shard: that shard resends it
-        log.warning("job %s: finalize before every shard is done (%s)", job_id, e.detail)
+    # Read lazily, one shard's file list at a time (finalize's memory does not grow with the images).
+    shards = artifacts.ShardRecords(rt.storage, keys, n_shards)
+    missing = shards.missing()
+    if missing:  # finalize raced a redelivered shard: that shard resends it
+        log.warning("job %s: finalize before every shard is done (no %s)", job_id,
+                    keys.shard_done(missing[0]))
         return
     try:
         manifest = finish(

@@ -10,11 +10,19 @@
 
 Memory is the centres [N, E], the impostor subset [<= impostor_images, E] and one shard, never
 every image's features. The metrics' exact definitions are in `models.quality`.
+
+The evaluator may have embedded a sample of whole identities only (`workers.shard.evaluator_identities`:
+the other identities' rows are NaN). Its figures are then the sample's: genuine pairs, centres,
+separability and label flips among the sampled identities, impostor pairs among all the sampled images
+(or, past `impostor_images` of them, the subset rule restricted to them). Each model's summary states
+its `sample` and the `confidence` its pair counts give (`confidence`: normal-approximation 95%
+half-widths that treat pairs as independent, so lower bounds; docs/outputs.md, "Evaluator sample").
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +32,14 @@ import torch
 from models import quality as q
 from models.seeding import REPORT_IMPOSTOR, derive_seed, make_generator
 from workers.report_pages import LABEL_W, PLOT_ORDER, THUMB, contact_sheet, fmt, plots, render_html
+from workers.shard import EVALUATOR_SAMPLE_RULE
 
 __all__ = ["LABEL_W", "PLOT_ORDER", "THUMB", "contact_sheet", "fmt", "render_html"]
 
 FMRS = {"1e-3": 1e-3, "1e-4": 1e-4}  # operating points reported, by their summary key
 TOP_K = 20  # examples kept per list (worst identities, label flips, leakage pairs)
+Z95 = 1.959964  # two-sided 95% normal quantile, for the confidence half-widths
+SUPPORTED_PAIRS = 100  # FNMR at an FMR is "supported" with at least this many impostor pairs above its threshold
 CLOSE_TOP_K = 50  # close centre pairs listed per model
 SUBSET_RULE = (
     "all images when identities x images_per_identity <= cap; otherwise every identity gives "
@@ -43,7 +54,7 @@ SUBSET_RULE = (
 class ShardFeatures:
     identities: list[int]  # global identity indices of this shard, length n
     job: torch.Tensor  # float [n, A, E] unit embeddings by the job's FR model
-    evaluator: torch.Tensor | None  # float [n, A, 128] unit SFace embeddings, or None
+    evaluator: torch.Tensor | None  # float [n, A, 128] unit SFace embeddings (NaN rows: not sampled), or None
     aligned: torch.Tensor  # bool [n, A]: the face was found and aligned
     samples: torch.Tensor | None = None  # int [n, A]: each image's sample index (None: 0..A-1)
 
@@ -88,12 +99,19 @@ class _Model:
     name: str
     n: int  # identities
     published: float | None = None  # the model's published same-person threshold, if any
+    per_identity: int = 0  # A, images per identity
     dim: int = 0  # embedding size, set by the first shard
     genuine: q.ScoreHistogram = field(default_factory=q.ScoreHistogram)
     impostor: q.ScoreHistogram = field(default_factory=q.ScoreHistogram)
     centres: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [N, E]
     intra: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [N]
     subset: list[torch.Tensor] = field(default_factory=list)  # impostor subset rows [k, E] per shard
+    subset_labels: list[torch.Tensor] = field(default_factory=list)  # their identities [k] per shard
+    evaluated: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))  # [N]
+    every: list[torch.Tensor] | None = field(default_factory=list)  # all embedded rows, while <= cap
+    every_labels: list[torch.Tensor] = field(default_factory=list)
+    every_count: int = 0
+    impostor_source: str = "subset"  # which images gave the impostor pairs: subset, sample, sample_subset
     flips: int = 0
     flip_mask: torch.Tensor | None = None  # bool [N, A]
     flip_first: list[dict[str, Any]] = field(default_factory=list)
@@ -105,9 +123,9 @@ def build_report(inputs: ReportInputs) -> Report:
     """Evaluate the dataset with the job's FR model and the evaluator; render report.json/html and plots."""
     _check_inputs(inputs)
     n, a = inputs.identities, inputs.images_per_identity
-    models = {"job": _Model("job", inputs.embedder, n)}
+    models = {"job": _Model("job", inputs.embedder, n, per_identity=a, every=None)}  # the job embeds every image
     if inputs.evaluator is not None:
-        models["evaluator"] = _Model("evaluator", inputs.evaluator, n, inputs.evaluator_threshold)
+        models["evaluator"] = _Model("evaluator", inputs.evaluator, n, inputs.evaluator_threshold, per_identity=a)
     quota = impostor_quota(n, a, inputs.impostor_images, inputs.seed)  # [N]
     failures = torch.zeros(n, dtype=torch.long)  # [N] alignment failures per identity
     labels: list[torch.Tensor] = []
@@ -116,17 +134,28 @@ def build_report(inputs: ReportInputs) -> Report:
         failures[ids] = (~shard.aligned.cpu()).sum(dim=1)
         rows, samples = _subset_picks(shard.identities, quota, a, inputs.seed)
         labels.append(ids[rows])
-        for m, x in _features(models, shard):  # x [n_s, A, E]
-            m.genuine.add(q.genuine_scores(x))  # [n_s, A(A-1)/2]
-            c = q.centres(x)  # [n_s, E]
-            m.centres[ids], m.intra[ids] = c, q.intra_class_cosine(x, c)
-            m.subset.append(x[rows, samples])  # [k, E]
+        for m, x, keep in _features(models, shard):  # x [n_s, A, E]; keep [n_s]: identities embedded
+            xs, ids_m = x[keep], ids[keep]  # [k_s, A, E], [k_s]
+            m.evaluated[ids_m] = True
+            m.genuine.add(q.genuine_scores(xs))  # [k_s, A(A-1)/2]
+            c = q.centres(xs)  # [k_s, E]
+            m.centres[ids_m], m.intra[ids_m] = c, q.intra_class_cosine(xs, c)
+            picked = keep[rows]  # [k]
+            m.subset.append(x[rows[picked], samples[picked]])  # [k', E]
+            m.subset_labels.append(ids[rows[picked]])
+            if m.every is not None:  # every embedded image, while they fit under the cap
+                m.every_count += xs.shape[0] * a
+                if m.every_count > inputs.impostor_images:
+                    m.every, m.every_labels = None, []
+                else:
+                    m.every.append(xs.reshape(-1, xs.shape[2]))
+                    m.every_labels.append(ids_m.repeat_interleave(a))
     subset_labels = torch.cat(labels)  # [S]
-    details = {key: _evaluate(m, subset_labels) for key, m in models.items()}
+    details = {key: _evaluate(m) for key, m in models.items()}
     if n >= 2:
         for shard in _pass(inputs):
-            for m, x in _features(models, shard):
-                _add_flips(m, x, shard.identities, shard.samples)
+            for m, x, keep in _features(models, shard):
+                _add_flips(m, x, shard.identities, shard.samples, keep)
     leak = _leakage(inputs.leakage, models["job"].centres) if inputs.leakage else None
     summary = {
         "images": n * a, "identities": n,
@@ -151,6 +180,10 @@ def build_report(inputs: ReportInputs) -> Report:
                       "worst_identities": [{"identity": int(i), "failures": int(failures[i])}
                                            for i in worst_align if failures[i] > 0]},
         "leakage": leak[1] if leak else None,
+        "evaluator_sample": None if "evaluator" not in models else {
+            **_sample(models["evaluator"]), "rule": EVALUATOR_SAMPLE_RULE,
+            "impostor_images": models["evaluator"].impostor_source,
+            "confidence_rule": CONFIDENCE_RULE},
     }
     files = plots(models, inputs.thumbnails)
     files["report.json"] = json.dumps(data, indent=1, sort_keys=True).encode()
@@ -207,17 +240,28 @@ def _pass(inputs: ReportInputs) -> Iterable[ShardFeatures]:
         raise ValueError(f"shards cover {int(seen.sum())} of {n} identities (missing e.g. {missing})")
 
 
-def _features(models: dict[str, _Model], shard: ShardFeatures) -> Iterable[tuple[_Model, torch.Tensor]]:
-    """Each model's float32 CPU features of the shard, checked; the first shard sizes the accumulators."""
+def _features(models: dict[str, _Model], shard: ShardFeatures
+              ) -> Iterable[tuple[_Model, torch.Tensor, torch.Tensor]]:
+    """Each model's float32 CPU features of the shard and which of its identities the model embedded
+    (bool [n_s]; NaN rows: not sampled), checked; the first shard sizes the accumulators."""
     for key, m in models.items():
         raw = shard.job if key == "job" else shard.evaluator
         assert raw is not None  # _pass checked it
         x = raw.detach().float().cpu()  # [n_s, A, E]
         if m.dim == 0:
             m.dim = x.shape[2]
-            m.centres, m.intra = torch.zeros(m.n, m.dim), torch.zeros(m.n)
-        q.check_unit(x, f"{key} features", m.dim)
-        yield m, x
+            m.centres, m.intra = torch.zeros(m.n, m.dim), torch.full((m.n,), float("nan"))
+            m.evaluated = torch.zeros(m.n, dtype=torch.bool)
+        finite = x.isfinite().all(dim=2)  # [n_s, A]
+        keep = finite.all(dim=1)  # [n_s]
+        if key == "job" and not bool(keep.all()):
+            raise ValueError("job features: every image must be embedded (found non-finite rows)")
+        partial = finite.any(dim=1) & ~keep
+        if bool(partial.any()):
+            raise ValueError(f"{key} features: identity {shard.identities[int(partial.nonzero()[0])]} is embedded "
+                             "in part; the evaluator samples whole identities")
+        q.check_unit(x[keep], f"{key} features", m.dim)
+        yield m, x, keep
 
 
 def impostor_quota(identities: int, per_identity: int, cap: int, seed: int) -> torch.Tensor:
@@ -249,10 +293,15 @@ def _subset_picks(ids: list[int], quota: torch.Tensor, a: int, seed: int) -> tup
 # ---- metrics -------------------------------------------------------------------------------
 
 
-def _evaluate(m: _Model, labels: torch.Tensor) -> dict[str, Any]:
+def _evaluate(m: _Model) -> dict[str, Any]:
     """Impostor scores, error rates, thresholds and centre separability of one model after pass 1."""
-    subset = torch.cat(m.subset)  # [S, E]
-    m.subset = []
+    if bool(m.evaluated.all()) or m.every is None:  # everyone embedded, or the sample is over the cap
+        subset, labels = torch.cat(m.subset), torch.cat(m.subset_labels)  # [S, E], [S]
+        m.impostor_source = "subset" if bool(m.evaluated.all()) else "sample_subset"
+    else:  # a sample within the cap: all its images
+        subset, labels = torch.cat(m.every), torch.cat(m.every_labels)
+        m.impostor_source = "sample"
+    m.subset, m.subset_labels, m.every, m.every_labels = [], [], None, []
     for scores in q.impostor_scores(subset, labels):
         m.impostor.add(scores)
     d: dict[str, Any] = {"eer": None, "eer_threshold": None,
@@ -275,28 +324,85 @@ def _evaluate(m: _Model, labels: torch.Tensor) -> dict[str, Any]:
         d["close_threshold"], d["close_threshold_rule"] = None, "none: no genuine or impostor pairs"
     d["nn_deg"] = None
     d["close"] = q.ClosePairs([], 0, 0)
-    if m.n >= 2:
-        sep = q.separability(m.centres)
-        d["nn_deg"] = torch.rad2deg(sep.nn_angle).double()  # [N]
+    where = m.evaluated.nonzero(as_tuple=True)[0]  # [K] the identities embedded
+    if where.numel() >= 2:
+        centres = m.centres[where]  # [K, E]
+        sep = q.separability(centres)
+        d["nn_deg"] = torch.rad2deg(sep.nn_angle).double()  # [K]
         if d["close_threshold"] is not None:
-            d["close"] = q.close_pairs(m.centres, d["close_threshold"], CLOSE_TOP_K)
+            close = q.close_pairs(centres, d["close_threshold"], CLOSE_TOP_K)
+            d["close"] = q.ClosePairs([(int(where[i]), int(where[j]), v) for i, j, v in close.pairs],
+                                      close.count, close.identities)
+    d["confidence"] = confidence(m.genuine.n, m.impostor.n, d["eer"], d["fnmr_at_fmr"])
     return d
 
 
-def _add_flips(m: _Model, x: torch.Tensor, ids: list[int], samples: torch.Tensor | None) -> None:
-    """Pass 2: count one shard's label flips, mark them, and keep the first and worst examples."""
-    n_s, a, _ = x.shape
-    own = torch.tensor(ids, dtype=torch.long).repeat_interleave(a)  # [n_s * A]
-    f = q.label_flips(x.reshape(n_s * a, -1), own, m.centres)
-    m.flips += f.count
+CONFIDENCE_RULE = (
+    "95% normal-approximation half-widths, pairs taken as independent (they share images and "
+    "identities, so the true uncertainty is larger): a rate p from n pairs has half-width "
+    "1.96 sqrt(p(1-p)/n), p floored at 1/n; EER: half the root sum of squares of its genuine and "
+    "impostor half-widths; FNMR at FMR f: from the genuine pairs; the threshold at FMR f rests on "
+    "f x impostor pairs, so the realised FMR is known to a relative 1.96 / sqrt(f x impostor pairs); "
+    f"'supported' when that is at least {SUPPORTED_PAIRS} pairs (about +-20%).")
+
+
+def _half_width(p: float, n: int) -> float | None:
+    if n <= 0:
+        return None
+    p = min(max(p, 1 / n), 1 - 1 / n) if n > 1 else 0.5
+    return Z95 * math.sqrt(p * (1 - p) / n)
+
+
+def confidence(genuine: int, impostor: int, eer: float | None,
+               fnmr: dict[str, float | None]) -> dict[str, Any]:
+    """The 95% half-widths that the pair counts give the error rates (CONFIDENCE_RULE)."""
+    out: dict[str, Any] = {"level": 0.95, "eer_half_width": None, "fnmr_half_width": {},
+                           "impostor_pairs_above_threshold": {}, "fmr_relative_half_width": {},
+                           "supported": {}}
+    if eer is not None:
+        g, i = _half_width(eer, genuine), _half_width(eer, impostor)
+        out["eer_half_width"] = _r(math.hypot(g, i) / 2) if g is not None and i is not None else None
+    for key, fmr in FMRS.items():
+        above = fmr * impostor
+        out["impostor_pairs_above_threshold"][key] = round(above, 1)
+        out["fmr_relative_half_width"][key] = _r(Z95 / math.sqrt(above)) if above > 0 else None
+        out["supported"][key] = above >= SUPPORTED_PAIRS
+        value = fnmr.get(key)
+        out["fnmr_half_width"][key] = _r(_half_width(value, genuine)) if value is not None else None
+    return out
+
+
+def _sample(m: _Model) -> dict[str, Any]:
+    """The identities and images the model embedded, of the dataset's."""
+    k, a = int(m.evaluated.sum()), m.per_identity
+    return {"identities": k, "images": k * a, "of_identities": m.n, "of_images": m.n * a,
+            "all": k == m.n}
+
+
+def _add_flips(m: _Model, x: torch.Tensor, ids: list[int], samples: torch.Tensor | None,
+               keep: torch.Tensor) -> None:
+    """Pass 2: count one shard's label flips, mark them, and keep the first and worst examples.
+    keep [n_s]: the shard's identities the model embedded; flips are among the embedded centres."""
     if m.flip_mask is None:
-        m.flip_mask = torch.zeros(m.n, a, dtype=torch.bool)
+        m.flip_mask = torch.zeros(m.n, x.shape[1], dtype=torch.bool)
+    where = m.evaluated.nonzero(as_tuple=True)[0]  # [K] global ids of the centres compared against
+    if not bool(keep.any()) or where.numel() < 2:
+        return
+    x, ids = x[keep], [i for i, k in zip(ids, keep.tolist()) if k]
+    if samples is not None:
+        samples = samples[keep]
+    n_s, a, _ = x.shape
+    row_of = torch.full((m.n,), -1, dtype=torch.long)
+    row_of[where] = torch.arange(where.numel())
+    own = row_of[torch.tensor(ids, dtype=torch.long)].repeat_interleave(a)  # [n_s * A] rows of the centres
+    f = q.label_flips(x.reshape(n_s * a, -1), own, m.centres[where])
+    m.flips += f.count
     m.flip_mask[torch.tensor(ids, dtype=torch.long)] = f.flipped.view(n_s, a)
     sample_of = samples.reshape(-1).tolist() if samples is not None else [p % a for p in range(n_s * a)]
 
     def example(p: int) -> dict[str, Any]:
         return {"identity": ids[p // a], "sample": sample_of[p], "own_cosine": _r(f.own[p]),
-                "other_identity": int(f.other_index[p]), "other_cosine": _r(f.other[p])}
+                "other_identity": int(where[int(f.other_index[p])]), "other_cosine": _r(f.other[p])}
 
     m.flip_first += [example(p) for p in f.first(TOP_K - len(m.flip_first))]
     worst = m.flip_worst + [example(p) for p in f.worst(TOP_K)]
@@ -328,15 +434,18 @@ def _model_summary(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
         "min_centre_angle_deg": _r(nn.min()) if nn is not None else None,
         "nn_centre_angle_deg_mean": _r(nn.mean()) if nn is not None else None,
         "close_identities": d["close"].identities, "label_flips": m.flips,
-        "intra_class_cosine_mean": _r(m.intra.double().mean()),
+        "intra_class_cosine_mean": _r(m.intra[m.evaluated].double().mean()),
         "eer_threshold": _r(d["eer_threshold"]),
+        "sample": _sample(m),
+        "confidence": d["confidence"],
         "close_threshold": _r(d["close_threshold"]), "close_threshold_rule": d["close_threshold_rule"],
     }
 
 
 def _model_detail(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
     nn, close = d["nn_deg"], d["close"]
-    worst = torch.argsort(m.intra, stable=True)[:TOP_K].tolist()
+    where = m.evaluated.nonzero(as_tuple=True)[0]  # [K]
+    worst = where[torch.argsort(m.intra[where], stable=True)[:TOP_K]].tolist()
     detail: dict[str, Any] = {
         "name": m.name,
         "histograms": {"genuine": m.genuine.compact(), "impostor": m.impostor.compact()},
@@ -349,7 +458,7 @@ def _model_detail(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
         "close_pairs": {"threshold": _r(d["close_threshold"]), "rule": d["close_threshold_rule"],
                         "pairs": close.count, "identities": close.identities,
                         "top": [{"identity_a": i, "identity_b": j, "cosine": _r(c)} for i, j, c in close.pairs]},
-        "intra_class": {"mean": _r(m.intra.double().mean()), "min": _r(m.intra.min()),
+        "intra_class": {"mean": _r(m.intra[where].double().mean()), "min": _r(m.intra[where].min()),
                         "worst": [{"identity": i, "cosine": _r(m.intra[i])} for i in worst]},
         "label_flips": {"count": m.flips, "first": m.flip_first, "worst": m.flip_worst},
     }

@@ -134,7 +134,26 @@ _ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [  # (label, getter o
     ("close identities", lambda s: s["close_identities"]),
     ("close threshold", lambda s: s["close_threshold"]), ("label flips", lambda s: s["label_flips"]),
     ("intra-class cosine mean", lambda s: s["intra_class_cosine_mean"]),
+    ("identities embedded (sample)", lambda s: _of(s, "identities")),
+    ("images embedded (sample)", lambda s: _of(s, "images")),
+    ("EER 95% half-width", lambda s: _conf(s, "eer_half_width")),
+    ("FNMR at FMR 1e-3, 95% half-width", lambda s: _conf(s, "fnmr_half_width", "1e-3")),
+    ("FNMR at FMR 1e-4, 95% half-width", lambda s: _conf(s, "fnmr_half_width", "1e-4")),
+    ("impostor pairs above the FMR 1e-3 threshold", lambda s: _conf(s, "impostor_pairs_above_threshold", "1e-3")),
+    ("impostor pairs above the FMR 1e-4 threshold", lambda s: _conf(s, "impostor_pairs_above_threshold", "1e-4")),
+    ("FMR 1e-4 supported (>= 100 pairs above)", lambda s: _conf(s, "supported", "1e-4")),
 ]
+
+
+def _of(s: dict[str, Any], key: str) -> str | None:
+    """'k of n' of a model summary's sample, e.g. '63 of 1000'."""
+    sample = s.get("sample")
+    return None if sample is None else f"{sample[key]} of {sample['of_' + key]}"
+
+
+def _conf(s: dict[str, Any], key: str, fmr: str | None = None) -> Any:
+    got = (s.get("confidence") or {}).get(key)
+    return got.get(fmr) if isinstance(got, dict) and fmr is not None else got
 
 
 def fmt(v: Any) -> str:
@@ -162,6 +181,12 @@ def render_html(data: dict[str, Any], files: dict[str, bytes]) -> str:
              "<h2>Verification and separability</h2>",
              _table(["metric"] + keys, [[label] + [get(s["models"][k]) for k in keys] for label, get in _ROWS]),
              "<h2>Counts</h2>", _table(list(s["counts"]), [list(s["counts"].values())])]
+    sample = data.get("evaluator_sample")
+    if sample is not None:
+        parts.insert(4, f"<p>Evaluator sample: {fmt(sample['identities'])} of {fmt(sample['of_identities'])} "
+                        f"identities, {fmt(sample['images'])} of {fmt(sample['of_images'])} images "
+                        f"({'every image' if sample['all'] else 'a seeded sample'}). {fmt(sample['rule'])} "
+                        f"Confidence: {fmt(sample['confidence_rule'])}</p>")
     for name in (f"plots/{p}.png" for p in PLOT_ORDER):
         if name in files:
             uri = "data:image/png;base64," + base64.b64encode(files[name]).decode()

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app import __version__
+from app import __version__, dataset_index
+from app.layout import INDEX
 from app.settings import Settings
 from app.spec import JobSpec
 from workers import pipelines
@@ -61,11 +62,18 @@ from workers.runtime import ModelCache, model_registry, pick_device
 DEFAULT_MIN_COSINE = 0.95  # module docstring: the same picture, far above "the same person"
 EMBED_BATCH = 64  # image pairs decoded and embedded at a time
 
-Originals = Callable[[str], bytes | None]  # an image's path -> the job's copy of it, None if not at hand
+# An image's index row (its path, or its tar member or RecordIO record) -> the job's copy of it,
+# None if not at hand.
+Originals = Callable[[dict[str, Any]], bytes | None]
+Rows = Callable[[], Iterable[dict[str, Any]]]  # a fresh pass over a job's images, (identity, sample) order
 
 
 class WeightsDiffer(Exception):
     """A local model's weights are not the ones the job used."""
+
+
+class ListingMissing(Exception):
+    """The job's image listing (its Parquet index) cannot be read."""
 
 
 @dataclass
@@ -105,6 +113,9 @@ class Comparison:
     objects_differing: list[str] = field(default_factory=list)  # "path: missing|differs"
     min_cosine: float = DEFAULT_MIN_COSINE
     platform: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None)  # the job's and ours
+    # The index rows (the job's, ours) of the images that are not byte-identical, by name: where
+    # `measure` reads the two copies from.
+    rows: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
@@ -179,29 +190,45 @@ def check_weights(manifest: dict[str, Any], models: ModelCache) -> None:
                                 f"{files}; its images would not be the same")
 
 
-def compare(original: dict[str, Any], reproduced: dict[str, Any]) -> Comparison:
-    """Image by image (path -> sha256) and object by object (the manifest's `outputs`), by digest.
-    Byte-identical images get their figures (0, 1.0); `measure` fills in the others'."""
+def compare(original: dict[str, Any], reproduced: dict[str, Any], theirs: Iterable[dict[str, Any]],
+            ours: Iterable[dict[str, Any]]) -> Comparison:
+    """Image by image (by digest, the two listings streamed side by side in (identity, sample)
+    order) and object by object (the manifests' `outputs`). Byte-identical images get their
+    figures (0, 1.0); `measure` fills in the others'."""
     c = Comparison(code_version=(str(original.get("code_version")), str(reproduced.get("code_version"))),
                    platform=(original.get("platform"), reproduced.get("platform")))
-    ours = {f["path"]: f["sha256"] for f in reproduced["files"]}
-    c.images = len(original["files"])
-    for f in original["files"]:
-        got = ours.pop(f["path"], None)
-        if got == f["sha256"]:
+    mine = iter(ours)
+    o = next(mine, None)
+    extras: list[str] = []
+    for t in theirs:
+        key = (t["identity"], t["sample"])
+        while o is not None and (o["identity"], o["sample"]) < key:
+            extras.append(dataset_index.image_name(o))
+            o = next(mine, None)
+        got = None
+        if o is not None and (o["identity"], o["sample"]) == key:
+            got, o = o, next(mine, None)
+        name = dataset_index.image_name(t)
+        c.images += 1
+        if got is not None and got["sha256"] == t["sha256"]:
             c.images_identical += 1
-            c.per_image.append(ImageResult(f["path"], "identical", 0, 1.0))
+            c.per_image.append(ImageResult(name, "identical", 0, 1.0))
         else:
-            c.per_image.append(ImageResult(f["path"], "missing" if got is None else "differs"))
-    c.per_image += [ImageResult(path, "extra") for path in sorted(ours)]
+            c.per_image.append(ImageResult(name, "missing" if got is None else "differs"))
+            if got is not None:
+                c.rows[name] = (t, got)
+    while o is not None:
+        extras.append(dataset_index.image_name(o))
+        o = next(mine, None)
+    c.per_image += [ImageResult(name, "extra") for name in sorted(extras)]
     theirs_objects, our_objects = original.get("outputs", {}), reproduced.get("outputs", {})
     c.objects = len(theirs_objects)
     for path, meta in sorted(theirs_objects.items()):
-        got = our_objects.get(path)
-        if got is not None and got["sha256"] == meta["sha256"]:
+        got_meta = our_objects.get(path)
+        if got_meta is not None and got_meta["sha256"] == meta["sha256"]:
             c.objects_identical += 1
         else:
-            c.objects_differing.append(f"{path}: {'missing' if got is None else 'differs'}")
+            c.objects_differing.append(f"{path}: {'missing' if got_meta is None else 'differs'}")
     _differences(c)
     return c
 
@@ -211,11 +238,21 @@ def _differences(c: Comparison) -> None:
 
 
 def directory_originals(root: Path) -> Originals:
-    """The job's images in a dataset directory (the one its manifest.json is in, or a download)."""
-    def read(path: str) -> bytes | None:
-        p = root / path
-        return p.read_bytes() if p.is_file() else None
+    """The job's images in a dataset directory (the one its manifest.json is in, or a download):
+    loose files, or members of its tars, or records of its train.rec, as the index names them."""
+    reader = dataset_index.local_reader(root)
+
+    def read(row: dict[str, Any]) -> bytes | None:
+        try:
+            return dataset_index.read_image(row, reader)
+        except (OSError, ValueError):
+            return None
     return read
+
+
+def directory_rows(root: Path, manifest: dict[str, Any]) -> Rows:
+    """The job's images listed by the dataset directory's index (or an old manifest's `files`)."""
+    return lambda: dataset_index.local_files(root, manifest)
 
 
 def _decode(data: bytes) -> np.ndarray | None:
@@ -228,33 +265,39 @@ def _decode(data: bytes) -> np.ndarray | None:
 
 
 def measure(c: Comparison, manifest: dict[str, Any], out_dir: Path, embedder: Any, *,
-            originals: Originals | None, check_originals: bool = False) -> Comparison:
+            originals: Originals | None, check_originals: bool = False, theirs: Rows | None = None) -> Comparison:
     """Measure every image of the job that is not byte-identical against the job's copy of it.
 
     check_originals: `originals` is a local copy of the dataset: every image in it is checked
     against the manifest's digest, and one that fails (modified since the job wrote it) is
-    measured against the reproduction like an image that differs."""
-    digests = {f["path"]: f["sha256"] for f in manifest["files"]}
-    if check_originals and originals is not None:
-        for r in c.per_image:
+    measured against the reproduction like an image that differs. `theirs`: a pass over the job's
+    images (their index rows, in the order `compare` read them)."""
+    if check_originals and originals is not None and theirs is not None:
+        ours = iter(dataset_index.local_files(out_dir))
+        for row, r in zip(theirs(), c.per_image[:c.images], strict=False):  # one row at a time
             if r.status not in ("identical", "differs"):
                 continue
-            data = originals(r.path)
-            if data is not None and hashlib.sha256(data).hexdigest() != digests[r.path]:
+            data = originals(row)
+            if data is not None and hashlib.sha256(data).hexdigest() != row["sha256"]:
                 if r.status == "identical":
                     r.status, r.max_pixel_diff, r.cosine = "differs", None, None
                     c.images_identical -= 1
+                    mine = next((o for o in ours if (o["identity"], o["sample"]) ==
+                                 (row["identity"], row["sample"])), None)  # ours: in the same order
+                    c.rows[r.path] = (row, mine)
                 r.add_note("the job's copy does not match its manifest digest")
 
     pending = [r for r in c.per_image if r.status == "differs"]
+    reader = dataset_index.local_reader(out_dir)
 
     def pairs() -> Iterator[tuple[ImageResult, np.ndarray, np.ndarray]]:
         for r in pending:
-            theirs = originals(r.path) if originals is not None else None  # read again: one at a time
-            if theirs is None:
+            their_row, our_row = c.rows.get(r.path, (None, None))
+            job_copy = originals(their_row) if originals is not None and their_row is not None else None
+            if job_copy is None or our_row is None:
                 r.add_note("no copy of the job's image to compare with (--original DIR)")
                 continue
-            a, b = _decode(theirs), _decode((out_dir / r.path).read_bytes())
+            a, b = _decode(job_copy), _decode(dataset_index.read_image(our_row, reader))
             if a is None or b is None or a.shape != b.shape:
                 which = "the job's" if a is None else "the reproduced" if b is None else "the two"
                 r.add_note(f"{which} image{'s' if which == 'the two' else ''} cannot be compared pixel by "
@@ -294,11 +337,16 @@ def _embed_batch(batch: list[tuple[ImageResult, np.ndarray, np.ndarray]], embedd
 
 def reproduce(manifest: dict[str, Any], out_dir: Path, *, settings: Settings | None = None,
               check: bool = True, originals: Originals | None = None, check_originals: bool = False,
-              min_cosine: float = DEFAULT_MIN_COSINE,
+              min_cosine: float = DEFAULT_MIN_COSINE, theirs: Rows | None = None,
               on_progress: Callable[[int, int], None] = lambda done, total: None) -> Comparison:
     """Re-run the job of `manifest` into `out_dir` with its shard plan; compare with the original,
     and measure what is not byte-identical against the job's copies from `originals` (module
-    docstring)."""
+    docstring). `theirs`: a pass over the job's images (its index, streamed); needed unless the
+    manifest lists them inline (versions before 3)."""
+    if theirs is None:
+        if dataset_index.inline_files(manifest) is None:
+            raise ValueError("the manifest lists its images in its Parquet index: pass its rows (theirs)")
+        theirs = _inline_rows(manifest)
     s = settings or Settings()
     s = s.model_copy(update={"shard_identities": int(manifest["plan"]["shard_identities"])})
     spec = JobSpec.model_validate(manifest["spec"])
@@ -309,9 +357,19 @@ def reproduce(manifest: dict[str, Any], out_dir: Path, *, settings: Settings | N
     models = ModelCache(model_registry(s), pick_device(s.device))
     if check:
         check_weights(manifest, models)
+    try:  # the job's listing is readable before anything renders
+        next(iter(theirs()), None)
+    except (OSError, ValueError) as e:
+        raise ListingMissing(f"the job's image listing (its {INDEX}) cannot be read: {e}") from e
     reproduced = generate(spec, out_dir, settings=s, on_progress=on_progress, models=models)
-    result = compare(manifest, reproduced)
+    result = compare(manifest, reproduced, theirs(), dataset_index.local_files(out_dir, reproduced))
     result.code_version = (str(manifest.get("code_version")), __version__)
     result.min_cosine = min_cosine
     return measure(result, manifest, out_dir, models.embedder(spec.models.embedder),
-                   originals=originals, check_originals=check_originals)
+                   originals=originals, check_originals=check_originals, theirs=theirs)
+
+
+def _inline_rows(manifest: dict[str, Any]) -> Rows:
+    def rows() -> Iterator[dict[str, Any]]:
+        yield from sorted(manifest["files"], key=lambda f: (f["identity"], f["sample"]))
+    return rows

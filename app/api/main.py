@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = Services(
             settings=settings,
-            store=store or JobStore.from_url(settings.redis_url),
+            store=store or JobStore.from_url(settings.redis_url, keys_ttl_s=settings.job_keys_ttl_s),
             storage=storage or storage_from_settings(settings),
             queue=queue or TaskQueue.from_settings(settings),
         )

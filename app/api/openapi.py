@@ -104,9 +104,13 @@ class Artifacts(BaseModel):
     expires_in: int = Field(description="seconds the URLs stay valid")
     manifest_url: str
     manifest: dict[str, Any]
-    files: list[dict[str, Any]] = Field(description="images: path, identity, sample, sha256, url")
+    files: list[dict[str, Any]] = Field(
+        description="a page of the images, from the Parquet index in (identity, sample) order: name, path "
+        "(null without imagefolder), tar + member + tar_offset and/or record_id + record_offset, identity, "
+        "sample, seed, size, sha256, flags, url (the loose file, else its tar or train.rec; `range`: the "
+        "image's bytes in its tar)")
     has_more: bool
-    next: str | None
+    next: str | None = Field(description="cursor of the next page (pass it as `after`); null on the last")
     objects: list[dict[str, Any]] = Field(description="tars, RecordIO, the Parquet index, identities")
     report: dict[str, Any] | None = Field(description="html, json and plots URLs of the quality report")
 

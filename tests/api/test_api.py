@@ -3,6 +3,7 @@ broker lists, with no worker consuming them."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,126 @@ def test_bodies_that_cannot_be_stored_are_refused_before_redis(api: TestClient, 
     assert store.r.llen("gpu") == 0 and store.list_jobs("alpha")[0] == []  # nothing recorded
     listed = api.get("/v1/jobs", headers=A)
     assert listed.status_code == 200 and listed.json()["jobs"] == []
+
+
+# ---- artifacts: paging the Parquet index ------------------------------------------------------------
+
+
+def _succeeded_job(api: TestClient, store: JobStore, tmp_path: Path, *, shards: int = 3, per_shard: int = 7,
+                   old_format: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    """A succeeded job whose storage holds an index of `shards` row groups (each: `per_shard` kept
+    images, then a filtered row) and a manifest pinning it; or an old manifest with `files` inline."""
+    import hashlib
+
+    from workers.outputs.index import ParquetIndexWriter
+
+    jid = api.post("/v1/jobs", json=SPEC, headers=A).json()["id"]
+    store.transition(jid, "running")
+    root = tmp_path / "storage" / "jobs" / jid
+    (root / "dataset").mkdir(parents=True)
+    kept: list[dict[str, Any]] = []
+    with (root / "dataset/index.parquet").open("wb") as f, ParquetIndexWriter(f) as w:
+        for k in range(shards):
+            rows = [{"path": f"dataset/imagefolder/{k:06d}/{s:03d}.jpg", "identity": k, "sample": s, "seed": s,
+                     "shard": k, "size": 1, "sha256": f"{k * 100 + s:064d}", "aligned": True, "filtered": False,
+                     "centre_cosine": 0.5} for s in range(per_shard)]
+            rows.append({"identity": k, "sample": per_shard, "seed": 0, "shard": k, "aligned": True,
+                         "filtered": True, "centre_cosine": 0.1})
+            w.write_rows(rows)
+            kept += rows[:-1]
+    data = (root / "dataset/index.parquet").read_bytes()
+    pin = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest: dict[str, Any] = {"format": "idforge.manifest/3", "manifest_version": 3, "job_id": jid,
+                                "outputs": {"dataset/index.parquet": pin},
+                                "index": {"path": "dataset/index.parquet", **pin}}
+    if old_format:
+        manifest = {"format": "idforge.manifest/2", "job_id": jid, "outputs": {"dataset/index.parquet": pin},
+                    "files": [{k: v for k, v in r.items() if k != "filtered"} for r in kept]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert store.transition(jid, "succeeded", result={"images": len(kept)})[0]
+    return jid, kept
+
+
+def _pages(api: TestClient, jid: str, limit: int) -> list[dict[str, Any]]:
+    pages = [api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": limit}, headers=A).json()]
+    while pages[-1]["has_more"]:
+        pages.append(api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": limit, "after": pages[-1]["next"]},
+                             headers=A).json())
+    return pages
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+@pytest.mark.parametrize("limit", [1, 5, 7, 8, 21, 1000])
+def test_artifacts_page_every_image_once_in_order(api: TestClient, store: JobStore, tmp_path: Path,
+                                                  limit: int, old_format: bool) -> None:
+    jid, kept = _succeeded_job(api, store, tmp_path, old_format=old_format)
+    pages = _pages(api, jid, limit)
+    got = [f for p in pages for f in p["files"]]
+    assert [(f["identity"], f["sample"]) for f in got] == [(r["identity"], r["sample"]) for r in kept]
+    assert [f["sha256"] for f in got] == [r["sha256"] for r in kept]  # the filtered rows are not listed
+    assert all(f["url"] and f["path"] for f in got)
+    assert len(pages) == -(-len(kept) // limit) and all(len(p["files"]) == limit for p in pages[:-1])
+    assert pages[-1]["next"] is None and not pages[-1]["has_more"]
+    assert all(p["next"] for p in pages[:-1])
+    assert "files" not in pages[0]["manifest"]
+
+
+def test_artifacts_cursor_that_is_not_this_listings_is_422_naming_after(api: TestClient, store: JobStore,
+                                                                        tmp_path: Path) -> None:
+    import base64
+
+    from app import dataset_index
+
+    jid, kept = _succeeded_job(api, store, tmp_path)
+    other, _ = _succeeded_job(api, store, tmp_path)
+    nxt = api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": 3}, headers=A).json()["next"]
+    raw = base64.urlsafe_b64decode(nxt + "=" * (-len(nxt) % 4)).decode()
+    sha = json.loads((tmp_path / "storage/jobs" / jid / "manifest.json").read_text())["index"]["sha256"]
+    edited = base64.urlsafe_b64encode(("0.4." + raw.split(".")[2]).encode()).decode().rstrip("=")
+    for bad in ("x", "dataset/imagefolder/000000/000.jpg", "!!!", nxt + "A", edited, "0.0.0",
+                dataset_index.encode_cursor(f"{jid}|{sha}", 3, 0),  # past the last row group
+                dataset_index.encode_cursor(f"{jid}|{sha}", 0, 8),  # past the row group's rows
+                base64.urlsafe_b64encode(b"\xff\xfe").decode()):
+        p = problem(api.get(f"/v1/jobs/{jid}/artifacts", params={"after": bad}, headers=A), 422, "query.after")
+        assert p["code"] == "invalid_request"
+    # another job's cursor is not this one's
+    problem(api.get(f"/v1/jobs/{other}/artifacts", params={"after": nxt}, headers=A), 422, "query.after")
+    # the cursor resumes where the page ended
+    rest = api.get(f"/v1/jobs/{jid}/artifacts", params={"after": nxt, "limit": 2}, headers=A).json()
+    assert [(f["identity"], f["sample"]) for f in rest["files"]] == [(0, 3), (0, 4)]
+
+
+def test_artifacts_old_manifest_still_takes_a_path_cursor(api: TestClient, store: JobStore, tmp_path: Path) -> None:
+    jid, kept = _succeeded_job(api, store, tmp_path, old_format=True)
+    page = api.get(f"/v1/jobs/{jid}/artifacts", params={"after": kept[2]["path"], "limit": 2}, headers=A).json()
+    assert [f["path"] for f in page["files"]] == [kept[3]["path"], kept[4]["path"]] and page["has_more"]
+    problem(api.get(f"/v1/jobs/{jid}/artifacts", params={"after": "no/such/path"}, headers=A), 422, "query.after")
+
+
+def test_artifacts_page_reads_the_footer_once_and_one_row_group(api: TestClient, store: JobStore,
+                                                                tmp_path: Path, monkeypatch: Any) -> None:
+    """A page's reads: the footer once per job (cached), then one ranged read per row group it spans."""
+    from app.api import jobs_service
+    from app.storage import LocalStorage
+
+    jid, kept = _succeeded_job(api, store, tmp_path, shards=40, per_shard=5)
+    reads: list[tuple[int, int]] = []
+    real = LocalStorage.get_range
+
+    def counting(self: LocalStorage, key: str, start: int, length: int) -> bytes:
+        reads.append((start, length))
+        return real(self, key, start, length)
+
+    monkeypatch.setattr(LocalStorage, "get_range", counting)
+    jobs_service.FOOTERS._items.clear()
+    first = api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": 5}, headers=A).json()
+    assert len(reads) == 2  # the footer (the tail) and row group 0
+    reads.clear()
+    after = first["next"]
+    for _ in range(38):
+        page = api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": 5, "after": after}, headers=A).json()
+        after = page["next"]
+    assert len(reads) == 38  # one row group each, no footer again
+    reads.clear()
+    last = api.get(f"/v1/jobs/{jid}/artifacts", params={"limit": 5, "after": after}, headers=A).json()
+    assert len(reads) == 1 and not last["has_more"] and last["files"][-1]["identity"] == 39

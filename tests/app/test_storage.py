@@ -208,3 +208,61 @@ def test_put_file_errors_are_translated(moto_endpoint: str, tmp_path: Path) -> N
     s = S3Storage("no-such-bucket", client=s3_client(moto_endpoint))
     with pytest.raises(StorageError, match="NoSuchBucket"):
         s.put_file("k", src)
+
+
+def _ranges(storage: Storage) -> None:
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    storage.put_bytes("r/obj", data)
+    assert storage.size("r/obj") == len(data)
+    assert storage.get_range("r/obj", 0, 10) == data[:10]
+    assert storage.get_range("r/obj", 5000, 1234) == data[5000:6234]
+    assert storage.get_range("r/obj", len(data) - 3, 100) == data[-3:]  # short at the end
+    assert storage.get_range("r/obj", len(data) + 10, 5) == b""
+    assert storage.get_range("r/obj", 7, 0) == b""
+    with pytest.raises(ValueError, match="byte range"):
+        storage.get_range("r/obj", -1, 5)
+    with pytest.raises(StorageKeyMissing):
+        storage.get_range("r/none", 0, 5)
+    with pytest.raises(StorageKeyMissing):
+        storage.size("r/none")
+
+
+def test_ranged_reads_and_sizes(storage: Storage) -> None:
+    _ranges(storage)
+
+
+def test_ranged_reads_on_seaweedfs(tmp_path: Path) -> None:
+    from tests.servers import SeaweedS3
+
+    srv = SeaweedS3(tmp_path / "weed")
+    try:
+        srv.start(bucket="ranges")
+        _ranges(S3Storage("ranges", client=srv.client()))
+    finally:
+        srv.stop()
+
+
+def test_an_index_pages_by_ranged_reads(storage: Storage, tmp_path: Path) -> None:
+    """The Parquet index read through `get_range`: the tail once, then one read per row group."""
+    from app import dataset_index
+    from workers.outputs.index import ParquetIndexWriter
+
+    path = tmp_path / "index.parquet"
+    with path.open("wb") as f, ParquetIndexWriter(f) as w:
+        for k in range(5):
+            w.write_rows([{"identity": k, "sample": s, "seed": s, "shard": k, "aligned": True, "filtered": False,
+                           "centre_cosine": 0.25, "path": f"p/{k}/{s}"} for s in range(4)])
+    storage.put_file("r/index.parquet", path)
+    calls: list[int] = []
+
+    def read(start: int, length: int) -> bytes:
+        calls.append(length)
+        return storage.get_range("r/index.parquet", start, length)
+
+    f = dataset_index.IndexFile(read, storage.size("r/index.parquet"))
+    assert f.row_groups == 5 and len(calls) == 1
+    # a small index: its tail read held the whole file
+    assert [r["sample"] for r in f.read_row_group(3)] == [0, 1, 2, 3] and len(calls) == 1
+    again = dataset_index.IndexFile(read, storage.size("r/index.parquet"), f.metadata)  # footer given
+    assert [r["path"] for r in again.read_row_group(4)] == [f"p/4/{s}" for s in range(4)] and len(calls) == 2
+    assert calls[1] < calls[0] / 3  # one row group's bytes

@@ -237,20 +237,19 @@ def verify_dataset(stack: Stack, job_id: str, identities: int, per_identity: int
         return data
 
     manifest: dict[str, Any] = json.loads(get("manifest.json"))
+    index_bytes = get("dataset/index.parquet")  # the per-image listing, pinned by the manifest
+    assert hashlib.sha256(index_bytes).hexdigest() == manifest["index"]["sha256"]
+    index = pq.read_table(io.BytesIO(index_bytes)).to_pylist()
+    files = [r for r in index if not r["filtered"]]
     grid = {(i, s) for i in range(identities) for s in range(per_identity)}
-    assert manifest["counts"]["images"] == identities * per_identity == len(manifest["files"])
-    pairs = [(f["identity"], f["sample"]) for f in manifest["files"]]
+    assert manifest["counts"]["images"] == identities * per_identity == len(files)
+    pairs = [(f["identity"], f["sample"]) for f in files]
     assert len(pairs) == len(set(pairs)) and set(pairs) == grid  # no duplicate, no gap
-    for f in manifest["files"]:
+    for f in files:
         assert hashlib.sha256(get(f["path"])).hexdigest() == f["sha256"], f["path"]
     for rel, meta in manifest["outputs"].items():
         data = get(rel)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["size"], meta["sha256"]), rel
-    index = pq.read_table(io.BytesIO(get("dataset/index.parquet"))).to_pylist()
-    kept = [(r["identity"], r["sample"]) for r in index if not r["filtered"]]
-    assert len(kept) == len(set(kept)) and set(kept) == grid
-    by_path = {f["path"]: f["sha256"] for f in manifest["files"]}
-    assert all(by_path[r["path"]] == r["sha256"] for r in index if not r["filtered"])
     listed = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=f"{root}/dataset/imagefolder/") for o in page.get("Contents", [])]
     assert len(listed) == identities * per_identity  # no stray image from an interrupted run

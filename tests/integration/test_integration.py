@@ -197,6 +197,62 @@ def test_every_format_the_report_and_a_byte_identical_reproduction(
               f"{rep['worst_max_pixel_diff']}, min cosine {rep['lowest_cosine']}")
 
 
+def test_jobs_without_loose_images_download_and_reproduce_from_the_index(
+        service: Service, tmp_path: Path, monkeypatch: Any) -> None:
+    """WebDataset-only and RecordIO-only jobs on S3: no loose image is stored, the index names each
+    image's tar member or record, the artifacts pages list them (paged through ranged reads of the
+    index), `idforge download` fetches and checks them, `idforge reproduce` re-renders them and
+    compares image by image through the index."""
+    from click.testing import CliRunner
+
+    from app import dataset_index
+    from app.storage import S3Storage
+    from workers.cli import main as cli
+
+    base = {"identities": 4, "images_per_identity": 2, "seed": 31, "quality": {"report": False},
+            "models": {"generator": "stylegan2-tiny", "embedder": "iresnet-tiny"},
+            "variations": {"method": "dispersion", "iterations": 2}, "render": {"batch_size": 8}}
+    ids = {fmt: service.alpha.submit({**base, "output": {"formats": [fmt]}})["id"]
+           for fmt in ("webdataset", "recordio")}
+    s3 = S3Storage("idforge-it", client=service.s3.client())
+    for name, value in (("IDFORGE_API_KEY", "key-alpha"), ("IDFORGE_MODEL_DIR", str(service.root / "models")),
+                        ("IDFORGE_MODEL_REGISTRY", str(service.root / "registry.yaml"))):
+        monkeypatch.setenv(name, value)
+    for fmt, job_id in ids.items():
+        job = service.alpha.wait(job_id, timeout=240, interval=0.2)
+        assert job["status"] == "succeeded", job
+        assert not list(s3.list_keys(f"jobs/{job_id}/dataset/imagefolder"))
+        pages = [service.alpha.artifacts(job_id, limit=3)]
+        while pages[-1]["has_more"]:
+            pages.append(service.alpha.artifacts(job_id, limit=3, after=pages[-1]["next"]))
+        files = [f for p in pages for f in p["files"]]
+        assert [(f["identity"], f["sample"]) for f in files] == [(i, s) for i in range(4) for s in range(2)]
+        assert len(pages) == 3 and "files" not in pages[0]["manifest"]
+        assert pages[0]["manifest"]["manifest_version"] == 3
+        for f in files:
+            assert f["path"] is None and "X-Amz-Signature" in f["url"]
+            if fmt == "webdataset":
+                assert f["member"] == f"{f['identity']:06d}_{f['sample']:03d}.jpg"
+                # the image's bytes straight from its tar, by the Range the listing gives
+                data = httpx.get(f["url"], headers={"Range": f["range"]}).content
+            else:
+                assert f["record_id"] == 1 + 2 * f["identity"] + f["sample"] and "range" not in f
+                data = dataset_index.read_record(
+                    lambda a, n, u=f["url"]: httpx.get(u, headers={"Range": f"bytes={a}-{a + n - 1}"}).content,
+                    f["record_offset"])
+            assert hashlib.sha256(data).hexdigest() == f["sha256"]
+        got = service.alpha.download(job_id, tmp_path / fmt)
+        assert got == 8 and not (tmp_path / fmt / "dataset/imagefolder").exists()
+        assert len(list(dataset_index.local_files(tmp_path / fmt))) == 8
+        r = CliRunner().invoke(cli, ["reproduce", job_id, "--url", service.url, "--out", str(tmp_path / f"r-{fmt}")])
+        assert r.exit_code == 0, r.output
+        assert "images: 8/8 byte-identical" in r.output and r.output.splitlines()[-1] == "verdict: identical"
+    # A forged cursor is a 422 naming `after`, not a 500.
+    r = httpx.get(f"{service.url}/v1/jobs/{ids['webdataset']}/artifacts", params={"after": "MC4wLjA"},
+                  headers={"Authorization": "Bearer key-alpha"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "query.after"
+
+
 def test_models_come_from_the_registry_and_absent_ones_fail_fast(service: Service) -> None:
     auth = {"Authorization": "Bearer key-alpha"}
     deadline = time.monotonic() + 60

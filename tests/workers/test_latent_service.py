@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app import dataset_index
 from app.layout import JobKeys
 from app.settings import Settings
 from app.spec import JobSpec, SpecError, check_models
@@ -155,9 +156,10 @@ def test_disco_top_up_disperses_new_blocks_and_keeps_the_first_images(tmp_path: 
     filtered = {**spec, "quality": {"min_identity_similarity": threshold, "max_topup_rounds": 10}}
     m = generate(JobSpec.model_validate(filtered), tmp_path / "f", settings=Settings(model_dir=model_dir))
     assert m["counts"]["images"] == 9 and m["counts"]["filtered"] >= 2 and m["counts"]["topped_up"] >= 2
-    first = {f["path"]: f["sha256"] for f in plain["files"]}
-    kept_first = [f for f in m["files"] if f["sample"] < 3]
+    first = {f["path"]: f["sha256"] for f in dataset_index.local_files(tmp_path / "plain", plain)}
+    m_files = list(dataset_index.local_files(tmp_path / "f", m))
+    kept_first = [f for f in m_files if f["sample"] < 3]
     assert len(kept_first) <= 7 and all(first[f["path"]] == f["sha256"] for f in kept_first)
     latents = load_file(str(tmp_path / "f" / "shards" / "00000" / "latents.safetensors"))
     assert latents["latents"].shape[:2] == (3, 3)
-    assert sorted(latents["samples"].flatten().tolist()) == sorted(f["sample"] for f in m["files"])
+    assert sorted(latents["samples"].flatten().tolist()) == sorted(f["sample"] for f in m_files)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from app import dataset_index
 from app.settings import Settings
 from app.spec import JobSpec
 from models.seeding import make_generator
@@ -26,6 +27,11 @@ from workers.local import generate
 
 SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 3, "seed": 5, "render": {"steps": 2, "batch_size": 4},
                         "output": {"formats": ["imagefolder", "webdataset", "recordio"]}}
+
+
+def files_of(out: Path, m: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The job's kept images as its index lists them (the manifest lists none since version 3)."""
+    return list(dataset_index.local_files(out, m))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def test_webdataset_shards_read_back_with_the_library(job: tuple[Path, dict[str,
     import webdataset as wds
 
     out, m = job
-    by_key = {(f["identity"], f["sample"]): f for f in m["files"]}
+    by_key = {(f["identity"], f["sample"]): f for f in files_of(out, m)}
     urls = [str(out / rel) for rel in m["outputs"] if rel.startswith("dataset/webdataset/")]
     assert len(urls) == 3  # shards of 2, 2 and 1 identities
     seen = set()
@@ -63,7 +69,7 @@ def test_recordio_reads_back_with_an_independent_reader(job: tuple[Path, dict[st
     offsets = dict(idx)
     flag, label, rid, _, _ = unpack(read_record(rec, offsets[0])[0])
     assert (flag, label, rid) == (2, [16.0, 21.0], 0)  # images are records 1..15, identities 16..20
-    files = sorted(m["files"], key=lambda f: (f["identity"], f["sample"]))
+    files = sorted(files_of(out, m), key=lambda f: (f["identity"], f["sample"]))
     for k, f in enumerate(files, start=1):
         flag, label, rid, id2, image = unpack(read_record(rec, offsets[k])[0])
         assert (flag, label, rid, id2) == (0, float(f["identity"]), k, f["sample"])
@@ -81,13 +87,22 @@ def test_parquet_index_lists_every_image(job: tuple[Path, dict[str, Any]]) -> No
     table = pq.read_table(out / "dataset/index.parquet").to_pylist()
     assert len(table) == 15 and not any(r["filtered"] for r in table)
     by_path = {r["path"]: r for r in table}
-    for f in m["files"]:
+    for f in files_of(out, m):
         r = by_path[f["path"]]
         assert (r["identity"], r["sample"], r["seed"], r["shard"], r["sha256"], r["aligned"]) == (
             f["identity"], f["sample"], f["seed"], f["shard"], f["sha256"], f["aligned"])
         assert r["centre_cosine"] == pytest.approx(f["centre_cosine"], abs=1e-6)
         assert r["evaluator_centre_cosine"] == pytest.approx(f["evaluator_centre_cosine"], abs=1e-6)
     assert all(isinstance(r["label_flip"], bool) for r in table)
+    # Where else each image is: its tar member (and its data's offset) and its RecordIO record.
+    tars = {}
+    for r in table:
+        assert r["member"] == f"{r['identity']:06d}_{r['sample']:03d}.jpg"
+        tar = tars.setdefault(r["tar"], (out / r["tar"]).read_bytes())
+        assert tar[r["tar_offset"]:r["tar_offset"] + r["size"]] == (out / r["path"]).read_bytes()
+        assert dataset_index.read_record(dataset_index.file_reader(out / "dataset/recordio/train.rec")[0],
+                                         r["record_offset"]) == (out / r["path"]).read_bytes()
+    assert sorted(r["record_id"] for r in table) == list(range(1, 16))
     assert sum(r["label_flip"] for r in table) == m["quality"]["models"]["job"]["label_flips"]
 
 
@@ -128,15 +143,16 @@ def test_quality_filter_tops_up_to_the_requested_counts(job: tuple[Path, dict[st
     spec = JobSpec.model_validate({**SPEC, "quality": {"min_identity_similarity": threshold, "max_topup_rounds": 10}})
     m = generate(spec, tmp_path / "f", settings=Settings(model_dir=model_dir, shard_identities=2))
     c = m["counts"]
+    m_files = files_of(tmp_path / "f", m)
     assert c["images"] == 15 and c["filtered"] >= 4 and c["topped_up"] >= 4
     assert c["rendered"] == c["images"] + c["filtered"] + c["unused_candidates"]
     per_identity: dict[int, list[int]] = {}
-    for f in m["files"]:
+    for f in m_files:
         per_identity.setdefault(f["identity"], []).append(f["sample"])
     assert all(len(v) == 3 for v in per_identity.values()) and max(max(v) for v in per_identity.values()) >= 3
     # The first images that were kept are the ones the unfiltered job made, byte for byte.
-    first = {f["path"]: f["sha256"] for f in json.loads((out / "manifest.json").read_bytes())["files"]}
-    kept_first = [f for f in m["files"] if f["sample"] < 3]
+    first = {f["path"]: f["sha256"] for f in files_of(out)}
+    kept_first = [f for f in m_files if f["sample"] < 3]
     assert kept_first and all(first[f["path"]] == f["sha256"] for f in kept_first)
     rows = pq.read_table(tmp_path / "f" / "dataset/index.parquet").to_pylist()
     dropped = [r for r in rows if r["filtered"]]
@@ -187,10 +203,11 @@ def test_reproduce_is_byte_identical_and_refuses_other_weights(job: tuple[Path, 
     assert "platform: the same as the job's" in r.output and r.output.splitlines()[-1] == "verdict: identical"
     # A manifest whose images differ from what these weights make, with no copy of the job's images
     # beside it to measure them against: named, and exit 1.
-    tampered = {**m, "files": [{**m["files"][0], "sha256": "0" * 64}, *m["files"][1:]]}
+    files = files_of(out, m)
+    tampered = {**m, "files": [{**files[0], "sha256": "0" * 64}, *files[1:]]}  # an old-format manifest
     (tmp_path / "t.json").write_text(json.dumps(tampered))
     r = CliRunner().invoke(cli, ["reproduce", str(tmp_path / "t.json"), "--out", str(tmp_path / "t")])
-    assert r.exit_code == 1 and f"{m['files'][0]['path']}: differs (no copy of the job's image" in r.output
+    assert r.exit_code == 1 and f"{files[0]['path']}: differs (no copy of the job's image" in r.output
     assert r.output.splitlines()[-1].startswith("verdict: differs (1 image(s) below cosine 0.95")
     # Other weights than the job's: refused before anything runs.
     other = {**m, "models": {**m["models"], "embedder": {**m["models"]["embedder"],
@@ -203,7 +220,7 @@ def test_reproduce_is_byte_identical_and_refuses_other_weights(job: tuple[Path, 
 def test_contact_sheet_shows_the_dataset_images(job: tuple[Path, dict[str, Any]]) -> None:
     out, m = job
     sheet = Image.open(out / "report/plots/contact_sheet.png")
-    first = Image.open(io.BytesIO((out / m["files"][0]["path"]).read_bytes()))
+    first = Image.open(io.BytesIO((out / files_of(out, m)[0]["path"]).read_bytes()))
     assert sheet.mode in ("RGB", "RGBA") and sheet.size[1] >= first.size[1] * 0.5
 
 
@@ -224,3 +241,59 @@ def test_index_rows_map_label_flips_through_each_identitys_kept_samples() -> Non
         (0, 0, True, False), (0, 1, False, False), (0, 2, False, False),
         (1, 0, False, False), (1, 2, False, False), (1, 5, True, False), (1, 1, None, True)]
     assert rows[-1]["path"] is None and all(r["label_flip"] is None for r in index_rows(shard)[:6])
+
+
+LATENT: dict[str, Any] = {"seed": 9, "models": {"generator": "stylegan2-tiny", "embedder": "iresnet-tiny"},
+                          "sampler": {"method": "random"}, "variations": {"method": "dispersion", "iterations": 2},
+                          "render": {"batch_size": 8}, "quality": {"report": False}}
+
+
+def test_manifest_size_does_not_grow_with_the_images_and_pins_the_index(tmp_path: Path, model_dir: Path) -> None:
+    import hashlib
+
+    sizes = {}
+    for ids in (2, 16):  # 8 and 64 images, one shard each
+        spec = JobSpec.model_validate({**LATENT, "identities": ids, "images_per_identity": 4})
+        out = tmp_path / str(ids)
+        m = generate(spec, out, settings=Settings(model_dir=model_dir, shard_identities=16))
+        raw = (out / "manifest.json").read_bytes()
+        sizes[ids * 4] = len(raw)
+        assert "files" not in m and "files" not in json.loads(raw)
+        assert m["manifest_version"] == 3 and m["format"] == "idforge.manifest/3"
+        index = (out / "dataset/index.parquet").read_bytes()
+        assert m["index"]["sha256"] == hashlib.sha256(index).hexdigest() == m["outputs"]["dataset/index.parquet"]["sha256"]
+        assert m["index"]["size"] == len(index) and m["index"]["rows"] == ids * 4 and m["index"]["row_groups"] == 1
+        assert len(files_of(out, m)) == ids * 4
+    # Only digits differ (identities 2 vs 16, images 8 vs 64, timings); inline files grew 357 B an image.
+    assert abs(sizes[64] - sizes[8]) < 64, sizes
+
+
+@pytest.mark.parametrize("formats", [["webdataset"], ["recordio"]])
+def test_a_job_without_loose_images_is_indexed_by_member_or_record(formats: list[str], tmp_path: Path,
+                                                                    model_dir: Path, monkeypatch: Any) -> None:
+    import hashlib
+
+    spec = JobSpec.model_validate({**LATENT, "identities": 3, "images_per_identity": 2,
+                                   "output": {"formats": formats}})
+    out = tmp_path / "job"
+    m = generate(spec, out, settings=Settings(model_dir=model_dir, shard_identities=2))
+    assert not (out / "dataset/imagefolder").exists() and m["layout"]["imagefolder"] is None
+    rows = files_of(out, m)
+    assert [(r["identity"], r["sample"]) for r in rows] == [(i, s) for i in range(3) for s in range(2)]
+    reader = dataset_index.local_reader(out)
+    for r in rows:
+        assert r["path"] is None
+        if formats == ["webdataset"]:
+            assert r["tar"] == f"dataset/webdataset/{r['shard']:06d}.tar"
+            assert r["member"] == f"{r['identity']:06d}_{r['sample']:03d}.jpg" and r["record_id"] is None
+        else:
+            assert r["tar"] is None and r["record_id"] == 1 + r["identity"] * 2 + r["sample"]
+            assert r["record_offset"] is not None
+        assert hashlib.sha256(dataset_index.read_image(r, reader)).hexdigest() == r["sha256"]
+    if formats == ["recordio"]:  # the .lst names a virtual path
+        lst = (out / "dataset/recordio/train.lst").read_text().splitlines()
+        assert lst[0] == "1\t000000/000.jpg\t0" and len(lst) == 6
+    monkeypatch.setenv("IDFORGE_MODEL_DIR", str(model_dir))
+    r = CliRunner().invoke(cli, ["reproduce", str(out), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "images: 6/6 byte-identical" in r.output and r.output.splitlines()[-1] == "verdict: identical"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from app import dataset_index
 from app.jobstore import JobStore
 from app.layout import JobKeys
 from app.queue import FINALIZE, RENDER_SHARD, TaskQueue
@@ -63,7 +64,9 @@ def test_generate_is_reproducible_and_shard_size_does_not_change_images(
     assert sorted(k for k in a if not k.startswith("imagefolder/")) == [
         "index.parquet", "webdataset/000000.tar", "webdataset/000001.tar", "webdataset/000002.tar"]
     assert len(a) == 14 and a == b
-    assert m1["files"] == m2["files"] and m1["spec_hash"] == m2["spec_hash"]
+    files1 = list(dataset_index.local_files(tmp_path / "a", m1))
+    assert files1 == list(dataset_index.local_files(tmp_path / "b", m2)) and m1["spec_hash"] == m2["spec_hash"]
+    assert len(files1) == 10 and "files" not in m1
     assert m1["outputs"] == m2["outputs"]
     # Same images whatever the shard plan: each depends only on (seed, identity, sample), up to
     # float rounding in differently composed batches (SHARD_PLAN_MAX_DIFF).
@@ -133,7 +136,10 @@ def test_orchestration_runs_shards_and_tolerates_redelivery(rt: Runtime) -> None
     job = rt.store.get(job_id)
     assert job is not None and job["status"] == "succeeded", job
     manifest = json.loads(rt.storage.get_bytes(keys.manifest))
-    assert manifest["counts"]["images"] == 10 and len(manifest["files"]) == 10
+    index = rt.storage.get_bytes(keys.index)
+    listed = list(dataset_index.iter_index(lambda a, n: index[a:a + n], len(index)))
+    assert manifest["counts"]["images"] == 10 and len(listed) == 10 and "files" not in manifest
+    assert manifest["index"]["sha256"] == manifest["outputs"]["dataset/index.parquet"]["sha256"]
     assert job["result"]["manifest"] == keys.manifest
 
 
@@ -208,7 +214,7 @@ def test_manifest_seed_derivation_reproduces_the_seeds(tmp_path: Path, model_dir
         blob = json.dumps(list(parts), separators=(",", ":")).encode()
         return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
-    for f in m["files"]:
+    for f in dataset_index.local_files(tmp_path, m):
         assert f["seed"] == by_recipe(m["seed"], "render", f["identity"], f["sample"])
 
 

@@ -242,3 +242,94 @@ def test_single_identity_has_no_impostors() -> None:
     assert s["impostor_pairs"] == 0 and s["eer"] is None and s["impostor_mean"] is None
     assert s["min_centre_angle_deg"] is None and s["label_flips"] == 0 and s["close_identities"] == 0
     assert not math.isnan(s["genuine_mean"])
+
+
+SAMPLED = [2, 4, 5, 9, 11]  # the evaluator's sample: the flipped image's identity and its target, the twins
+
+
+def sampled_inputs(sampled: list[int] = SAMPLED) -> rp.ReportInputs:
+    """make_inputs() with the evaluator rows of the identities outside `sampled` NaN, as a shard writes them."""
+    inputs = make_inputs()
+    full = inputs.shards
+    keep = torch.zeros(N, dtype=torch.bool)
+    keep[sampled] = True
+
+    def shards() -> Iterator[rp.ShardFeatures]:
+        for sh in full():
+            ev = sh.evaluator.clone()
+            ev[~keep[sh.identities]] = float("nan")
+            yield rp.ShardFeatures(sh.identities, sh.job, ev, sh.aligned, sh.samples)
+
+    inputs.shards = shards
+    return inputs
+
+
+def test_a_sampled_evaluator_reports_the_sample_and_its_figures() -> None:
+    report = rp.build_report(sampled_inputs())
+    full = rp.build_report(make_inputs())
+    _, ev, _, _ = make_features()
+    s, k = report.summary["models"]["evaluator"], len(SAMPLED)
+    x = ev[SAMPLED]  # [k, A, D]
+    flat, labels = x.reshape(k * A, -1), torch.arange(k).repeat_interleave(A)
+    gram, upper = flat @ flat.T, torch.ones(k * A, k * A, dtype=torch.bool).triu(diagonal=1)
+    same = labels[:, None] == labels[None, :]
+    gen, imp = gram[upper & same].double(), gram[upper & ~same].double()
+    h_gen, h_imp = q.ScoreHistogram(), q.ScoreHistogram()
+    h_gen.add(gen)
+    h_imp.add(imp)
+    assert s["genuine_pairs"] == k * A * (A - 1) // 2 and s["impostor_pairs"] == imp.numel()
+    assert s["genuine_mean"] == pytest.approx(float(gen.mean()), abs=2e-4)
+    assert s["impostor_mean"] == pytest.approx(float(imp.mean()), abs=2e-4)
+    assert s["eer"] == pytest.approx(q.equal_error_rate(q.error_rates(h_gen, h_imp))[0], abs=1e-6)
+    c = normalize(x.mean(dim=1))  # [k, D]
+    assert s["intra_class_cosine_mean"] == pytest.approx(float((x * c[:, None]).sum(-1).mean()), abs=2e-4)
+    assert s["label_flips"] >= 1  # the planted flip (2, 0) toward 9: both sampled
+    flips = report.data["models"]["evaluator"]["label_flips"]["worst"]
+    assert (flips[0]["identity"], flips[0]["sample"], flips[0]["other_identity"]) == (*FLIP, 9)
+    top = report.data["models"]["evaluator"]["close_pairs"]["top"]
+    assert (top[0]["identity_a"], top[0]["identity_b"]) == TWINS  # global identity numbers
+    assert {w["identity"] for w in report.data["models"]["evaluator"]["intra_class"]["worst"]} <= set(SAMPLED)
+    # the sample and its confidence, in the summary, report.json and report.html
+    assert s["sample"] == {"identities": k, "images": k * A, "of_identities": N, "of_images": N * A, "all": False}
+    assert full.summary["models"]["evaluator"]["sample"]["all"] is True
+    sample = report.data["evaluator_sample"]
+    assert sample["images"] == k * A and sample["impostor_images"] == "sample" and "report.evaluator" in sample["rule"]
+    conf = s["confidence"]
+    p, n_g, n_i = s["eer"], s["genuine_pairs"], s["impostor_pairs"]
+    want = math.hypot(1.959964 * math.sqrt(p * (1 - p) / n_g), 1.959964 * math.sqrt(p * (1 - p) / n_i)) / 2
+    assert conf["eer_half_width"] == pytest.approx(want, abs=1e-6)
+    assert conf["impostor_pairs_above_threshold"] == {"1e-3": round(n_i * 1e-3, 1), "1e-4": round(n_i * 1e-4, 1)}
+    assert conf["supported"] == {"1e-3": False, "1e-4": False}  # 360 impostor pairs support neither
+    assert json.loads(report.files["report.json"])["summary"]["models"]["evaluator"]["confidence"] == conf
+    page = report.files["report.html"].decode()
+    assert f"Evaluator sample: {k} of {N} identities, {k * A} of {N * A} images" in page
+    assert "EER 95% half-width" in page
+    # the job model's figures do not depend on the evaluator's sample
+    assert report.summary["models"]["job"] == full.summary["models"]["job"]
+
+
+def test_a_partly_embedded_identity_is_refused() -> None:
+    inputs = make_inputs()
+    full = inputs.shards
+
+    def shards() -> Iterator[rp.ShardFeatures]:
+        for sh in full():
+            ev = sh.evaluator.clone()
+            ev[0, 1] = float("nan")
+            yield rp.ShardFeatures(sh.identities, sh.job, ev, sh.aligned, sh.samples)
+
+    inputs.shards = shards
+    with pytest.raises(ValueError, match="in part"):
+        rp.build_report(inputs)
+
+
+def test_confidence_half_widths() -> None:
+    # 1,000 images as 20 identities x 50: 24,500 genuine and 475,000 impostor pairs
+    c = rp.confidence(24_500, 475_000, 0.05, {"1e-3": 0.2, "1e-4": 0.4})
+    assert c["eer_half_width"] == pytest.approx(0.001399, abs=1e-6)  # (2.73e-3 (+) 6.2e-4) / 2
+    assert c["fnmr_half_width"]["1e-3"] == pytest.approx(1.959964 * math.sqrt(0.2 * 0.8 / 24_500), abs=1e-6)
+    assert c["impostor_pairs_above_threshold"] == {"1e-3": 475.0, "1e-4": 47.5}
+    assert c["fmr_relative_half_width"]["1e-4"] == pytest.approx(1.959964 / math.sqrt(47.5), abs=1e-6)
+    assert c["supported"] == {"1e-3": True, "1e-4": False}
+    none = rp.confidence(0, 0, None, {"1e-3": None, "1e-4": None})
+    assert none["eer_half_width"] is None and none["fnmr_half_width"] == {"1e-3": None, "1e-4": None}

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from app import dataset_index
 from workers.cli import main as cli
 from workers.provenance import platform_block, platform_differences
 from workers.reproduce import DEFAULT_MIN_COSINE
@@ -74,7 +75,8 @@ def test_a_job_made_without_simd_reproduces_under_avx2_equivalent_image_by_image
 
     assert report["verdict"] in ("identical", "equivalent") and report["min_cosine"] == DEFAULT_MIN_COSINE
     rows = report["per_image"]
-    assert [row["path"] for row in rows] == [f["path"] for f in theirs["files"]] and len(rows) == 6
+    assert [row["path"] for row in rows] == [f["path"] for f in dataset_index.local_files(job, theirs)]
+    assert len(rows) == 6
     for row in rows:  # every image measured, byte-identical ones included (0 and 1)
         assert isinstance(row["max_pixel_diff"], int) and 0 <= row["max_pixel_diff"] <= 255
         assert DEFAULT_MIN_COSINE <= row["cosine"] <= 1.0
@@ -100,7 +102,8 @@ def test_a_tampered_image_of_the_jobs_copy_differs_and_is_named(job: Path, tmp_p
     copy = tmp_path / "job"
     shutil.copytree(job, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    first, last = manifest["files"][0]["path"], manifest["files"][-1]["path"]
+    files = list(dataset_index.local_files(copy, manifest))
+    first, last = files[0]["path"], files[-1]["path"]
     (copy / first).write_bytes((job / last).read_bytes())
     del manifest["platform"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -115,7 +118,7 @@ def test_a_tampered_image_of_the_jobs_copy_differs_and_is_named(job: Path, tmp_p
     assert f"below {DEFAULT_MIN_COSINE}" in tampered and "does not match its manifest digest" in tampered
     cosine = float(tampered.split("cosine ")[1].split(",")[0])
     assert cosine < DEFAULT_MIN_COSINE
-    for f in manifest["files"][1:]:  # the others: byte-identical (same ISA) or equivalent (the job's)
+    for f in files[1:]:  # the others: byte-identical (same ISA) or equivalent (the job's)
         line = next(line for line in lines if line.startswith(f"  {f['path']}: "))
         assert line.split(": ")[1].split(" ")[0] in ("identical", "equivalent"), line
     verdicts = [line for line in lines if line.startswith("verdict: ")]

@@ -1,10 +1,16 @@
 """The dataset's output formats: one file per format, each with a per-shard writer and a
 finalize-time packaging step, registered here in the order they run.
 
-  imagefolder   the loose images (always written: the index and the other formats name its files)
+  imagefolder   the loose images (when the spec asks for them)
   webdataset    a tar per shard (.jpg + .cls + .json per image); nothing to package
   recordio      a segment per shard, joined at finalize into insightface's train.rec/.idx/.lst/property
-  index         nothing per shard; at finalize the Parquet table of every image, kept or filtered
+  index         per shard, the file list (each image's facts and where each format put it); at
+                finalize the Parquet table of every image, kept or filtered
+
+Each format's `write_shard` records where it put each image in `ShardContext.locations` (the loose
+file's `path`; the tar, member and member offset; the RecordIO record id and offset in the shard's
+segment); the index's `write_shard`, which runs last, joins them with the images' facts into the
+shard's file list (`done.json`), so no format depends on another being written.
 
 `workers.shard` builds a `ShardContext` once its images are cropped, embedded and filtered, and
 calls `write_shard` of every format the spec asks for; `workers.finalize` builds a
@@ -19,8 +25,8 @@ the registry can import them without a cycle.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,8 +54,14 @@ class ShardContext:
     # Each kept image's facts, in (identity, sample) order: identity, sample, seed, shard, size,
     # sha256, aligned, centre_cosine, reference_cosine, evaluator_centre_cosine.
     records: list[dict[str, Any]]
-    files: list[dict[str, Any]]  # the shard's file list (ShardResult.files): the image folder fills it
+    files: list[dict[str, Any]]  # the shard's file list (ShardResult.files): the index fills it
     objects: dict[str, dict[str, Any]]  # shard-level objects written, by relative key: size, sha256
+    # Where each format put each kept image, by (identity, sample): path; tar, member, tar_offset;
+    # record_id, record_offset (in the shard's segment). The index joins them into `files`.
+    locations: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+
+    def locate(self, identity: int, sample: int, **where: Any) -> None:
+        self.locations.setdefault((identity, sample), {}).update(where)
 
     def put_stream(self, key: str, content_type: str, write: Callable[[Any], Any]) -> None:
         """Write an object through a temporary file (a multipart upload when large) and record its digest."""
@@ -68,10 +80,15 @@ class PackageContext:
     spec: JobSpec
     storage: Storage
     keys: JobKeys
-    shards: list[dict[str, Any]]  # the shards' done.json records, in shard order
+    shards: Sequence[dict[str, Any]]  # the shards' done.json records, in shard order (loaded lazily)
     ext: str  # the images' file extension: jpg or png
     label_flips: torch.Tensor | None  # bool [N, A] by (identity, slot); None: not checked
     objects: dict[str, dict[str, Any]]  # dataset objects written, by relative key: size, sha256
+    # Byte offset of each shard's RecordIO segment in train.rec (RecordIO's package fills it; the
+    # index adds it to each record's offset in its segment).
+    record_base: dict[int, int] = field(default_factory=dict)
+    index_rows: int = 0  # rows of the index written (the index's package sets it)
+    index_row_groups: int = 0
 
     def upload(self, rel: str, path: Path, content_type: str) -> None:
         """Store the file at `path` under the job-relative key `rel` and record its digest."""
@@ -91,7 +108,8 @@ class Output(Protocol):
     def package(self, ctx: PackageContext) -> None: ...
 
 
-# In the order they run. The image folder comes first: it fills the shard's file list.
+# In the order they run. The index comes last: it joins the others' locations into the file list,
+# and at finalize it needs RecordIO's segment offsets.
 OUTPUTS: tuple[Output, ...] = (imagefolder.ImageFolder(), webdataset.WebDataset(), recordio.RecordIO(),
                                index.Index())
 

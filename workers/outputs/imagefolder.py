@@ -1,6 +1,6 @@
 """The image folder: every kept image as a loose file, `dataset/imagefolder/{identity:06d}/{sample:03d}.{ext}`
-(`app.layout.IMAGEFOLDER`). Always written: the shard's file list, the Parquet index, the RecordIO
-`.lst` and the manifest name images by their path here."""
+(`app.layout.IMAGEFOLDER`), when the spec lists `imagefolder`. The index names each image's path
+here (null for a job without loose images)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ CONTENT_TYPE = {"jpeg": "image/jpeg", "png": "image/png"}  # by spec.output.imag
 
 class ImageFolder:
     name = "imagefolder"
-    always = True  # the spec requires it too
+    always = False
 
     def write_shard(self, ctx: ShardContext) -> None:
-        """Store each kept image and add it, with its path, to the shard's file list."""
+        """Store each kept image and record its path."""
         fmt = ctx.spec.output.image_format
         for record in ctx.records:
             i, s = record["identity"], record["sample"]
             key = ctx.keys.image(i, s, ctx.ext)
             ctx.storage.put_bytes(key, ctx.data[(i, s)], CONTENT_TYPE[fmt])
-            ctx.files.append({"path": ctx.keys.relative(key), **record})
+            ctx.locate(i, s, path=ctx.keys.relative(key))
 
     def package(self, ctx: PackageContext) -> None:
         """Nothing: the shards wrote the images."""

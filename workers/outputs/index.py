@@ -1,8 +1,11 @@
 """The Parquet index of every image, `dataset/index.parquet` (`app.layout.INDEX`): one row per
-rendered image the job kept or the quality filter dropped (`INDEX_SCHEMA`).
+rendered image the job kept or the quality filter dropped (`INDEX_SCHEMA`), and the only
+per-image listing of the dataset (the manifest pins its sha256; since manifest version 3 it lists no
+images itself).
 
-Nothing per shard: at finalize it is written from the shards' file lists, one shard (one row group)
-at a time. `ParquetIndexWriter` takes an open file and is byte-deterministic: the same rows give the
+Per shard: the file list (`done.json`'s `files`), each kept image's facts joined with where each
+format put it. At finalize the index is written from the shards' file lists, one shard (one row
+group, sorted by (identity, sample), kept images first) in memory at a time. `ParquetIndexWriter` takes an open file and is byte-deterministic: the same rows give the
 same bytes.
 """
 
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from workers.outputs import PackageContext, ShardContext
 
 INDEX_SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=True),  # dataset-relative image path; null: filtered out
+    pa.field("path", pa.string(), nullable=True),  # ImageFolder file; null: filtered out or no imagefolder
     pa.field("identity", pa.int32(), nullable=False),
     pa.field("sample", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),  # derive_seed output, in [0, 2**63)
@@ -37,6 +40,12 @@ INDEX_SCHEMA = pa.schema([
     pa.field("centre_cosine", pa.float32(), nullable=False),  # to its identity centre, job embedder
     pa.field("reference_cosine", pa.float32(), nullable=True),  # to its reference embedding
     pa.field("evaluator_centre_cosine", pa.float32(), nullable=True),  # to its centre, independent FR model
+    # Where the image is besides (or instead of) its ImageFolder file; null: not in that format.
+    pa.field("tar", pa.string(), nullable=True),  # its WebDataset tar (dataset-relative key)
+    pa.field("member", pa.string(), nullable=True),  # its member in the tar: 000012_003.jpg
+    pa.field("tar_offset", pa.int64(), nullable=True),  # byte offset of the member's data in the tar
+    pa.field("record_id", pa.int64(), nullable=True),  # its record id in dataset/recordio/train.rec
+    pa.field("record_offset", pa.int64(), nullable=True),  # byte offset of its record in train.rec
 ])
 _INT_TYPES = {pa.int32(), pa.int64()}
 
@@ -65,7 +74,7 @@ class ParquetIndexWriter:
     def __init__(self, out: BinaryIO) -> None:
         self.rows = 0
         self._writer = pq.ParquetWriter(out, INDEX_SCHEMA, compression="zstd", compression_level=3,
-                                        use_dictionary=["path", "sha256"], write_statistics=True)
+                                        use_dictionary=["path", "sha256", "tar"], write_statistics=True)
 
     def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -93,9 +102,12 @@ class ParquetIndexWriter:
         self.close()
 
 
-def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -> list[dict[str, Any]]:
+def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None,
+               record_base: int | None = None) -> list[dict[str, Any]]:
     """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped.
-    label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's."""
+    label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's.
+    record_base: the byte offset of the shard's RecordIO segment in train.rec (its files hold each
+    record's offset in the segment); None: the job has no RecordIO."""
     columns = set(INDEX_SCHEMA.names)
     rows: list[dict[str, Any]] = []
     slot: dict[int, int] = {}
@@ -103,10 +115,13 @@ def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None) -
         i = f["identity"]
         slot[i] = slot.get(i, -1) + 1
         flip = bool(label_flips[i, slot[i]]) if label_flips is not None else None
-        rows.append({**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip})
-    rows += [{**{k: v for k, v in f.items() if k in columns}, "filtered": True, "path": None,
-              "label_flip": None}
-             for f in shard.get("filtered", [])]
+        row = {**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip}
+        if row.get("record_offset") is not None:
+            row["record_offset"] = None if record_base is None else record_base + row["record_offset"]
+        rows.append(row)
+    gone = {"filtered": True, "path": None, "label_flip": None, "tar": None, "member": None,
+            "tar_offset": None, "record_id": None, "record_offset": None}
+    rows += [{**{k: v for k, v in f.items() if k in columns}, **gone} for f in shard.get("filtered", [])]
     return rows
 
 
@@ -115,8 +130,12 @@ def write_index(ctx: PackageContext) -> None:
     with tempfile.TemporaryDirectory(prefix="idforge-index-") as tmp:
         path = Path(tmp) / "index.parquet"
         with path.open("wb") as out, ParquetIndexWriter(out) as writer:
-            for s in ctx.shards:
-                writer.write_rows(index_rows(s, ctx.label_flips))
+            groups = 0
+            for s in ctx.shards:  # one shard's file list in memory at a time
+                rows = index_rows(s, ctx.label_flips, ctx.record_base.get(s["shard"]))
+                writer.write_rows(rows)
+                groups += bool(rows)
+            ctx.index_rows, ctx.index_row_groups = writer.rows, groups
         ctx.upload(layout.INDEX, path, "application/vnd.apache.parquet")
 
 
@@ -125,7 +144,11 @@ class Index:
     always = True  # not a format the spec names: every job has its index
 
     def write_shard(self, ctx: ShardContext) -> None:
-        """Nothing: the index is written at finalize, from the shards' file lists."""
+        """The shard's file list: each kept image's facts and where the formats put it (the index
+        itself is written at finalize, from the shards' file lists)."""
+        for record in ctx.records:
+            where = ctx.locations.get((record["identity"], record["sample"]), {})
+            ctx.files.append({**record, **where})
 
     def package(self, ctx: PackageContext) -> None:
         write_index(ctx)

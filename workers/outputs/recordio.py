@@ -77,18 +77,24 @@ def _check_int(name: str, v: int, lo: int, hi: int) -> None:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {v!r}")
 
 
-def write_recordio_segment(out: BinaryIO, images: Iterable[tuple[int, int, int, bytes]]) -> int:
+def write_recordio_segment(out: BinaryIO, images: Iterable[tuple[int, int, int, bytes]],
+                           offsets: list[int] | None = None) -> int:
     """Write image records (record_id, identity, sample, image bytes) to `out`; returns how many.
 
     Each record's IRHeader holds label = float(identity), id = record_id, id2 = sample. A segment
     is one render shard's part of `train.rec`; `RecordIOPackager` joins them and checks the ids.
+    `offsets`, when given, gets each record's byte offset in the segment.
     """
-    n = 0
+    n, pos = 0, 0
     for record_id, identity, sample, data in images:
         _check_int("record_id", record_id, 1, FLOAT32_EXACT)
         _check_int("identity", identity, 0, FLOAT32_EXACT)
         _check_int("sample", sample, 0, 1 << 64)
-        out.write(_frame(_payload(float(identity), record_id, sample, data)))
+        framed = _frame(_payload(float(identity), record_id, sample, data))
+        if offsets is not None:
+            offsets.append(pos)
+        out.write(framed)
+        pos += len(framed)
         n += 1
     return n
 
@@ -235,6 +241,18 @@ class RecordIOPackager:
 
 
 
+def lst_path_template(formats: Sequence[str], ext: str) -> str:
+    """The .lst's path column: the ImageFolder file when the job has loose images, else the image's
+    WebDataset member (`dataset/webdataset/...tar` is not named: the member name is unique in the
+    dataset), else a virtual path `{identity:06d}/{sample:03d}.{ext}` (the layout insightface's
+    im2rec reads, relative to no directory: the image is in train.rec alone)."""
+    if "imagefolder" in formats:
+        return layout.IMAGEFOLDER.replace("{ext}", ext)
+    if "webdataset" in formats:
+        return "{identity:06d}_{sample:03d}." + ext
+    return "{identity:06d}/{sample:03d}." + ext
+
+
 def recordio_id(identity: int, slot: int, images_per_identity: int) -> int:
     """Record id of an identity's `slot`-th kept image in train.rec: 1 + identity * A + slot (record 0
     is the header; the identity records follow the images)."""
@@ -248,10 +266,15 @@ class RecordIO:
     def write_shard(self, ctx: ShardContext) -> None:
         """The shard's segment: its kept images as records, ids in (identity, slot) order."""
         a = ctx.spec.images_per_identity
-        records = ((recordio_id(i, slot, a), i, s, ctx.data[(i, s)])
-                   for i in ctx.ids for slot, s in enumerate(ctx.kept[i]))
+        order = [(recordio_id(i, slot, a), i, s) for i in ctx.ids for slot, s in enumerate(ctx.kept[i])]
+        records = ((rid, i, s, ctx.data[(i, s)]) for rid, i, s in order)
+        offsets: list[int] = []
         segment = ctx.keys.shard_recordio(ctx.shard)
-        ctx.put_stream(segment, "application/octet-stream", lambda out: write_recordio_segment(out, records))
+        ctx.put_stream(segment, "application/octet-stream",
+                       lambda out: write_recordio_segment(out, records, offsets))
+        for (rid, i, s), off in zip(order, offsets, strict=True):
+            # the offset in the segment; the index adds the segment's place in train.rec
+            ctx.locate(i, s, record_id=rid, record_offset=off)
 
     def package(self, ctx: PackageContext) -> None:
         """insightface's train.rec/.idx/.lst/property from the shards' segments, streamed through files."""
@@ -263,8 +286,9 @@ class RecordIO:
                     (d / "train.lst").open("w") as lst:
                 packer = RecordIOPackager(
                     rec, idx, lst, n_images=n_images, n_identities=spec.identities,
-                    path_template=layout.IMAGEFOLDER.replace("{ext}", ctx.ext))
+                    path_template=lst_path_template(spec.output.formats, ctx.ext))
                 for s in ctx.shards:
+                    ctx.record_base[s["shard"]] = packer.offset
                     segment = d / "segment.rec"
                     storage.get_file(keys.shard_recordio(s['shard']), segment)
                     with segment.open("rb") as f:

@@ -68,6 +68,14 @@ def write_webdataset_tar(out: BinaryIO, samples: Iterable[tuple[str, Mapping[str
     return n
 
 
+TAR_BLOCK = 512  # a ustar header, and the unit member data is padded to
+
+
+def member_span(size: int) -> int:
+    """Bytes a member of `size` data bytes takes in a ustar tar: its header, its data padded to 512."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -111,15 +119,24 @@ class WebDataset:
     always = False
 
     def write_shard(self, ctx: ShardContext) -> None:
-        """The shard's tar: one sample per kept image, in (identity, sample) order."""
+        """The shard's tar: one sample per kept image, in (identity, sample) order. Records each
+        image's tar, member name and the member data's byte offset in the tar."""
+        tar = ctx.keys.webdataset_tar(ctx.shard)
+        rel = ctx.keys.relative(tar)
+
         def wds_samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+            pos = 0  # byte offset of the next member's header in the tar
             for f in ctx.records:
                 i, s = f["identity"], f["sample"]
                 meta = {k: f[k] for k in ("identity", "sample", "seed", "reference_cosine", "centre_cosine",
                                           "aligned")}
-                yield webdataset_sample(i, s, ctx.ext, ctx.data[(i, s)], meta)
+                key, members = webdataset_sample(i, s, ctx.ext, ctx.data[(i, s)], meta)
+                for ext, data in members.items():
+                    if ext == ctx.ext:
+                        ctx.locate(i, s, tar=rel, member=f"{key}.{ext}", tar_offset=pos + TAR_BLOCK)
+                    pos += member_span(len(data))
+                yield key, members
 
-        tar = ctx.keys.webdataset_tar(ctx.shard)
         ctx.put_stream(tar, "application/x-tar", lambda out: write_webdataset_tar(out, wds_samples()))
 
     def package(self, ctx: PackageContext) -> None:

@@ -151,8 +151,11 @@ def _sse(svc: Services, job_id: str, after: str, max_s: float = 3600) -> Iterato
 
 
 @router.get("/{job_id}/artifacts", summary="The manifest, with presigned download URLs",
-            responses={200: {"model": Artifacts}, **problems(409)})
+            responses={200: {"model": Artifacts}, **problems(409, 422)})
 def job_artifacts(job_id: str, svc: Svc, team: Team,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-                  after: Annotated[str | None, Query(max_length=256)] = None) -> dict[str, Any]:
+                  after: Annotated[str | None, Query(
+                      max_length=256, description="the `next` of the previous page (an opaque cursor "
+                      "into the job's Parquet index); anything else is a 422 naming `query.after`")] = None
+                  ) -> dict[str, Any]:
     return jobs_service.artifacts(svc, team, job_id, limit=limit, after=after)
