@@ -179,4 +179,3 @@ def fetch_to_file(http: httpx.Client, url: str, dest: Path, sha256: str) -> None
     tmp.replace(dest)
 
 
-_fetch_to_file = fetch_to_file  # the name it had before `idforge reproduce` used it
