@@ -80,15 +80,17 @@ class Client:
         """Fetch the manifest, every image and every dataset object (tars, RecordIO, the index)
         through the presigned URLs; check each sha256. Returns the number of images.
 
-        Pages through the listing (one page in memory at a time). An image that is not a loose file
-        (a job without `imagefolder`) is read from its tar or train.rec, fetched with the objects
-        on the first page, and checked against its digest there."""
+        Pages through the listing (one page in memory at a time). Each page lists the objects its
+        images need (the job-level ones and the tars of its shards); each is fetched once. An image
+        that is not a loose file (a job without `imagefolder`) is read from its tar or train.rec,
+        fetched with its page's objects, and checked against its digest there."""
         import hashlib
 
         from app import dataset_index
 
         out.mkdir(parents=True, exist_ok=True)
         n, after = 0, None
+        fetched: set[str] = set()
         plain = httpx.Client(timeout=60)
         while True:
             params: dict[str, Any] = {"limit": page}
@@ -99,8 +101,10 @@ class Client:
                 r = plain.get(art["manifest_url"])
                 r.raise_for_status()
                 (out / "manifest.json").write_bytes(r.content)
-                for obj in art.get("objects", []):
+            for obj in art.get("objects", []):
+                if obj["path"] not in fetched:
                     fetch_to_file(plain, obj["url"], _inside(out, obj["path"]), obj["sha256"])
+                    fetched.add(obj["path"])
             for f in art["files"]:
                 if not f.get("path"):  # inside a tar or train.rec, already here
                     data = dataset_index.read_image(f, lambda key, start, length: _read_local(

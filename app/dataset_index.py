@@ -6,7 +6,7 @@ Used by the API (`GET /v1/jobs/{id}/artifacts` pages the index), `idforge downlo
 
 The index is written one row group per render shard, each sorted by (identity, sample), the kept
 images first and then the ones the quality filter dropped (`filtered = true`). A page reads the
-footer (once per job: `FooterCache`) and only the row groups it needs, each in one ranged read, so
+footer (once per job: `JobCache`) and only the row groups it needs, each in one ranged read, so
 its cost does not depend on the job's size.
 
 A cursor is opaque to clients: base64url of `{row group}.{row}.{check}`, where `check` binds the
@@ -29,13 +29,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from app.layout import INDEX
 
 if TYPE_CHECKING:  # pyarrow (and numpy with it) loads when an index is first read, not with the API
     import pyarrow.parquet as pq
 
+V = TypeVar("V")
 ReadRange = Callable[[int, int], bytes]  # (start, length) -> bytes of one object
 FOOTER_READ = 64 * 1024  # the first read of an index: its tail, which holds the footer of most
 MANIFEST_VERSION = 3  # manifests with the per-image list in the index alone; 2 and older: inline `files`
@@ -161,28 +162,42 @@ class IndexFile:
         return rows
 
 
-class FooterCache:
-    """Index footers by (job, index sha256): a small LRU in the API process (a footer is about
-    a kilobyte per row group)."""
+class JobCache(Generic[V]):
+    """What the API keeps of recently listed jobs, by (job, digest of the object it came from): a
+    small LRU (an index footer is about a kilobyte per row group; a shard-objects table, about
+    130 bytes per shard)."""
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], tuple[int, pq.FileMetaData]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str]) -> tuple[int, pq.FileMetaData] | None:
+    def get(self, key: tuple[str, str]) -> V | None:
         with self._lock:
             got = self._items.get(key)
             if got is not None:
                 self._items.move_to_end(key)
             return got
 
-    def put(self, key: tuple[str, str], value: tuple[int, pq.FileMetaData]) -> None:
+    def put(self, key: tuple[str, str], value: V) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+
+
+def parse_objects(data: bytes) -> dict[int, list[dict[str, Any]]]:
+    """A job's shard-objects table (`layout.OBJECTS`, JSON lines of `path`, `shard`, `size`,
+    `sha256`) by shard. ValueError on a line that is not such an object."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        row = json.loads(line)
+        if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("shard"), int)
+                and isinstance(row.get("size"), int) and isinstance(row.get("sha256"), str)):
+            raise ValueError(f"line {n}: expected path, shard, size and sha256, got {line[:200]!r}")  # noqa: TRY004 (bad data)
+        out.setdefault(row["shard"], []).append(row)
+    return out
 
 
 def iter_index(read: ReadRange, size: int, *, kept_only: bool = True) -> Iterator[dict[str, Any]]:

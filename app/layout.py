@@ -7,7 +7,7 @@ from the templates here, so the keys written and the keys documented cannot drif
   identities/ embeddings.safetensors  stats.json  checkpoint.safetensors  gallery/{k:05d}.safetensors
   shards/{shard:05d}/ done.json  features.safetensors  latents.safetensors  images.rec
   dataset/ imagefolder/{identity:06d}/{sample:03d}.{ext}  webdataset/{shard:06d}.tar
-           recordio/{train.rec,train.idx,train.lst,property}  index.parquet
+           recordio/{train.rec,train.idx,train.lst,property}  index.parquet  objects.jsonl
   report/ report.html  report.json  plots/*.png ...
 ```
 """
@@ -21,6 +21,9 @@ WEBDATASET = "dataset/webdataset/{shard:06d}.tar"
 RECORDIO_FILES = ("train.rec", "train.idx", "train.lst", "property")
 RECORDIO = "dataset/recordio/{name}"
 INDEX = "dataset/index.parquet"
+# The per-shard dataset objects (WebDataset tars), a JSON line each (`path`, `shard`, `size`,
+# `sha256`): the manifest pins this file, so it stays the same size however many shards a job has.
+OBJECTS = "dataset/objects.jsonl"
 IDENTITIES = "identities/embeddings.safetensors"
 REPORT = "report/{name}"
 SHARD = "shards/{shard:05d}/{name}"
@@ -117,6 +120,7 @@ def manifest_layout(formats: Collection[str], ext: str, report: bool) -> dict[st
         "webdataset": WEBDATASET if "webdataset" in formats else None,
         "recordio": RECORDIO.format(name="{" + ",".join(RECORDIO_FILES) + "}") if "recordio" in formats else None,
         "index": INDEX,
+        "objects": OBJECTS,
         "identities": IDENTITIES,
         "report": REPORT.format(name="report.html") if report else None,
     }

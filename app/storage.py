@@ -10,13 +10,16 @@ import hashlib
 import hmac
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from app.errors import StorageError, StorageKeyMissing
+from app.presign import Presigner
 
 
 class Storage(Protocol):
@@ -49,6 +52,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 MULTIPART_PART = 8 * 1024 * 1024  # S3 objects of this size and up go as multipart uploads in parts of it
+PUT_CONCURRENCY = 16  # small objects (loose images) in flight at once from one process (`put_many`)
 GET_BODY_ATTEMPTS = 4  # a GET whose body stream breaks is sent again, at most this many times in all
 
 
@@ -70,7 +74,7 @@ class LocalStorage:
         p = self._path(key)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, p)  # atomic: readers see the old object or the new one
         except OSError as e:
@@ -89,7 +93,7 @@ class LocalStorage:
         p = self._path(key)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             shutil.copyfile(path, tmp)
             os.replace(tmp, p)
         except OSError as e:
@@ -179,6 +183,7 @@ class S3Storage:
         self.client = client
         # Signs download URLs; a separate client when clients reach S3 at another address.
         self.presign_client = presign_client or client
+        self._presigner: Presigner | None | bool = False  # False: not built yet; None: use boto3
 
     @classmethod
     def from_settings(cls, s: Any) -> S3Storage:
@@ -304,6 +309,13 @@ class S3Storage:
         return len(keys)
 
     def presign_get(self, key: str, expires_s: int) -> str:
+        """A GET URL for `key`, valid `expires_s` seconds: `app.presign` (the URL boto3 would make,
+        about 20x faster: a page of the listing signs 1,000 of them) unless the client's signing
+        scheme is one it cannot match, then boto3."""
+        if self._presigner is False:
+            self._presigner = Presigner.from_client(self.presign_client, self.bucket)
+        if isinstance(self._presigner, Presigner):
+            return self._presigner.presign_get(key, expires_s)
         url: str = self.presign_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
@@ -311,6 +323,17 @@ class S3Storage:
 
     def ping(self) -> None:
         self._call("head bucket", "", self.client.head_bucket)
+
+
+def put_many(storage: Storage, items: Iterable[tuple[str, bytes, str]]) -> None:
+    """Store many small objects, (key, bytes, content type) each, PUT_CONCURRENCY requests in flight:
+    a loose image's PUT is mostly a round trip, so one at a time the worker waits on the network.
+    Raises the first failure once every request has ended (each PUT is idempotent; a retried shard
+    writes them all again)."""
+    with ThreadPoolExecutor(PUT_CONCURRENCY, thread_name_prefix="idforge-put") as pool:
+        futures = [pool.submit(storage.put_bytes, key, data, ctype) for key, data, ctype in items]
+    for f in futures:
+        f.result()
 
 
 def transfer_config() -> Any:
@@ -332,7 +355,8 @@ def s3_client(s: Any, endpoint: str) -> Any:
         aws_access_key_id=s.s3_access_key_id or None,
         aws_secret_access_key=s.s3_secret_access_key.get_secret_value() or None,
         config=Config(signature_version="s3v4", retries={"max_attempts": 8, "mode": "standard"},
-                      s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60),
+                      s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60,
+                      max_pool_connections=PUT_CONCURRENCY),
     )
 
 

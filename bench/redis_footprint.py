@@ -193,7 +193,7 @@ def measure(url: str, sizes: list[int]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_footprint",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="100,1000,10000", help="comma-separated shard counts")
@@ -201,11 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(x) for x in a.shards.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         srv = RedisServer(Path(tmp), appendonly=False).start()
+        lines = []
         try:
             for line in measure(srv.url, sizes):
                 print(line, flush=True)
+                lines.append(line)
         finally:
             srv.stop()
+    return lines
 
 
 if __name__ == "__main__":

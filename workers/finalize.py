@@ -16,6 +16,7 @@ index lists them, and the manifest pins its sha256 (`index`).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -176,11 +177,10 @@ def _content_type(name: str) -> str:
 
 def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]],
             label_flips: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
-    """Write the job-level dataset objects; returns every dataset object's size and sha256 (the
-    shards' tars included), for the manifest."""
+    """Write the job-level dataset objects; returns their sizes and sha256s, for the manifest. The
+    shards' own dataset objects (WebDataset tars) are listed in `layout.OBJECTS`, which the returned
+    table pins (with its row count), so the manifest does not grow with the shards."""
     outputs: dict[str, dict[str, Any]] = {}
-    for s in shards:
-        outputs.update({k: v for k, v in s.get("outputs", {}).items() if k.startswith("dataset/")})
     ctx = PackageContext(spec=spec, storage=storage, keys=keys, shards=shards,
                          ext=IMAGE_EXT[spec.output.image_format], label_flips=label_flips, objects=outputs)
     for output in asked_for(spec):  # RecordIO's train.rec/.idx/.lst/property, the Parquet index
@@ -191,7 +191,26 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dic
     index = outputs.get(layout.INDEX)
     if index is not None:  # what the manifest pins of the index (outputs has its digest too)
         index["rows"], index["row_groups"] = ctx.index_rows, ctx.index_row_groups
+    _write_objects(storage, keys, shards, outputs)
     return dict(sorted(outputs.items()))
+
+
+def _write_objects(storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]],
+                   outputs: dict[str, dict[str, Any]]) -> None:
+    """`layout.OBJECTS`: each shard's dataset objects, a JSON line each in (shard, path) order,
+    streamed one shard record at a time; its digest and row count go to `outputs`."""
+    rows = 0
+    with tempfile.TemporaryDirectory(prefix="idforge-objects-") as tmp:
+        path = Path(tmp) / "objects.jsonl"
+        with path.open("wb") as out:
+            for s in shards:
+                for rel, meta in sorted(s.get("outputs", {}).items()):
+                    if rel.startswith("dataset/"):
+                        line = {"path": rel, "shard": s["shard"], "size": meta["size"], "sha256": meta["sha256"]}
+                        out.write(json.dumps(line, sort_keys=True).encode() + b"\n")
+                        rows += 1
+        storage.put_file(keys.key(layout.OBJECTS), path, "application/x-ndjson")
+        outputs[layout.OBJECTS] = {"size": path.stat().st_size, "sha256": hash_file(path), "rows": rows}
 
 
 # ---- the manifest ------------------------------------------------------------------------------

@@ -31,15 +31,15 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
     artifacts.save_identities(storage, keys, got.embeddings,
                               {**got.stats, "seconds": round(time.perf_counter() - t0, 3)}, latents=got.latents)
     total = spec.identities * spec.images_per_identity
-    shards, done = [], 0
-    for k, ids in enumerate(artifacts.plan_shards(spec.identities, s.shard_identities)):
+    plan, done = artifacts.plan_shards(spec.identities, s.shard_identities), 0
+    for k, ids in enumerate(plan):
         def progress(ids_done: int, imgs_done: int, base: int = done) -> None:
             on_progress(base + imgs_done, total)
 
         res = pipelines.render_shard(spec, k, ids, models, storage, keys,
                                      hooks=pipelines.Hooks(shard_progress=progress))
         done += len(res.files)
-        shards.append(artifacts.load_shard(storage, keys, k))
+    shards = artifacts.ShardRecords(storage, keys, len(plan))  # read back one at a time, as a worker does
     return finalize.finish("local", spec, storage, keys, shards, shard_identities=s.shard_identities,
                           models=pipelines.models_used(spec, models),
                           reference=finalize.reference_for(spec, s.model_dir), device=models.device)

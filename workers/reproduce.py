@@ -4,8 +4,8 @@ The manifest holds the normalised spec, the seed derivations, the shard plan, ea
 sha256 and the platform the bytes were computed on (`workers.provenance`). A reproduction refuses
 to start when a local model's weights differ from the ones the job used (its images would differ);
 otherwise it renders the spec with the same shard plan into a local directory and compares every
-image and every dataset object (tars, RecordIO, the Parquet index, the identities) with the
-manifest's digests.
+image and every dataset object (RecordIO, the Parquet index, the identities, and the WebDataset
+tars through the digest of the shard-objects table that lists them) with the manifest's digests.
 
 On the same platform the bytes are the same. On another one (another CPU instruction set, GPU,
 library version, thread count ...) the networks' floating point differs, and so may the pixels;

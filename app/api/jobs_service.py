@@ -189,7 +189,8 @@ def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
 # ---- artifacts ------------------------------------------------------------------------------------
 
 
-FOOTERS = dataset_index.FooterCache(64)  # index footers of recently listed jobs, by (job, index sha256)
+FOOTERS: dataset_index.JobCache[tuple[int, Any]] = dataset_index.JobCache(64)  # index (size, footer) by (job, sha256)
+SHARD_OBJECTS: dataset_index.JobCache[dict[int, list[dict[str, Any]]]] = dataset_index.JobCache(64)  # by (job, sha256)
 _LOCATION_COLUMNS = ("tar", "member", "tar_offset", "record_id", "record_offset")
 
 
@@ -223,11 +224,32 @@ def artifacts(svc: Services, team: str, job_id: str, *, limit: int, after: str |
         "files": [_file_entry(svc, keys, row, ttl) for row in rows],
         "has_more": nxt is not None,
         "next": nxt,
-        # The dataset's other objects: WebDataset tars, RecordIO files, the Parquet index, identities.
+        # The dataset's other objects: RecordIO files, the Parquet index, the identities, and the
+        # WebDataset tars of the shards this page's images are in.
         "objects": [{"path": path, **meta, "url": svc.storage.presign_get(keys.key(path), ttl)}
-                    for path, meta in sorted(manifest.get("outputs", {}).items())],
+                    for path, meta in _page_objects(svc, keys, job_id, manifest, rows)],
         "report": _report_urls(svc, keys, ttl),
     }
+
+
+def _page_objects(svc: Services, keys: JobKeys, job_id: str, manifest: dict[str, Any],
+                  rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The job-level objects the manifest lists, and the shard objects (`layout.OBJECTS`) of the
+    shards `rows` are in, by path. An older manifest lists every object itself."""
+    objects = dict(manifest.get("outputs", {}))
+    table = objects.get(layout.OBJECTS)
+    if table is not None and table.get("rows"):
+        by_shard = SHARD_OBJECTS.get((job_id, str(table.get("sha256"))))
+        if by_shard is None:
+            try:
+                by_shard = dataset_index.parse_objects(svc.storage.get_bytes(keys.key(layout.OBJECTS)))
+            except ValueError as e:
+                raise ServiceError(f"job {job_id}: its {layout.OBJECTS} cannot be read: {e}") from e
+            SHARD_OBJECTS.put((job_id, str(table.get("sha256"))), by_shard)
+        for shard in sorted({r["shard"] for r in rows if r.get("shard") is not None}):
+            for obj in by_shard.get(shard, []):
+                objects[obj["path"]] = {"size": obj["size"], "sha256": obj["sha256"], "shard": shard}
+    return sorted(objects.items())
 
 
 def _file_entry(svc: Services, keys: JobKeys, row: dict[str, Any], ttl: int) -> dict[str, Any]:

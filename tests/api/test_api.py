@@ -3,6 +3,7 @@ broker lists, with no worker consuming them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,8 +377,18 @@ def _succeeded_job(api: TestClient, store: JobStore, tmp_path: Path, *, shards: 
             kept += rows[:-1]
     data = (root / "dataset/index.parquet").read_bytes()
     pin = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    # a tar per shard, listed by the shard-objects table the manifest pins
+    (root / "dataset/webdataset").mkdir()
+    lines = b""
+    for k in range(shards):
+        tar = f"tar {k}".encode()
+        (root / f"dataset/webdataset/{k:06d}.tar").write_bytes(tar)
+        lines += json.dumps({"path": f"dataset/webdataset/{k:06d}.tar", "shard": k, "size": len(tar),
+                             "sha256": hashlib.sha256(tar).hexdigest()}).encode() + b"\n"
+    (root / "dataset/objects.jsonl").write_bytes(lines)
+    table = {"sha256": hashlib.sha256(lines).hexdigest(), "size": len(lines), "rows": shards}
     manifest: dict[str, Any] = {"format": "idforge.manifest/3", "manifest_version": 3, "job_id": jid,
-                                "outputs": {"dataset/index.parquet": pin},
+                                "outputs": {"dataset/index.parquet": pin, "dataset/objects.jsonl": table},
                                 "index": {"path": "dataset/index.parquet", **pin}}
     if old_format:
         manifest = {"format": "idforge.manifest/2", "job_id": jid, "outputs": {"dataset/index.parquet": pin},
@@ -409,6 +420,23 @@ def test_artifacts_page_every_image_once_in_order(api: TestClient, store: JobSto
     assert pages[-1]["next"] is None and not pages[-1]["has_more"]
     assert all(p["next"] for p in pages[:-1])
     assert "files" not in pages[0]["manifest"]
+
+
+def test_artifacts_page_lists_the_tars_of_its_own_shards(api: TestClient, store: JobStore, tmp_path: Path) -> None:
+    jid, _ = _succeeded_job(api, store, tmp_path, shards=3, per_shard=7)
+    pages = _pages(api, jid, 5)  # rows 0-4 | 5-6 + 7-9 | 10-13 + 14 | 15-19 | 20
+    job_level = {"dataset/index.parquet", "dataset/objects.jsonl"}
+    for page in pages:
+        objects = {o["path"]: o for o in page["objects"]}
+        shards = sorted({f["shard"] for f in page["files"]})
+        assert set(objects) == job_level | {f"dataset/webdataset/{k:06d}.tar" for k in shards}
+        for k in shards:
+            tar = objects[f"dataset/webdataset/{k:06d}.tar"]
+            assert tar["shard"] == k and tar["sha256"] == hashlib.sha256(f"tar {k}".encode()).hexdigest()
+            assert tar["url"]
+    assert [sorted({f["shard"] for f in p["files"]}) for p in pages] == [[0], [0, 1], [1, 2], [2], [2]]
+    # the manifest the API returns does not list the tars either
+    assert not [k for k in pages[0]["manifest"]["outputs"] if k.startswith("dataset/webdataset/")]
 
 
 def test_artifacts_cursor_that_is_not_this_listings_is_422_naming_after(api: TestClient, store: JobStore,

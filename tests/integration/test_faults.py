@@ -226,7 +226,8 @@ def s3_client(stack: Stack) -> Any:
 
 def verify_dataset(stack: Stack, job_id: str, identities: int, per_identity: int) -> dict[str, Any]:
     """Every (identity, sample) exactly once in the manifest, the Parquet index and the bucket, and
-    every object's bytes match the manifest's sha256. Returns the manifest."""
+    every object's bytes match the manifest's sha256 (the tars: their table's). Returns the manifest,
+    with `shard_objects` added: the paths the shard-objects table lists."""
     import pyarrow.parquet as pq
 
     s3 = s3_client(stack)
@@ -250,6 +251,12 @@ def verify_dataset(stack: Stack, job_id: str, identities: int, per_identity: int
     for rel, meta in manifest["outputs"].items():
         data = get(rel)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["size"], meta["sha256"]), rel
+    shard_objects = [json.loads(line) for line in get("dataset/objects.jsonl").splitlines()]
+    assert len(shard_objects) == manifest["outputs"]["dataset/objects.jsonl"]["rows"]
+    for obj in shard_objects:  # the tars, pinned through the table the manifest pins
+        data = get(obj["path"])
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (obj["size"], obj["sha256"]), obj["path"]
+    manifest["shard_objects"] = [o["path"] for o in shard_objects]
     listed = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=f"{root}/dataset/imagefolder/") for o in page.get("Contents", [])]
     assert len(listed) == identities * per_identity  # no stray image from an interrupted run
@@ -359,7 +366,8 @@ def test_kill_while_finalising_finishes_without_rendering_again(stack: Stack) ->
     assert all(n == 1 for k, n in counts.items() if k != "finalize"), counts  # nothing rendered again
     assert_never_parallel(events, {str(killed)})
     manifest = verify_dataset(stack, job_id, 12, 6)
-    assert {"dataset/recordio/train.rec", "dataset/webdataset/000003.tar"} <= set(manifest["outputs"])
+    assert "dataset/recordio/train.rec" in manifest["outputs"]
+    assert "dataset/webdataset/000003.tar" in manifest["shard_objects"]
     print(f"\nfinalize kill: 1 kill, {time.monotonic() - t0:.1f} s")
 
 
@@ -449,7 +457,7 @@ def test_s3_faults_are_retried_and_every_object_is_intact(tmp_path: Path, model_
         faults = {k: v for k, v in proxy.stats.items() if k not in ("requests", "forwarded")}
         assert set(faults) == set(caps) and sum(faults.values()) >= 15, faults
         manifest = verify_dataset(s, job["id"], 9, 3)
-        assert len(manifest["outputs"]) >= 9
+        assert len(manifest["outputs"]) >= 7 and len(manifest["shard_objects"]) == 3
         # What a client downloads through the presigned URLs matches too (Client.download checks).
         assert s.alpha.download(job["id"], tmp_path / "download") == 27
         print(f"\nS3 faults: {sum(faults.values())} injected {dict(faults)} over {proxy.stats['requests']} "

@@ -4,6 +4,7 @@ the quality filter with top-up; the leakage check; the report; `idforge reproduc
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -46,7 +47,16 @@ def test_webdataset_shards_read_back_with_the_library(job: tuple[Path, dict[str,
 
     out, m = job
     by_key = {(f["identity"], f["sample"]): f for f in files_of(out, m)}
-    urls = [str(out / rel) for rel in m["outputs"] if rel.startswith("dataset/webdataset/")]
+    # The tars are listed by the shard-objects table the manifest pins, not by the manifest itself.
+    table = (out / "dataset" / "objects.jsonl").read_bytes()
+    assert m["outputs"]["dataset/objects.jsonl"] == {"size": len(table), "sha256": hashlib.sha256(table).hexdigest(),
+                                                     "rows": 3}
+    assert not [rel for rel in m["outputs"] if rel.startswith("dataset/webdataset/")]
+    rows = [json.loads(line) for line in table.splitlines()]
+    assert [r["shard"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert hashlib.sha256((out / r["path"]).read_bytes()).hexdigest() == r["sha256"]
+    urls = [str(out / r["path"]) for r in rows]
     assert len(urls) == 3  # shards of 2, 2 and 1 identities
     seen = set()
     for url in sorted(urls):
@@ -199,7 +209,7 @@ def test_reproduce_is_byte_identical_and_refuses_other_weights(job: tuple[Path, 
     monkeypatch.setenv("IDFORGE_MODEL_DIR", str(model_dir))
     r = CliRunner().invoke(cli, ["reproduce", str(out / "manifest.json"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
-    assert "images: 15/15 byte-identical; dataset objects: 9/9 byte-identical" in r.output
+    assert "images: 15/15 byte-identical; dataset objects: 7/7 byte-identical" in r.output
     assert "platform: the same as the job's" in r.output and r.output.splitlines()[-1] == "verdict: identical"
     # A manifest whose images differ from what these weights make, with no copy of the job's images
     # beside it to measure them against: named, and exit 1.
@@ -248,23 +258,25 @@ LATENT: dict[str, Any] = {"seed": 9, "models": {"generator": "stylegan2-tiny", "
                           "render": {"batch_size": 8}, "quality": {"report": False}}
 
 
-def test_manifest_size_does_not_grow_with_the_images_and_pins_the_index(tmp_path: Path, model_dir: Path) -> None:
-    import hashlib
-
+def test_manifest_size_does_not_grow_with_the_images_or_the_shards_and_pins_the_index(
+        tmp_path: Path, model_dir: Path) -> None:
     sizes = {}
-    for ids in (2, 16):  # 8 and 64 images, one shard each
+    for ids, per_shard in ((2, 16), (16, 2)):  # 8 images in one shard, 64 in eight (a tar each)
         spec = JobSpec.model_validate({**LATENT, "identities": ids, "images_per_identity": 4})
         out = tmp_path / str(ids)
-        m = generate(spec, out, settings=Settings(model_dir=model_dir, shard_identities=16))
+        m = generate(spec, out, settings=Settings(model_dir=model_dir, shard_identities=per_shard))
         raw = (out / "manifest.json").read_bytes()
         sizes[ids * 4] = len(raw)
         assert "files" not in m and "files" not in json.loads(raw)
         assert m["manifest_version"] == 3 and m["format"] == "idforge.manifest/3"
         index = (out / "dataset/index.parquet").read_bytes()
         assert m["index"]["sha256"] == hashlib.sha256(index).hexdigest() == m["outputs"]["dataset/index.parquet"]["sha256"]
-        assert m["index"]["size"] == len(index) and m["index"]["rows"] == ids * 4 and m["index"]["row_groups"] == 1
+        shards = ids // per_shard or 1
+        assert m["index"]["size"] == len(index) and m["index"]["rows"] == ids * 4
+        assert m["index"]["row_groups"] == shards == m["outputs"]["dataset/objects.jsonl"]["rows"]
         assert len(files_of(out, m)) == ids * 4
-    # Only digits differ (identities 2 vs 16, images 8 vs 64, timings); inline files grew 357 B an image.
+    # Only digits differ (identities 2 vs 16, images 8 vs 64, shards 1 vs 8, timings); inline files
+    # grew 357 B an image, and the tars listed in the manifest about 100 B a shard.
     assert abs(sizes[64] - sizes[8]) < 64, sizes
 
 

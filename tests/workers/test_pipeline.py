@@ -62,8 +62,9 @@ def test_generate_is_reproducible_and_shard_size_does_not_change_images(
     a, b = _files(tmp_path / "a" / "dataset"), _files(tmp_path / "b" / "dataset")
     # 10 images, a WebDataset tar per shard and the Parquet index: byte-identical reruns
     assert sorted(k for k in a if not k.startswith("imagefolder/")) == [
-        "index.parquet", "webdataset/000000.tar", "webdataset/000001.tar", "webdataset/000002.tar"]
-    assert len(a) == 14 and a == b
+        "index.parquet", "objects.jsonl", "webdataset/000000.tar", "webdataset/000001.tar",
+        "webdataset/000002.tar"]
+    assert len(a) == 15 and a == b
     files1 = list(dataset_index.local_files(tmp_path / "a", m1))
     assert files1 == list(dataset_index.local_files(tmp_path / "b", m2)) and m1["spec_hash"] == m2["spec_hash"]
     assert len(files1) == 10 and "files" not in m1
@@ -86,7 +87,7 @@ def test_other_seed_gives_other_images(tmp_path: Path, model_dir: Path) -> None:
     generate(JobSpec.model_validate({**SPEC, "identities": 1, "seed": 4}), tmp_path / "b",
              settings=s)
     a, b = _files(tmp_path / "a" / "dataset"), _files(tmp_path / "b" / "dataset")
-    assert len(a) == 4 and a.keys() == b.keys() and all(a[k] != b[k] for k in a)
+    assert len(a) == 5 and a.keys() == b.keys() and all(a[k] != b[k] for k in a)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from app.storage import put_many
+
 if TYPE_CHECKING:
     from workers.outputs import PackageContext, ShardContext
 
@@ -18,12 +20,14 @@ class ImageFolder:
 
     def write_shard(self, ctx: ShardContext) -> None:
         """Store each kept image and record its path."""
-        fmt = ctx.spec.output.image_format
+        ctype = CONTENT_TYPE[ctx.spec.output.image_format]
+        puts = []
         for record in ctx.records:
             i, s = record["identity"], record["sample"]
             key = ctx.keys.image(i, s, ctx.ext)
-            ctx.storage.put_bytes(key, ctx.data[(i, s)], CONTENT_TYPE[fmt])
+            puts.append((key, ctx.data[(i, s)], ctype))
             ctx.locate(i, s, path=ctx.keys.relative(key))
+        put_many(ctx.storage, puts)
 
     def package(self, ctx: PackageContext) -> None:
         """Nothing: the shards wrote the images."""
