@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from app import layout
 from app.client import Client
 from app.servers import free_port, stop_group
 
@@ -56,7 +57,8 @@ def main(data_dir: Path = Path(".idforge")) -> int:
         print(f"  dataset:  {root / 'dataset' / 'imagefolder'}  ({len(on_disk)} images on disk)")
         print(f"  manifest: {root / 'manifest.json'}  (counts {counts['images']} images of "
               f"{counts['requested']} requested, spec hash {manifest['spec_hash'][:12]})")
-        print(f"  objects:  {', '.join(sorted(manifest['outputs']))}")
+        tars = [json.loads(line)["path"] for line in (root / layout.OBJECTS).read_text().splitlines()]
+        print(f"  objects:  {', '.join(sorted(manifest['outputs']) + tars)}")  # tars: the table the manifest pins
         q = manifest["quality"]["models"]
         print(f"  quality:  EER {q['job']['eer']} ({q['job']['name']}), {q['evaluator']['eer']} "
               f"({q['evaluator']['name']}); report {root / 'report' / 'report.html'}")
