@@ -206,23 +206,18 @@ def test_fast_mode_with_a_stylegan2_gallery_needs_only_arc2faces_lcm_lora(
     failing every such job at its first task even with Arc2Face's weights in place."""
     import shutil
 
-    from safetensors.torch import save_file
 
     from app.queue import TaskQueue
-    from models.registry import ensure_model, file_sha256, load_generator, load_overrides
-    from tests.models.generators.test_arc2face import kohya_state, lcm_lora_factors
+    from models.registry import ensure_model, load_overrides
+    from tests.models.generators.test_arc2face import place_pinned_lcm_lora
     from workers import jobs, runtime, tasking
     from workers.runtime import Runtime
 
     root = tmp_path / "models"
     for name in ("arc2face-tiny", "stylegan2-tiny", "iresnet-tiny"):
         shutil.copytree(ensure_model(name, model_dir), root / name)
-    lora = root / "arc2face-tiny" / "lcm-lora" / "pytorch_lora_weights.safetensors"
-    lora.parent.mkdir()
-    save_file(kohya_state(lcm_lora_factors(load_generator("arc2face-tiny", model_dir).unet)), lora)
     pins = tmp_path / "registry.json"
-    pins.write_text(json.dumps({"models": {"arc2face-tiny": {"sha256": {
-        "lcm-lora/pytorch_lora_weights.safetensors": file_sha256(lora)}}}}))
+    place_pinned_lcm_lora(root, model_dir, pins)
     s = Settings(redis_url=redis_server.url, storage_dir=tmp_path / "storage", model_dir=root,
                  shard_identities=4, gallery_chunk=6)
     rt = Runtime(settings=s, store=store, storage=LocalStorage(s.storage_dir), queue=TaskQueue.from_settings(s),

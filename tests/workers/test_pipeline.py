@@ -258,10 +258,9 @@ def test_a_job_naming_a_model_without_weights_fails_at_once_naming_the_files(
 
 def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
         rt: Runtime, tmp_path: Path, model_dir: Path, monkeypatch: Any) -> None:
-    from safetensors.torch import save_file
 
-    from models.registry import ensure_model, file_sha256, load_generator, load_overrides
-    from tests.models.generators.test_arc2face import kohya_state, lcm_lora_factors
+    from models.registry import ensure_model, load_overrides
+    from tests.models.generators.test_arc2face import place_pinned_lcm_lora
     from workers import runtime, tasking
 
     monkeypatch.setattr(runtime, "_runtime", rt)
@@ -285,12 +284,8 @@ def test_fast_mode_runs_with_pinned_lcm_lora_and_fails_fast_without(
     models = tmp_path / "models"
     shutil.copytree(ensure_model("arc2face-tiny", model_dir), models / "arc2face-tiny")
     shutil.copytree(ensure_model("iresnet-tiny", model_dir), models / "iresnet-tiny")
-    lora = models / "arc2face-tiny" / "lcm-lora" / "pytorch_lora_weights.safetensors"
-    lora.parent.mkdir()
-    save_file(kohya_state(lcm_lora_factors(load_generator("arc2face-tiny", model_dir).unet)), lora)
     pins = tmp_path / "registry.json"
-    pins.write_text(json.dumps({"models": {"arc2face-tiny": {"sha256": {
-        "lcm-lora/pytorch_lora_weights.safetensors": file_sha256(lora)}}}}))
+    place_pinned_lcm_lora(models, model_dir, pins)
     fast_rt = Runtime(settings=rt.settings, store=rt.store, storage=rt.storage, queue=rt.queue,
                       models=ModelCache(Registry(models, load_overrides(pins)), "cpu"))
     monkeypatch.setattr(runtime, "_runtime", fast_rt)

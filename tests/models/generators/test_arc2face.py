@@ -456,6 +456,18 @@ def kohya_state(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: fl
     return state
 
 
+def place_pinned_lcm_lora(models: Path, model_dir: Path, pins: Path) -> None:
+    """An LCM-LoRA file for the tiny Arc2Face already under `models/arc2face-tiny`, in the published
+    layout, and a registry override file `pins` that pins its sha256."""
+    from models.registry import file_sha256, load_generator
+
+    lora = models / "arc2face-tiny" / "lcm-lora" / "pytorch_lora_weights.safetensors"
+    lora.parent.mkdir()
+    save_file(kohya_state(lcm_lora_factors(load_generator("arc2face-tiny", model_dir).unet)), lora)
+    pins.write_text(json.dumps({"models": {"arc2face-tiny": {"sha256": {
+        "lcm-lora/pytorch_lora_weights.safetensors": file_sha256(lora)}}}}))
+
+
 @pytest.fixture(scope="module")
 def lora_file(generator, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lcm-lora") / "pytorch_lora_weights.safetensors"
