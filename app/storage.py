@@ -183,7 +183,7 @@ class S3Storage:
         self.client = client
         # Signs download URLs; a separate client when clients reach S3 at another address.
         self.presign_client = presign_client or client
-        self._presigner: Presigner | None | bool = False  # False: not built yet; None: use boto3
+        self.presigner = Presigner.from_client(self.presign_client, bucket)  # None: boto3 signs
 
     @classmethod
     def from_settings(cls, s: Any) -> S3Storage:
@@ -312,10 +312,8 @@ class S3Storage:
         """A GET URL for `key`, valid `expires_s` seconds: `app.presign` (the URL boto3 would make,
         about 20x faster: a page of the listing signs 1,000 of them) unless the client's signing
         scheme is one it cannot match, then boto3."""
-        if self._presigner is False:
-            self._presigner = Presigner.from_client(self.presign_client, self.bucket)
-        if isinstance(self._presigner, Presigner):
-            return self._presigner.presign_get(key, expires_s)
+        if self.presigner is not None:
+            return self.presigner.presign_get(key, expires_s)
         url: str = self.presign_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )

@@ -191,26 +191,25 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dic
     index = outputs.get(layout.INDEX)
     if index is not None:  # what the manifest pins of the index (outputs has its digest too)
         index["rows"], index["row_groups"] = ctx.index_rows, ctx.index_row_groups
-    _write_objects(storage, keys, shards, outputs)
+    _write_objects(ctx)
     return dict(sorted(outputs.items()))
 
 
-def _write_objects(storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]],
-                   outputs: dict[str, dict[str, Any]]) -> None:
+def _write_objects(ctx: PackageContext) -> None:
     """`layout.OBJECTS`: each shard's dataset objects, a JSON line each in (shard, path) order,
-    streamed one shard record at a time; its digest and row count go to `outputs`."""
+    streamed one shard record at a time; its digest and row count go to the manifest's outputs."""
     rows = 0
     with tempfile.TemporaryDirectory(prefix="idforge-objects-") as tmp:
         path = Path(tmp) / "objects.jsonl"
         with path.open("wb") as out:
-            for s in shards:
+            for s in ctx.shards:
                 for rel, meta in sorted(s.get("outputs", {}).items()):
                     if rel.startswith("dataset/"):
                         line = {"path": rel, "shard": s["shard"], "size": meta["size"], "sha256": meta["sha256"]}
                         out.write(json.dumps(line, sort_keys=True).encode() + b"\n")
                         rows += 1
-        storage.put_file(keys.key(layout.OBJECTS), path, "application/x-ndjson")
-        outputs[layout.OBJECTS] = {"size": path.stat().st_size, "sha256": hash_file(path), "rows": rows}
+        ctx.upload(layout.OBJECTS, path, "application/x-ndjson")
+    ctx.objects[layout.OBJECTS]["rows"] = rows
 
 
 # ---- the manifest ------------------------------------------------------------------------------

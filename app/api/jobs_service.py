@@ -239,13 +239,14 @@ def _page_objects(svc: Services, keys: JobKeys, job_id: str, manifest: dict[str,
     objects = dict(manifest.get("outputs", {}))
     table = objects.get(layout.OBJECTS)
     if table is not None and table.get("rows"):
-        by_shard = SHARD_OBJECTS.get((job_id, str(table.get("sha256"))))
+        cache_key = (job_id, str(table.get("sha256")))
+        by_shard = SHARD_OBJECTS.get(cache_key)
         if by_shard is None:
             try:
                 by_shard = dataset_index.parse_objects(svc.storage.get_bytes(keys.key(layout.OBJECTS)))
             except ValueError as e:
                 raise ServiceError(f"job {job_id}: its {layout.OBJECTS} cannot be read: {e}") from e
-            SHARD_OBJECTS.put((job_id, str(table.get("sha256"))), by_shard)
+            SHARD_OBJECTS.put(cache_key, by_shard)
         for shard in sorted({r["shard"] for r in rows if r.get("shard") is not None}):
             for obj in by_shard.get(shard, []):
                 objects[obj["path"]] = {"size": obj["size"], "sha256": obj["sha256"], "shard": shard}
