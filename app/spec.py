@@ -217,7 +217,7 @@ class QualitySpec(_Strict):
         "candidates for every identity short of images) before the job fails with a reason")
     leakage: LeakageSpec | None = Field(None, description="optional leakage check against real faces")
     evaluator_sample: Literal["all"] | Annotated[int, Field(ge=2)] = Field(
-        1000, description="images the independent evaluator (SFace) embeds for the report: about this many, "
+        500, description="images the independent evaluator (SFace) embeds for the report: about this many, "
         "as whole identities (ceil(n / images_per_identity) of them, at least 2) drawn from the job seed; "
         "\"all\" embeds every image. The report states the sample and the confidence it gives "
         "(docs/outputs.md, \"Evaluator sample\")")

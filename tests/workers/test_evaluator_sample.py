@@ -47,7 +47,7 @@ def test_the_sample_is_deterministic_per_job_seed_and_all_means_every_identity()
 
 
 def test_the_spec_field() -> None:
-    assert JobSpec.model_validate({"identities": 1, "images_per_identity": 1}).quality.evaluator_sample == 1000
+    assert JobSpec.model_validate({"identities": 1, "images_per_identity": 1}).quality.evaluator_sample == 500
     spec = JobSpec.model_validate({"identities": 1, "images_per_identity": 1, "quality": {"evaluator_sample": "all"}})
     assert spec.quality.evaluator_sample == "all"
     for bad in (1, 0, "some", 2.5):
