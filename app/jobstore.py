@@ -42,7 +42,7 @@ from typing import Any, Literal
 import redis
 
 from app.redis_client import PREFIX as P
-from app.redis_client import connect, now_iso, translate
+from app.redis_client import connect, iso_from_epoch, now_iso, translate
 
 Status = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
@@ -362,6 +362,21 @@ if KEYS[2] == '' or redis.call('EXISTS', KEYS[2]) == 0 then
 end
 """
 
+# A stage's queue clock (KEYS[1] the job; ARGV: stage, 'queued' or 'started'), Redis' time in
+# seconds: the first mark of each kind counts. 'started' returns the wait since 'queued' (as a
+# string; '' when the stage was never marked queued), or false when it had started already.
+_STAGE_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local field = ARGV[2] .. '_ts:' .. ARGV[1]
+if redis.call('HSETNX', KEYS[1], field, string.format('%.6f', now)) == 0 then return false end
+if ARGV[2] ~= 'started' then return false end
+local q = redis.call('HGET', KEYS[1], 'queued_ts:' .. ARGV[1])
+if not q then return '' end
+return string.format('%.6f', math.max(0, now - tonumber(q)))
+"""
+
 # KEYS[1] `:webhooks`, KEYS[2] the job.
 _PUT_WEBHOOK = KEEP_EXPIRY + """
 if redis.call('HSETNX', KEYS[1], 'once:' .. ARGV[1], ARGV[2]) == 0 then return 0 end
@@ -440,6 +455,7 @@ class JobStore:
         self._create_quota = client.register_script(_QUOTA_PRELUDE + _CREATE)
         self._read = client.register_script(_READ)
         self._record_progress = client.register_script(_RECORD_PROGRESS)
+        self._stage_mark = client.register_script(_STAGE_MARK)
 
     @classmethod
     def from_url(cls, url: str, *, keys_ttl_s: int = DEFAULT_KEYS_TTL_S) -> JobStore:
@@ -637,6 +653,41 @@ class JobStore:
         with translate():
             self.r.hset(P + f"job:{job_id}", mapping={f"{k}": v for k, v in totals.items()})
 
+    def set_priority(self, job_id: str, priority: str, requested: str | None, note: str | None) -> None:
+        """The priority the job runs at, the one its spec asked for (None: the team's default), and
+        why they differ."""
+        fields = {"priority": priority, "priority_requested": requested or ""}
+        if note:
+            fields["priority_note"] = note
+        with translate():
+            self.r.hset(job_key(job_id), mapping=fields)
+
+    def interactive_images(self, owner: str) -> int:
+        """Images of the team's live (queued, running, canceling) interactive jobs."""
+        team = P + f"team:{owner}"
+        with translate():
+            pipe = self.r.pipeline(transaction=False)
+            for s in ("queued", "running", "canceling"):
+                pipe.zrange(f"{team}:status:{s}", 0, -1)
+            ids = [i for group in pipe.execute() for i in group]
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(job_key(i), "priority", "images_total")
+            rows = pipe.execute() if ids else []
+        return sum(int(n or 0) for p, n in rows if p == "interactive")
+
+    def stage_queued(self, job_id: str, stage: str) -> None:
+        """The stage's work was enqueued (or held): its queue wait starts (the first mark counts)."""
+        with translate():
+            self._stage_mark(keys=[job_key(job_id)], args=[stage, "queued"])
+
+    def stage_started(self, job_id: str, stage: str) -> float | None:
+        """A worker began the stage's first task: the seconds it waited since `stage_queued`, the
+        first time only (None after, or when it was never queued)."""
+        with translate():
+            got = self._stage_mark(keys=[job_key(job_id)], args=[stage, "started"])
+        return float(got) if got else None
+
     def set_stage_progress(self, job_id: str, done: int, total: int, unit: str) -> None:
         """Progress within the current stage (optimiser steps, gallery images...)."""
         with translate():
@@ -738,6 +789,11 @@ def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
             done[what] += int(v)
     if not progress and kept[0] is not None:  # the progress hash expired after the job ended
         done = {"identities": int(kept[0]), "images": int(kept[1] or 0)}
+    stages: dict[str, dict[str, str]] = {}
+    for k in [k for k in job if k.startswith(("queued_ts:", "started_ts:"))]:
+        kind, _, stage = k.partition("_ts:")
+        stages.setdefault(stage, {})[f"{kind}_at"] = iso_from_epoch(float(job.pop(k)))
+    job["stages"] = stages
     job["progress"] = {
         "identities_done": done["identities"],
         "identities_total": job.get("identities_total", 0),

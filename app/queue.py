@@ -6,6 +6,7 @@ and the workers agree on it (broker, visibility timeout, routing).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery import Celery
@@ -18,6 +19,8 @@ RENDER_SHARD = "idforge.render_shard"
 FINALIZE = "idforge.finalize"
 # Sends one webhook event (args: job id, message id); retries itself with backoff.
 DELIVER_WEBHOOK = "idforge.deliver_webhook"
+# Ends the cancel of a job that has nothing running to see it (its shards were all held).
+FINISH_CANCEL = "idforge.finish_cancel"
 
 # GPU work on `gpu`; bookkeeping on `cpu`. A CPU worker with tiny presets consumes both.
 ROUTES = {
@@ -25,6 +28,7 @@ ROUTES = {
     RENDER_SHARD: {"queue": "gpu"},
     FINALIZE: {"queue": "cpu"},
     DELIVER_WEBHOOK: {"queue": "cpu"},
+    FINISH_CANCEL: {"queue": "cpu"},
 }
 
 
@@ -88,6 +92,23 @@ class TaskQueue:
                 conn.ensure_connection(max_retries=1, timeout=3)
         except Exception as e:
             raise QueueUnavailable(f"broker unreachable: {e}") from e
+
+    def position(self, queue: str, task: str, job_id: str, limit: int = 1000) -> int | None:
+        """Tasks ahead of the job's oldest `task` message in `queue` (Celery's Redis transport pushes
+        on the left and pops on the right); None when it is not among the next `limit`."""
+        try:
+            with self.app.connection_for_read() as conn:
+                raw = conn.default_channel.client.lrange(queue, -limit, -1)
+        except Exception as e:
+            raise QueueUnavailable(f"broker unreachable: {e}") from e
+        for ahead, item in enumerate(reversed(raw)):
+            try:
+                headers = json.loads(item).get("headers") or {}
+            except (ValueError, AttributeError):
+                continue
+            if headers.get("task") == task and job_id in str(headers.get("argsrepr", "")):
+                return ahead
+        return None
 
     def queue_lengths(self) -> dict[str, int]:
         with self.app.connection_for_read() as conn:

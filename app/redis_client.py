@@ -46,3 +46,8 @@ def translate(what: str = "job store") -> Iterator[None]:
 def now_iso(timespec: Literal["seconds", "milliseconds"] = "milliseconds") -> str:
     """UTC now as ISO 8601 with a Z, the format of every timestamp the service stores."""
     return datetime.now(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def iso_from_epoch(seconds: float) -> str:
+    """A Unix time (Redis' TIME) in the format of `now_iso`."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -24,6 +24,16 @@ class TeamQuota(BaseModel):
     images_per_day: int | None = Field(None, ge=0)  # 0 = no limit
 
 
+class TeamScheduling(BaseModel):
+    """One team's scheduling in IDFORGE_TEAM_SCHEDULING; a field left out takes the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float | None = Field(None, gt=0, le=1000)  # its share of the GPUs against other teams'
+    priority: Literal["interactive", "batch"] | None = None  # of its jobs that name none
+    interactive_images: int | None = Field(None, ge=0)  # interactive work it may hold; 0 = no cap
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused value (a key list, a secret) is never echoed in the error.
     model_config = SettingsConfigDict(env_prefix="IDFORGE_", extra="ignore", frozen=True,
@@ -129,6 +139,21 @@ class Settings(BaseSettings):
     # torch device for workers: "auto" = cuda when available, else cpu.
     device: str = "auto"
 
+    # --- Scheduling of render shards (docs/scheduling.md).
+    # Shards released to the pool at once: 0 = the live worker processes that consume `gpu` (from
+    # their heartbeats). A very large number releases every shard at once (first in, first out).
+    sched_slots: int = Field(0, ge=0)
+    # Most shards of one job released at once; 0 = no cap but the pool's.
+    sched_job_max_in_flight: int = Field(0, ge=0)
+    # Priority of a job whose spec names none, unless its team's entry says otherwise.
+    default_priority: Literal["interactive", "batch"] = "interactive"
+    # Images of a team's live interactive jobs past which a new job runs as `batch` (it says so);
+    # 0 = no cap.
+    max_interactive_images: int = Field(100_000, ge=0)
+    # Per-team weights, default priorities and interactive caps, JSON:
+    # {"ci": {"weight": 2, "priority": "interactive"}, "research": {"priority": "batch"}}.
+    team_scheduling: dict[str, TeamScheduling] = Field(default_factory=dict)
+
     # --- Observability.
     # Log lines: "json" (one object per line, with job_id/task/shard in a job's context), "text",
     # or "auto" (text on a terminal, JSON otherwise).
@@ -189,12 +214,29 @@ class Settings(BaseSettings):
         parse_key_entries(v.get_secret_value())  # errors name the entry, never the key
         return v
 
-    @field_validator("team_quotas")
+    @field_validator("team_quotas", "team_scheduling")
     @classmethod
-    def _quota_teams(cls, v: dict[str, TeamQuota]) -> dict[str, TeamQuota]:
+    def _known_teams(cls, v: dict[str, BaseModel]) -> dict[str, BaseModel]:
         for team in v:
             check_team(team)
         return v
+
+    def team_weight(self, team: str) -> float:
+        t = self.team_scheduling.get(team)
+        return t.weight if t is not None and t.weight is not None else 1.0
+
+    @property
+    def team_weights(self) -> dict[str, float]:
+        return {team: self.team_weight(team) for team in self.team_scheduling}
+
+    def team_priority(self, team: str) -> Literal["interactive", "batch"]:
+        t = self.team_scheduling.get(team)
+        return t.priority if t is not None and t.priority is not None else self.default_priority
+
+    def interactive_cap(self, team: str) -> int:
+        t = self.team_scheduling.get(team)
+        return t.interactive_images if t is not None and t.interactive_images is not None \
+            else self.max_interactive_images
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -249,6 +249,12 @@ class JobSpec(_Strict):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
     webhook: WebhookSpec | None = None
+    # Not part of the normalised spec or its hash: it orders work, it changes no byte of the data.
+    priority: Literal["interactive", "batch"] | None = Field(
+        None, exclude=True,
+        description="interactive (CI and people: runs first within the team's share) or batch "
+        "(backfills); null = the team's default. Over the team's interactive cap the job runs as "
+        "batch and says so (docs/scheduling.md)")
 
     @model_validator(mode="before")
     @classmethod

@@ -12,8 +12,12 @@ All state is in Redis, so every API process renders the same numbers:
 - queue length per broker queue;
 - worker heartbeats: each worker process writes its last-seen time (Redis' clock) every
   `worker_heartbeat_s`; it is live for 3 heartbeats, and forgotten an hour after its last one.
+  It names the queues it consumes: the live ones on `gpu` are the scheduler's slots;
+- queue waits: per (stage, team, priority), a histogram of the seconds from a stage's work being
+  queued (or held by the scheduler) to a worker starting it, observed once per job and stage.
 
-No metric carries a team's name or anything about a job but counts.
+No metric carries anything about a job but counts; the queue waits and the scheduler's backlog
+are labelled by team (the operator's configured teams, not anything a request names).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.jobstore import STAGES, JobStore
@@ -40,6 +44,25 @@ IMAGES = P + "metrics:images"
 STAGE = P + "metrics:stage:"  # + stage name: hash of b0..bN (per-bucket counts), sum, count
 WORKERS = P + "workers"  # hash: worker name -> JSON {seen, ttl, pid, host, queues}
 TEAMS = P + "metrics:teams"
+WAIT = P + "metrics:wait:"  # + stage|team|priority: a histogram hash like STAGE's
+WAITS = P + "metrics:waits"  # set of the stage|team|priority that have a wait histogram
+WAIT_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
+                                   14400, 43200, 86400)
+
+# Observe one queue wait. KEYS[1] the histogram, KEYS[2] the set of histograms; ARGV: its name,
+# seconds, bounds...
+_OBSERVE_WAIT = """
+local d = tonumber(ARGV[2])
+local idx = #ARGV - 2
+for i = 3, #ARGV do
+  if d <= tonumber(ARGV[i]) then idx = i - 3; break end
+end
+redis.call('HINCRBY', KEYS[1], 'b' .. idx, 1)
+redis.call('HINCRBYFLOAT', KEYS[1], 'sum', string.format('%.6f', d))
+redis.call('HINCRBY', KEYS[1], 'count', 1)
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
 
 # Move a job's stage clock: observe the time spent in the stage it leaves, start the new one.
 # KEYS[1] = the job hash; ARGV = new stage ('' = stop the clock), histogram key prefix, bounds...
@@ -101,6 +124,11 @@ class WorkerBeat:
     name: str
     age_s: float  # seconds since its last heartbeat
     live: bool
+    queues: tuple[str, ...] | None = None  # the queues it consumes (None: it did not say)
+
+    @property
+    def gpu(self) -> bool:
+        return self.queues is None or "gpu" in self.queues
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,9 @@ class Snapshot:
     images: int
     queues: dict[str, int] | None  # None: the broker did not answer
     workers: list[WorkerBeat]
+    waits: dict[tuple[str, str, str], StageHistogram] = field(default_factory=dict)  # (stage, team, priority)
+    held: dict[tuple[str, str], int] | None = None  # the scheduler's held shards by (team, priority)
+    in_flight: int | None = None  # shards released and not finished
 
 
 class Telemetry:
@@ -119,6 +150,7 @@ class Telemetry:
         self.r: Any = client
         self._clock = client.register_script(_STAGE_CLOCK)
         self._beat = client.register_script(_HEARTBEAT)
+        self._wait = client.register_script(_OBSERVE_WAIT)
 
     # ---- recorded by workers -----------------------------------------------------------
 
@@ -146,6 +178,17 @@ class Telemetry:
             with translate():
                 self.r.incrby(IMAGES, n)
 
+    def observe_wait(self, stage: str, team: str, priority: str, seconds: float) -> None:
+        """A job's stage waited `seconds` from being queued to a worker starting it."""
+        name = f"{stage}|{team}|{priority}"
+        with translate():
+            self._wait(keys=[WAIT + name, WAITS],
+                       args=[name, repr(max(0.0, float(seconds))), *(repr(float(b)) for b in WAIT_BUCKETS)])
+
+    def gpu_slots(self) -> int:
+        """Live worker processes that consume the `gpu` queue (or do not say what they consume)."""
+        return sum(1 for w in self.workers() if w.live and w.gpu)
+
     def heartbeat(self, worker: str, interval_s: float, **info: Any) -> None:
         """Worker `worker` is alive; it counts as live for LIVE_BEATS intervals."""
         body = json.dumps({**info, "ttl": LIVE_BEATS * interval_s})
@@ -168,7 +211,7 @@ class Telemetry:
         return _beats(sec + usec / 1e6, rows)
 
     def snapshot(self, store: JobStore, teams: Iterable[str],
-                 queues: dict[str, int] | None) -> Snapshot:
+                 queues: dict[str, int] | None, backlog: Any = None) -> Snapshot:
         """Every metric, read in two Redis round trips. `teams` are the teams with keys now."""
         teams = list(teams)
         with translate():
@@ -183,14 +226,24 @@ class Telemetry:
             pipe.get(IMAGES)
             for s in STAGES:
                 pipe.hgetall(STAGE + s)
-            (sec, usec), rows, images, *stages = pipe.execute()
+            pipe.smembers(WAITS)
+            (sec, usec), rows, images, *stages, wait_names = pipe.execute()
+            wait_names = sorted(wait_names)
+            pipe = self.r.pipeline(transaction=False)
+            for name in wait_names:
+                pipe.hgetall(WAIT + name)
+            waits = pipe.execute() if wait_names else []
         return Snapshot(jobs=store.count_by_status(all_teams),
                         stages={s: _histogram(h) for s, h in zip(STAGES, stages, strict=True)},
-                        images=int(images or 0), queues=queues, workers=_beats(sec + usec / 1e6, rows))
+                        images=int(images or 0), queues=queues, workers=_beats(sec + usec / 1e6, rows),
+                        waits={tuple(n.split("|", 2)): _histogram(h, WAIT_BUCKETS)  # type: ignore[misc]
+                               for n, h in zip(wait_names, waits, strict=True)},
+                        held=None if backlog is None else dict(backlog.held),
+                        in_flight=None if backlog is None else backlog.in_flight)
 
 
-def _histogram(h: dict[str, str]) -> StageHistogram:
-    bounds = [*STAGE_BUCKETS, float("inf")]
+def _histogram(h: dict[str, str], bounds_: tuple[float, ...] = STAGE_BUCKETS) -> StageHistogram:
+    bounds = [*bounds_, float("inf")]
     running, buckets = 0, []
     for i, b in enumerate(bounds):
         running += int(h.get(f"b{i}", 0))
@@ -204,7 +257,9 @@ def _beats(now: float, rows: dict[str, str]) -> list[WorkerBeat]:
         try:
             w = json.loads(raw)
             age = max(0.0, now - float(w["seen"]))
-            out.append(WorkerBeat(name, age, age <= float(w["ttl"])))
+            queues = w.get("queues")
+            out.append(WorkerBeat(name, age, age <= float(w["ttl"]),
+                                  tuple(str(q) for q in queues) if isinstance(queues, list) else None))
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable heartbeat of worker %s: %r", name, raw)
     return out

@@ -4,6 +4,7 @@ and return nothing the caller reads; job state lives in our Redis records."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery, Task
@@ -15,7 +16,11 @@ from app.logs import setup_logging as setup_log_handlers
 from app.settings import Settings
 from workers import jobs, webhooks
 from workers.runtime import Heartbeat, get_runtime, quiet_libraries, reset_runtime
-from workers.tasking import run
+from workers.tasking import release_shards, run
+
+# The queues this worker consumes, as `idforge worker --queues` set them; its heartbeats say them,
+# and the scheduler counts the live processes on `gpu` as its slots.
+WORKER_QUEUES_ENV = "IDFORGE_WORKER_QUEUES"
 
 log = logging.getLogger("idforge.worker")
 
@@ -43,6 +48,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
     def finalize(self: Task, job_id: str) -> None:
         run(self, job_id, "finalize", jobs.finalize)
 
+    @app.task(name=q.FINISH_CANCEL, bind=True)
+    def finish_cancel(self: Task, job_id: str) -> None:
+        run(self, job_id, "finish_cancel", jobs.stop_if_canceling)
+
     # Not through tasking.run: a webhook never fails its job, and it counts its own attempts.
     @app.task(name=q.DELIVER_WEBHOOK, bind=True, max_retries=None)
     def deliver_webhook(self: Task, job_id: str, msg_id: str) -> None:
@@ -62,7 +71,9 @@ def _load_after_fork(**_: Any) -> None:
     global _heartbeat
     reset_runtime()
     rt = get_runtime()
-    _heartbeat = Heartbeat(rt.telemetry, rt.settings.worker_heartbeat_s).start()
+    queues = [x for x in os.environ.get(WORKER_QUEUES_ENV, "").split(",") if x] or None
+    _heartbeat = Heartbeat(rt.telemetry, rt.settings.worker_heartbeat_s, queues=queues,
+                           on_beat=release_shards).start()
     rt.check_models()
 
 

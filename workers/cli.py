@@ -31,8 +31,9 @@ def worker(queues: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker (models load once per process, after the fork)."""
     from app.logs import resolve_format, setup_logging
     from app.settings import Settings
-    from workers.celery_app import create_celery
+    from workers.celery_app import WORKER_QUEUES_ENV, create_celery
 
+    os.environ[WORKER_QUEUES_ENV] = queues  # the pool processes' heartbeats name them
     settings = Settings()
     setup_logging(settings.log_format, settings.log_level)
     app = create_celery(settings)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app import catalog, webhooks
+from app import catalog, estimates, webhooks
 from app import queue as q
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
@@ -30,8 +30,10 @@ def _live(rt: Runtime, job_id: str) -> tuple[dict[str, Any], JobSpec, JobKeys]:
     job = rt.store.get(job_id)
     if job is None:
         log.warning("job %s: no record; dropping the task", job_id)
+        rt.scheduler.forget(job_id)
         raise JobGone()
     if job["status"] in TERMINAL:
+        rt.scheduler.forget(job_id)
         raise JobGone()
     if job["status"] == "canceling":
         finish_cancel(rt, job_id)
@@ -43,8 +45,18 @@ def _should_stop(rt: Runtime, job_id: str) -> Any:
     return lambda: rt.store.status(job_id) in ("canceling", "canceled", "failed")
 
 
+def stop_if_canceling(rt: Runtime, job_id: str) -> None:
+    """The `finish_cancel` task: a job being canceled that had nothing running ends here (`_live`
+    finishes the cancel); a job in any other state is left alone."""
+    try:
+        _live(rt, job_id)
+    except JobGone:
+        return
+
+
 def finish_cancel(rt: Runtime, job_id: str) -> None:
     """Mark partial outputs and move `canceling` to `canceled`."""
+    rt.scheduler.forget(job_id)
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
     rt.storage.put_bytes(keys.canceled, b"this job was canceled; outputs are partial\n",
                          "text/plain")
@@ -55,6 +67,7 @@ def finish_cancel(rt: Runtime, job_id: str) -> None:
 
 
 def fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
+    rt.scheduler.forget(job_id)  # its held shards never run
     stage = (rt.store.get(job_id) or {}).get("stage")
     error = {"code": code, "message": message, "stage": stage}
     if rt.store.transition(job_id, "failed", error=error)[0]:
@@ -95,6 +108,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     reference_for(spec, rt.settings.model_dir)  # fail fast: the leakage check's reference set
     rt.store.transition(job_id, "running")
     enter_stage(rt, job_id, "sampling_identities")
+    started(rt, job, "sampling_identities")
     t0 = time.perf_counter()
     rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
@@ -109,13 +123,19 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
         artifacts.save_identities(rt.storage, keys, got.embeddings,
                                   {**got.stats, "seconds": round(time.perf_counter() - t0, 3)},
                                   latents=got.latents)
+        rt.throughput.observe(estimates.sample_key(spec),
+                              (time.perf_counter() - t0) / estimates.sampler_units(spec))
     shards = artifacts.plan_shards(spec.identities, rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
                        shards=len(shards), seconds=round(time.perf_counter() - t0, 3))
     enter_stage(rt, job_id, "rendering")
-    for k in range(len(shards)):
-        rt.queue.send(q.RENDER_SHARD, job_id, k)
+    # Held, not sent: the scheduler releases them as the pool has room, fairly across teams
+    # (tasking.release_shards runs when this task ends).
+    cost = estimates.shard_seconds(spec, rt.settings.shard_identities, rt.throughput.table())
+    rt.store.stage_queued(job_id, "rendering")
+    rt.scheduler.hold(job_id, job["owner"], job.get("priority") or rt.settings.team_priority(job["owner"]),
+                      len(shards), cost)
 
 
 def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
@@ -125,17 +145,45 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
         raise ValueError(f"shard {shard} out of range 0..{len(shards) - 1}")
     ids = shards[shard]
     part = f"shard{shard}"
+    rt.scheduler.started(job_id, shard)
+    started(rt, job, "rendering")
     if not rt.storage.exists(keys.shard_done(shard)):
-        pipelines.render_shard(spec, shard, ids, rt.models, rt.storage, keys, hooks=pipelines.Hooks(
+        result = pipelines.render_shard(spec, shard, ids, rt.models, rt.storage, keys, hooks=pipelines.Hooks(
             shard_progress=shard_progress(rt, job_id, part), should_stop=_should_stop(rt, job_id)))
+        observe_shard(rt, spec, result)
     # The shard's final progress, folded into the job's totals once (a redelivery adds nothing).
-    if rt.store.shard_done(job_id, shard, identities=len(ids),
-                           images=len(ids) * spec.images_per_identity) == len(shards):
+    last = rt.store.shard_done(job_id, shard, identities=len(ids),
+                               images=len(ids) * spec.images_per_identity) == len(shards)
+    rt.scheduler.finished(job_id, shard)
+    if last:
+        rt.store.stage_queued(job_id, _finalize_stage(spec))
         rt.queue.send(q.FINALIZE, job_id)
+
+
+def _finalize_stage(spec: JobSpec) -> str:
+    return "evaluating" if spec.quality.report else "packaging"
+
+
+def started(rt: Runtime, job: dict[str, Any], stage: str) -> None:
+    """A worker began the stage: the first time, its queue wait goes to the team's histogram."""
+    wait = rt.store.stage_started(job["id"], stage)
+    if wait is not None:
+        rt.telemetry.observe_wait(stage, job["owner"], job.get("priority") or "interactive", wait)
+
+
+def observe_shard(rt: Runtime, spec: JobSpec, result: Any) -> None:
+    """What the shard cost, into the throughput table: seconds per image-unit and image bytes."""
+    if result.rendered:
+        rt.throughput.observe(estimates.render_key(spec),
+                              result.seconds / (result.rendered * estimates.image_units(spec)))
+    sizes = [f["size"] for f in result.files if f.get("size")]
+    if sizes:
+        rt.throughput.observe(estimates.bytes_key(spec), sum(sizes) / len(sizes))
 
 
 def finalize(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
+    started(rt, job, _finalize_stage(spec))
     n_shards = len(artifacts.plan_shards(spec.identities, rt.settings.shard_identities))
     # Read lazily, one shard's file list at a time (finalize's memory does not grow with the images).
     shards = artifacts.ShardRecords(rt.storage, keys, n_shards)

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 
 from app import catalog
+from app import queue as q
+from app.estimates import Throughput
 from app.jobstore import JobStore
 from app.queue import TaskQueue
+from app.scheduler import Scheduler
 from app.settings import Settings
 from app.storage import Storage, fetch_s3_object, s3_client, storage_from_settings
 from app.telemetry import Telemetry
@@ -133,6 +136,16 @@ class Runtime:
         """Stage clocks, the images counter and heartbeats, on the job store's Redis."""
         return Telemetry(self.store.r)
 
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """The render shards' schedule; a release sends the shard's task."""
+        return Scheduler.for_service(self.store.r, self.settings,
+                                     send=lambda job_id, shard: self.queue.send(q.RENDER_SHARD, job_id, shard))
+
+    @cached_property
+    def throughput(self) -> Throughput:
+        return Throughput(self.store.r)
+
     def check_models(self) -> dict[str, dict[str, Any]]:
         """Verify every catalogue model's weights against the registry's pins; publish the result
         so `GET /v1/models` shows what this worker can run."""
@@ -159,11 +172,13 @@ def worker_name() -> str:
 
 class Heartbeat:
     """A daemon thread that records this worker process's heartbeat every `interval_s` (the first
-    at once). A failed write is logged and retried at the next beat: a silent worker is the signal."""
+    at once), then calls `on_beat` (the worker releases shards the pool has room for: a worker that
+    joins takes work, and a release whose send was lost is sent again). A failed write is logged
+    and retried at the next beat: a silent worker is the signal."""
 
     def __init__(self, telemetry: Telemetry, interval_s: float, name: str | None = None,
-                 **info: Any) -> None:
-        self.telemetry, self.interval_s = telemetry, interval_s
+                 on_beat: Any = None, **info: Any) -> None:
+        self.telemetry, self.interval_s, self.on_beat = telemetry, interval_s, on_beat
         self.name = name or worker_name()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), **info}
         self._stop = threading.Event()
@@ -182,6 +197,11 @@ class Heartbeat:
                 self.beat()
             except Exception as e:
                 log.warning("heartbeat of %s not recorded: %s", self.name, e)
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception as e:
+                    log.warning("heartbeat of %s: %s", self.name, e)
             if self._stop.wait(self.interval_s):
                 return
 

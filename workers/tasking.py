@@ -188,6 +188,20 @@ def run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
             run_leased(task, job_id, key, fn, *args)
         finally:
             log.info("job %s %s: left the worker after %.2f s", job_id, key, time.perf_counter() - t0)
+            release_shards()
+
+
+def release_shards() -> None:
+    """Release the render shards the pool has room for (app/scheduler.py): after every task ends,
+    and on every heartbeat. A failure is only logged: the next call releases them."""
+    try:
+        sent = get_runtime().scheduler.release()
+    except Exception as e:  # noqa: BLE001 - Redis or the broker down: the next task or beat retries
+        log.warning("cannot release render shards now: %s", e)
+        return
+    if sent:
+        log.info("released %d render shard(s): %s", len(sent),
+                 ", ".join(f"{j}:{k}" for j, k in sent[:8]) + (" ..." if len(sent) > 8 else ""))
 
 
 # Tasks that may legitimately run again after returning: finalize returns early when a shard's

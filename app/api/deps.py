@@ -13,6 +13,7 @@ from app.api.auth import Principal
 from app.errors import Unauthorized
 from app.jobstore import JobStore
 from app.queue import TaskQueue
+from app.scheduler import Scheduler
 from app.settings import Settings
 from app.storage import Storage
 
@@ -23,6 +24,7 @@ class Services:
     store: JobStore
     storage: Storage
     queue: TaskQueue
+    scheduler: Scheduler  # read and canceled here; the workers release
 
 
 def services(request: Request) -> Services:

@@ -13,14 +13,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import dataset_index, layout
+from app import dataset_index, estimates, layout
 from app.api.deps import Services
 from app.api.limits import admit
 from app.api.problems import field_errors
 from app.errors import BadRequest, Conflict, InvalidRequest, InvalidSpec, NotFound, ServiceError
+from app.jobstore import TERMINAL
 from app.layout import JobKeys
-from app.queue import SAMPLE_IDENTITIES
-from app.spec import JobSpec, SpecError, check_available, check_limits, check_models
+from app.queue import FINISH_CANCEL, SAMPLE_IDENTITIES
+from app.spec import JobSpec, SpecError, check_available, check_limits, check_models, spec_hash
 from app.webhooks import check_spec_webhook, notify
 
 # ---- the job spec: request bytes -> a spec that can run -------------------------------------------
@@ -128,6 +129,40 @@ class Submitted:
     replayed: bool
 
 
+def body_hash(spec: JobSpec) -> str:
+    """What an Idempotency-Key compares: the normalised spec and the priority asked for (which is
+    not part of the spec's hash: it changes no byte of the data)."""
+    h = spec.spec_hash()
+    return h if spec.priority is None else spec_hash({"spec": h, "priority": spec.priority})
+
+
+def priority_for(svc: Services, team: str, spec: JobSpec) -> tuple[str, str | None]:
+    """The priority the job runs at, and why it differs from what it asked for (None when not):
+    the spec's, else the team's default; `interactive` past the team's interactive cap runs as
+    `batch` (the cap counts the images of the team's live interactive jobs, this one included)."""
+    asked = spec.priority or svc.settings.team_priority(team)
+    cap = svc.settings.interactive_cap(team)
+    if asked != "interactive" or not cap:
+        return asked, None
+    images = spec.identities * spec.images_per_identity
+    held = svc.store.interactive_images(team)
+    if held + images <= cap:
+        return asked, None
+    return "batch", (f"runs as batch: the team's interactive jobs would hold {held + images:,} images, "
+                     f"over its cap of {cap:,} (IDFORGE_MAX_INTERACTIVE_IMAGES or its "
+                     "IDFORGE_TEAM_SCHEDULING entry)")
+
+
+def estimate(svc: Services, team: str, spec: JobSpec) -> dict[str, Any]:
+    """A dry run: the normalised spec, the priority it would run at and what it would cost, from
+    the workers' throughput table (`app.estimates`). Creates nothing and counts against no quota."""
+    priority, note = priority_for(svc, team, spec)
+    return {"dry_run": True, "spec": spec.normalized(), "spec_hash": spec.spec_hash(),
+            "priority": priority, "priority_note": note,
+            "shards": -(-spec.identities // svc.settings.shard_identities),
+            "estimate": estimates.estimate(spec, estimates.Throughput(svc.store.r).table())}
+
+
 def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Submitted:
     """Create the job within the team's quotas (429/403 over them), answer an Idempotency-Key
     replay, enqueue the job's first task. When the enqueue fails the job is failed, the
@@ -136,10 +171,10 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     h = spec.spec_hash()
     admitted = admit(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
                      images=spec.identities * spec.images_per_identity,
-                     idempotency_key=idem_key, body_hash=h)  # 429/403 over the team's quotas
+                     idempotency_key=idem_key, body_hash=body_hash(spec))  # 429/403 over the team's quotas
     made = admitted.made
     if not made.created:
-        if made.body_hash != h:
+        if made.body_hash != body_hash(spec):
             raise InvalidSpec("this Idempotency-Key was used with a different body",
                               code="idempotency_key_reused",
                               errors=[{"field": "Idempotency-Key", "message": "reused with a "
@@ -151,6 +186,11 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
         if job is None:
             raise Conflict("the job of this Idempotency-Key no longer exists")
         return Submitted(job, replayed=True)
+    priority, note = priority_for(svc, team, spec)
+    svc.store.set_priority(made.job_id, priority, spec.priority, note)
+    if note:
+        svc.store.add_event(made.job_id, "priority", priority=priority, note=note)
+    svc.store.stage_queued(made.job_id, "sampling_identities")
     try:
         svc.queue.send(SAMPLE_IDENTITIES, made.job_id)
     except ServiceError as e:
@@ -162,7 +202,7 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
             svc.store.refund_images(team, admitted.images, admitted.day)
         raise
     if idem_key:
-        svc.store.confirm_idempotency(team, idem_key, made.job_id, h)
+        svc.store.confirm_idempotency(team, idem_key, made.job_id, body_hash(spec))
     job = svc.store.get(made.job_id)
     assert job is not None
     return Submitted(job, replayed=False)
@@ -177,13 +217,35 @@ def owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
 
 
 def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
-    """Cancel the team's job (idempotent) and return it: ended, or canceling until its workers stop."""
+    """Cancel the team's job (idempotent) and return it: ended, or canceling until its workers stop.
+    Its held shards are dropped from the schedule; when none of them is running, nothing would see
+    the cancel, so a `finish_cancel` task (cpu queue) ends it."""
     owned(svc, team, job_id)
-    if svc.store.request_cancel(job_id) == "canceled":  # a queued job: no worker will see it
+    status = svc.store.request_cancel(job_id)
+    if status == "canceled":  # a queued job: no worker will see it
         notify(svc.store, svc.queue, job_id, "canceled", {"status": "canceled"})  # at most once
+    elif status == "canceling":
+        there, in_flight, _ = svc.scheduler.forget(job_id)
+        if there and not in_flight:
+            svc.queue.send(FINISH_CANCEL, job_id)
     job = svc.store.get(job_id)
     assert job is not None
     return job
+
+
+def placement(svc: Services, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a live job stands: a queued one, its place in the gpu queue; a rendering one, its
+    shards' place in the schedule (`Scheduler.place`). None for an ended job, or when neither
+    says anything (sampling, finalizing)."""
+    if job["status"] in TERMINAL:
+        return None
+    if job["status"] == "queued":
+        try:
+            return {"queue_position": svc.queue.position("gpu", SAMPLE_IDENTITIES, job["id"]),
+                    "priority": job.get("priority")}
+        except ServiceError:
+            return None
+    return svc.scheduler.place(job["id"])
 
 
 # ---- artifacts ------------------------------------------------------------------------------------

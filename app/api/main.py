@@ -16,6 +16,7 @@ from app.api.routes import files, jobs, keys, system, ui
 from app.jobstore import JobStore
 from app.logs import RequestLogContext
 from app.queue import TaskQueue
+from app.scheduler import Scheduler
 from app.settings import Settings
 from app.storage import Storage, storage_from_settings
 
@@ -28,11 +29,13 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        job_store = store or JobStore.from_url(settings.redis_url, keys_ttl_s=settings.job_keys_ttl_s)
         app.state.services = Services(
             settings=settings,
-            store=store or JobStore.from_url(settings.redis_url, keys_ttl_s=settings.job_keys_ttl_s),
+            store=job_store,
             storage=storage or storage_from_settings(settings),
             queue=queue or TaskQueue.from_settings(settings),
+            scheduler=Scheduler.for_service(job_store.r, settings),
         )
         app.state.keyring = KeyRing(
             app.state.services.store.r, settings.key_entries, rate_per_s=settings.rate_limit_per_s,

@@ -1,5 +1,6 @@
 """The Prometheus collector: a telemetry snapshot (`app/telemetry.py`) in the text exposition
-format `GET /metrics` serves. No metric carries a team's name or anything about a job but counts."""
+format `GET /metrics` serves. No metric carries anything about a job but counts; the queue waits
+and the scheduler's backlog are labelled by team (the operator's configured teams)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,24 @@ class _SnapshotCollector(Collector):
         yield seen
         yield GaugeMetricFamily("idforge_workers_live", "Worker processes with a recent heartbeat",
                                 value=sum(w.live for w in s.workers))
+        wait = HistogramMetricFamily("idforge_queue_wait_seconds", "Seconds from a job's stage being queued "
+                                     "(or its shards held by the scheduler) to a worker starting it, "
+                                     "once per job and stage", labels=["stage", "team", "priority"])
+        for (stage, team, priority), h in sorted(s.waits.items()):
+            wait.add_metric([stage, team, priority], [(_le(b), c) for b, c in h.buckets], sum_value=h.sum)
+        yield wait
+        if s.held is not None:
+            held = GaugeMetricFamily("idforge_shards_held", "Render shards the scheduler holds (not yet "
+                                     "released to the queue)", labels=["team", "priority"])
+            for (team, priority), n in sorted(s.held.items()):
+                held.add_metric([team, priority], n)
+            yield held
+            yield GaugeMetricFamily("idforge_shards_in_flight", "Render shards released and not finished",
+                                    value=s.in_flight or 0)
+            if s.queues is not None:
+                yield GaugeMetricFamily("idforge_gpu_backlog", "GPU work waiting: held shards plus tasks "
+                                        "in the gpu queue (what KEDA scales on)",
+                                        value=sum(s.held.values()) + s.queues.get("gpu", 0))
 
 
 def _le(bound: float) -> str:

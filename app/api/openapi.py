@@ -69,6 +69,33 @@ class JobLinks(BaseModel):
     cancel: str
 
 
+class Estimate(BaseModel):
+    dry_run: bool
+    spec: dict[str, Any] = Field(description="the normalised spec the job would run")
+    spec_hash: str
+    priority: str = Field(description="what it would run at")
+    priority_note: str | None
+    shards: int = Field(description="render shards it would be cut into")
+    estimate: dict[str, Any] = Field(description="images, stored_bytes, gpu_seconds, their breakdown and "
+                                     "source (measured by the workers, or the documented default)")
+
+
+class StageClock(BaseModel):
+    queued_at: str | None = None
+    started_at: str | None = None
+
+
+class Placement(BaseModel):
+    queue_position: int | None = Field(None, description="a queued job: tasks ahead of its first in "
+                                       "the gpu queue (null: more than a thousand, or not queued)")
+    priority: str | None = None
+    shards_held: int | None = Field(None, description="render shards not yet released")
+    shards_in_flight: int | None = Field(None, description="render shards released and not finished")
+    shards_ahead: int | None = Field(None, description="other jobs' shards released before its next one "
+                                     "(null: more than 2,000)")
+    next_start_in_s: float | None = Field(None, description="estimated seconds until its next shard starts")
+
+
 class Job(BaseModel):
     """A job as the API shows it."""
 
@@ -85,6 +112,12 @@ class Job(BaseModel):
     spec_hash: str
     result: dict[str, Any] | None = Field(description="once succeeded: manifest key, counts, quality summary")
     error: dict[str, Any] | None = Field(description="once failed: code, message and the stage")
+    priority: str | None = Field(description="interactive or batch: what the job runs at (docs/scheduling.md)")
+    priority_note: str | None = Field(description="why it runs at another priority than it asked for")
+    stages: dict[str, StageClock] = Field(
+        description="per stage: when its work was queued (or its shards held) and when a worker started it")
+    schedule: Placement | None = Field(
+        None, description="GET of one live job only: where it stands (queue position or its shards' place)")
     links: JobLinks
 
 
@@ -137,6 +170,17 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+
+
+class GpuBacklog(BaseModel):
+    held: int = Field(description="render shards the scheduler holds (not yet released)")
+    queued: int = Field(description="tasks in the broker's gpu queue")
+    waiting: int = Field(description="held + queued: the work that waits for a GPU")
+    in_flight: int = Field(description="render shards released and not finished")
+
+
+class Backlog(BaseModel):
+    gpu: GpuBacklog
 
 
 class Readiness(BaseModel):

@@ -22,6 +22,9 @@ def job_view(job: dict[str, Any], base: str = "") -> dict[str, Any]:
         "spec_hash": job["spec_hash"],
         "result": job.get("result"),
         "error": job.get("error"),
+        "priority": job.get("priority"),
+        "priority_note": job.get("priority_note"),
+        "stages": job.get("stages", {}),
         "links": {
             "self": f"{base}/v1/jobs/{jid}",
             "events": f"{base}/v1/jobs/{jid}/events",

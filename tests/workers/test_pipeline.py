@@ -118,15 +118,18 @@ def _tasks(rt: Runtime, queue: str) -> list[tuple[str, list[Any]]]:
 def test_orchestration_runs_shards_and_tolerates_redelivery(rt: Runtime) -> None:
     job_id, spec = _submit(rt, SPEC)
     jobs.sample_identities(rt, job_id)
-    sent = _tasks(rt, "gpu")
-    assert sent == [(RENDER_SHARD, [job_id, k]) for k in range(3)]
+    assert _tasks(rt, "gpu") == []  # held by the scheduler, not sent
     keys = JobKeys.for_job(rt.settings.s3_prefix, job_id)
     first = rt.storage.get_bytes(keys.identities)
-    jobs.sample_identities(rt, job_id)  # redelivered: resumes from the saved identities
+    jobs.sample_identities(rt, job_id)  # redelivered: resumes from the saved identities, holds once
     assert rt.storage.get_bytes(keys.identities) == first
-    _tasks(rt, "gpu")
-    for k in range(3):
+    assert rt.scheduler.snapshot().jobs[job_id].total == 3
+    assert rt.scheduler.release() == [(job_id, 0)]  # no worker heartbeats: one slot
+    for k in range(3):  # released one at a time, each as the previous one finishes
+        assert _tasks(rt, "gpu") == [(RENDER_SHARD, [job_id, k])]
         jobs.render_shard(rt, job_id, k)
+        rt.scheduler.release()
+    assert _tasks(rt, "gpu") == [] and job_id not in rt.scheduler.snapshot().jobs
     jobs.render_shard(rt, job_id, 1)  # redelivered after it finished: skipped, not re-counted
     assert _tasks(rt, "cpu") == [(FINALIZE, [job_id]), (FINALIZE, [job_id])]
     job = rt.store.get(job_id)

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api import jobs_service
 from app.api.deps import Services, Submitter, Svc, Team
 from app.api.limits import read_body
-from app.api.openapi import Artifacts, Job, JobEvents, JobList, problems
+from app.api.openapi import Artifacts, Estimate, Job, JobEvents, JobList, problems
 from app.api.views import job_view
 from app.errors import UnsupportedMediaType
 from app.jobstore import (
@@ -44,8 +44,10 @@ StatusFilter = Literal["queued", "running", "canceling", "succeeded", "failed", 
 
 
 def _job_response(job: dict[str, Any], svc: Services, status_code: int = 200,
-                  headers: dict[str, str] | None = None) -> JSONResponse:
+                  headers: dict[str, str] | None = None, schedule: dict[str, Any] | None = None) -> JSONResponse:
     view = job_view(job, svc.settings.public_url.rstrip("/"))
+    if schedule is not None:
+        view["schedule"] = schedule
     h = dict(headers or {})
     if not view["terminal"]:
         h["Retry-After"] = str(svc.settings.poll_interval_s)
@@ -63,18 +65,23 @@ def _created(job: dict[str, Any], svc: Services, replayed: bool) -> JSONResponse
 @router.post("", status_code=202, summary="Submit a dataset-generation job",
              responses={202: {"model": Job, "description": "The job, new or (same Idempotency-Key and body) "
                               "the earlier one", "headers": {"Location": {"schema": {"type": "string"}}}},
+                        200: {"model": Estimate, "description": "dry_run=true: the estimate; no job was made"},
                         **problems(400, 409, 413, 415)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": JobSpec.model_json_schema(
                      ref_template="#/components/schemas/{model}")}}}})
 async def submit_job(request: Request, svc: Svc, team: Submitter,
-                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None
+                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+                     dry_run: Annotated[bool, Query(description="validate and estimate only: 200 with "
+                                                    "images, stored bytes and GPU-seconds; no job")] = False,
                      ) -> JSONResponse:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType(f"send the job spec as application/json, not {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
     spec = jobs_service.parse_spec(body, svc)
+    if dry_run:
+        return JSONResponse(await run_in_threadpool(jobs_service.estimate, svc, team, spec))
     done = await run_in_threadpool(jobs_service.submit, svc, team, spec, idempotency_key)
     return _created(done.job, svc, done.replayed)
 
@@ -94,7 +101,7 @@ def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
                        304: {"description": "Not modified (If-None-Match matched the ETag)"}})
 def get_job(job_id: str, request: Request, svc: Svc, team: Team) -> Response:
     job = jobs_service.owned(svc, team, job_id)
-    resp = _job_response(job, svc)
+    resp = _job_response(job, svc, schedule=jobs_service.placement(svc, job))
     etag = '"' + hashlib.sha256(resp.body).hexdigest()[:32] + '"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})

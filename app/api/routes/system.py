@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from app import __version__, catalog, telemetry
 from app.api import limits, metrics
 from app.api.deps import Svc, Team
-from app.api.openapi import Health, ModelList, Readiness, problems
-from app.errors import ServiceError, Unauthorized
+from app.api.openapi import Backlog, Health, ModelList, Readiness, problems
+from app.errors import QueueUnavailable, ServiceError, Unauthorized
 
 log = logging.getLogger("idforge.api")
 
@@ -51,20 +51,47 @@ async def readyz(svc: Svc) -> JSONResponse:
                              "description": "The Prometheus text exposition format"},
                        **problems(401)})
 def prometheus_metrics(request: Request, svc: Svc) -> Response:
+    _check_metrics_token(request, svc, "GET /metrics")
+    queues = _queue_lengths(svc)
+    try:
+        backlog = svc.scheduler.backlog()
+    except ServiceError as e:
+        log.warning("metrics: the scheduler's backlog unavailable: %s", e.detail)
+        backlog = None
+    teams = {k.team for k in request.app.state.keyring.records()}  # revoked keys' teams too
+    snap = telemetry.Telemetry(svc.store.r).snapshot(svc.store, teams, queues, backlog)
+    return Response(metrics.render(snap), media_type=metrics.CONTENT_TYPE)
+
+
+@router.get("/backlog", summary="GPU work waiting, for autoscalers (KEDA's metrics-api trigger)",
+            responses={200: {"model": Backlog}, **problems(401, 503)})
+def backlog(request: Request, svc: Svc) -> dict[str, Any]:
+    """Shards the scheduler holds plus tasks in the `gpu` queue: the work that waits for a GPU.
+    Guarded like /metrics (IDFORGE_METRICS_TOKEN)."""
+    _check_metrics_token(request, svc, "GET /backlog")
+    queues = _queue_lengths(svc)
+    if queues is None:  # 503: no guess to scale on
+        raise QueueUnavailable("the broker did not answer the queue-length query")
+    b = svc.scheduler.backlog()
+    return {"gpu": {"held": b.held_total, "queued": queues.get("gpu", 0),
+                    "waiting": b.held_total + queues.get("gpu", 0), "in_flight": b.in_flight}}
+
+
+def _check_metrics_token(request: Request, svc: Svc, what: str) -> None:
     token = svc.settings.metrics_token.get_secret_value()
     if token:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise Unauthorized("GET /metrics needs 'Authorization: Bearer <IDFORGE_METRICS_TOKEN>'",
+            raise Unauthorized(f"{what} needs 'Authorization: Bearer <IDFORGE_METRICS_TOKEN>'",
                                headers={"WWW-Authenticate": "Bearer"})
+
+
+def _queue_lengths(svc: Svc) -> dict[str, int] | None:
     try:
-        queues: dict[str, int] | None = svc.queue.queue_lengths()
+        return svc.queue.queue_lengths()
     except Exception as e:  # the broker being down is a metric, not a failed scrape
         log.warning("metrics: queue lengths unavailable: %s", e)
-        queues = None
-    teams = {k.team for k in request.app.state.keyring.records()}  # revoked keys' teams too
-    snap = telemetry.Telemetry(svc.store.r).snapshot(svc.store, teams, queues)
-    return Response(metrics.render(snap), media_type=metrics.CONTENT_TYPE)
+        return None
 
 
 @router.get("/v1/models", summary="The model registry and what workers report about it",
