@@ -236,10 +236,15 @@ class Telemetry:
         return Snapshot(jobs=store.count_by_status(all_teams),
                         stages={s: _histogram(h) for s, h in zip(STAGES, stages, strict=True)},
                         images=int(images or 0), queues=queues, workers=_beats(sec + usec / 1e6, rows),
-                        waits={tuple(n.split("|", 2)): _histogram(h, WAIT_BUCKETS)  # type: ignore[misc]
+                        waits={_wait_labels(n): _histogram(h, WAIT_BUCKETS)
                                for n, h in zip(wait_names, waits, strict=True)},
                         held=None if backlog is None else dict(backlog.held),
                         in_flight=None if backlog is None else backlog.in_flight)
+
+
+def _wait_labels(name: str) -> tuple[str, str, str]:
+    stage, team, priority = name.split("|", 2)
+    return stage, team, priority
 
 
 def _histogram(h: dict[str, str], bounds_: tuple[float, ...] = STAGE_BUCKETS) -> StageHistogram:

@@ -2,10 +2,10 @@
 
 helm-python-sdk binds Helm's own Go SDK (a shared library inside the wheel: no helm binary, no
 network), so `lint` and `render` here are Helm's. Every rendered object passes
-`kubernetes-validate --strict` for the oldest Kubernetes the chart admits; the two custom
-resources (KEDA ScaledObject, ServiceMonitor), which kubernetes-validate has no schema for, are
-checked against the strict schemas in helm/schemas/. Then the fields that matter are asserted,
-and the rendered settings are fed to the service's own `Settings` validation.
+`kubernetes-validate --strict` for the oldest Kubernetes the chart admits; the custom resources
+(KEDA ScaledObject and TriggerAuthentication, ServiceMonitor), which kubernetes-validate has no
+schema for, are checked against the strict schemas in helm/schemas/. Then the fields that matter
+are asserted, and the rendered settings are fed to the service's own `Settings` validation.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ REQUIRED_SECRET_KEYS = ("IDFORGE_API_KEYS", "IDFORGE_SECRET_KEY", "IDFORGE_WEBHO
 SECRET_SETTINGS = (*REQUIRED_SECRET_KEYS, "IDFORGE_METRICS_TOKEN")
 VALUES_FILES = sorted(p.name for p in CI_VALUES.glob("*-values.yaml"))
 CRD_SCHEMA_FILES = {("keda.sh/v1alpha1", "ScaledObject"): "keda-scaledobject-v1alpha1.json",
+                    ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication-v1alpha1.json",
                     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring-servicemonitor-v1.json"}
+BACKLOG_URL = f"http://{FULLNAME}-api.{NAMESPACE}.svc:80/backlog"
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -145,6 +147,14 @@ def pod_environment(r: Rendered, c: dict[str, Any]) -> dict[str, str]:
     return environ
 
 
+def trigger(r: Rendered, kind: str) -> dict[str, Any]:
+    """The GPU workers' ScaledObject trigger of type `kind` (there is one of each)."""
+    triggers = r.get("ScaledObject", f"{FULLNAME}-worker-gpu")["spec"]["triggers"]
+    found: list[dict[str, Any]] = [t for t in triggers if t["type"] == kind]
+    assert len(found) == 1, f"{kind}: {len(found)} triggers"
+    return found[0]
+
+
 def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in c.get("env", [])}
 
@@ -223,12 +233,28 @@ def test_crd_schemas_refuse_malformed_objects(chart: Any, crd_validators: Any) -
     Prometheus duration."""
     r = render(chart, "keda-values.yaml")
     so = r.get("ScaledObject", f"{FULLNAME}-worker-gpu")
+    ta = r.get("TriggerAuthentication", f"{FULLNAME}-worker-gpu")
     sm = r.get("ServiceMonitor", f"{FULLNAME}-api")
+    backlog = {"url": BACKLOG_URL, "valueLocation": "gpu.waiting", "targetValue": "2"}
     bad = [
         ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "redis", "metadata": {
             "address": "redis:6379", "listName": "gpu", "listLength": 3}}]}})),
         ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "redis", "metadata": {
             "address": "redis:6379", "listLength": "3"}}]}})),  # no listName
+        ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "metrics-api", "metadata": {
+            **backlog, "targetValue": 2}}]}})),
+        ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "metrics-api", "metadata": {
+            "url": BACKLOG_URL, "targetValue": "2"}}]}})),  # no valueLocation
+        ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "metrics-api", "metadata": {
+            **backlog, "valuelocation": "gpu.held"}}]}})),  # not a parameter
+        ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "metrics-api", "metadata": {
+            **backlog, "url": "idf-idforge-api/backlog"}}]}})),
+        ("ScaledObject", merged(so, {"spec": {"triggers": [{"type": "metrics-api", "metadata": {
+            **backlog, "authMode": "bearer"}}]}})),  # no authenticationRef: no token
+        ("TriggerAuthentication", merged(ta, {"spec": {"secretTargetRef": [{"parameter": "token",
+                                                                            "name": SECRET}]}})),  # no key
+        ("TriggerAuthentication", merged(ta, {"spec": {"secretRef": [{"parameter": "token", "name": SECRET,
+                                                                      "key": "IDFORGE_METRICS_TOKEN"}]}})),
         ("ScaledObject", merged(so, {"spec": {"cooldownPeriodSeconds": 300}})),
         ("ScaledObject", merged(so, {"spec": {"advanced": {"horizontalPodAutoscalerConfig": {
             "behavior": {"scaleDown": {"stabilizationWindow": 60}}}}}})),  # k8s HPA type, strict
@@ -290,6 +316,10 @@ def test_contradictory_values_fail_with_a_clear_message(chart: Any, overrides: d
     ({"gpuWorker": {"terminationGracePeriodSeconds": 5}}, "minimum"),
     ({"gpuWorker": {"gpus": 2}}, "gpus"),  # no such value: one GPU per pod
     ({"keda": {"listLength": 0}}, "/keda/listLength"),
+    ({"keda": {"backlog": {"targetValue": 0}}}, "/keda/backlog/targetValue"),
+    ({"keda": {"backlog": {"targetValue": "2"}}}, "/keda/backlog/targetValue"),
+    ({"keda": {"backlog": {"activationTargetValue": -1}}}, "/keda/backlog/activationTargetValue"),
+    ({"keda": {"backlog": {"valueLocation": "gpu.held"}}}, "valueLocation"),
     ({"config": {"environment": "staging"}}, "/config/environment"),
     ({"config": {"extra": {"IDFORGE_API_KEYS": "t:k"}}}, "invalid propertyName 'IDFORGE_API_KEYS'"),
     ({"config": {"extra": {"IDFORGE_MAX_CONCURRENT_JOBS": 64}}}, "/config/extra/IDFORGE_MAX_CONCURRENT_JOBS"),
@@ -594,9 +624,15 @@ def test_existing_secret(chart: Any) -> None:
             == set(refs), name
     (ep,) = r.get("ServiceMonitor", f"{FULLNAME}-api")["spec"]["endpoints"]
     assert ep["authorization"]["credentials"] == {"name": "idforge-prod", "key": "IDFORGE_METRICS_TOKEN"}
-    (trigger,) = r.get("ScaledObject", f"{FULLNAME}-worker-gpu")["spec"]["triggers"]
-    assert trigger["metadata"]["address"] == "redis-master.data.svc:6379"
-    assert trigger["metadata"]["passwordFromEnv"] == "REDIS_PASSWORD"
+    queue = trigger(r, "redis")
+    assert queue["metadata"]["address"] == "redis-master.data.svc:6379"
+    assert queue["metadata"]["passwordFromEnv"] == "REDIS_PASSWORD"
+    # KEDA authenticates to /backlog with the token from the same Secret.
+    backlog = trigger(r, "metrics-api")
+    assert backlog["metadata"]["authMode"] == "bearer"
+    ta = r.get("TriggerAuthentication", backlog["authenticationRef"]["name"])
+    assert ta["spec"] == {"secretTargetRef": [
+        {"parameter": "token", "name": "idforge-prod", "key": "IDFORGE_METRICS_TOKEN"}]}
 
 
 def test_checksum_annotations_roll_pods_on_config_change(chart: Any) -> None:
@@ -689,7 +725,7 @@ def test_bundled_redis_statefulset_with_aof(chart: Any) -> None:
 
 # --------------------------------------------------------------------------------------- KEDA
 
-def test_keda_scaled_object_on_the_gpu_queue(chart: Any) -> None:
+def test_keda_scaled_object_on_the_gpu_backlog(chart: Any) -> None:
     r = render(chart, "keda-values.yaml")
     so = r.get("ScaledObject", f"{FULLNAME}-worker-gpu")
     spec = so["spec"]
@@ -699,11 +735,24 @@ def test_keda_scaled_object_on_the_gpu_queue(chart: Any) -> None:
     scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert scale_down["stabilizationWindowSeconds"] == 900
     assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"] == {"address": "redis.data.svc:6379", "listName": "gpu", "listLength": "3",
-                                   "activationListLength": "0", "databaseIndex": "1", "enableTLS": "false",
-                                   "passwordFromEnv": "REDIS_PASSWORD"}
+    assert [t["type"] for t in spec["triggers"]] == ["metrics-api", "redis"]
+    # The backlog (held + queued shards) from the chart's API Service, with the metrics token.
+    backlog = trigger(r, "metrics-api")
+    assert backlog["metadata"] == {"url": BACKLOG_URL, "format": "json", "valueLocation": "gpu.waiting",
+                                   "targetValue": "4", "activationTargetValue": "1", "authMode": "bearer"}
+    api = r.get("Service", f"{FULLNAME}-api")
+    (port,) = api["spec"]["ports"]
+    assert BACKLOG_URL == f"http://{api['metadata']['name']}.{NAMESPACE}.svc:{port['port']}/backlog"
+    assert backlog["authenticationRef"] == {"name": f"{FULLNAME}-worker-gpu"}
+    ta = r.get("TriggerAuthentication", f"{FULLNAME}-worker-gpu")
+    assert ta["metadata"]["namespace"] == so["metadata"]["namespace"]
+    assert ta["spec"] == {"secretTargetRef": [
+        {"parameter": "token", "name": SECRET, "key": "IDFORGE_METRICS_TOKEN"}]}
+    assert r.secret()["IDFORGE_METRICS_TOKEN"] == "test-only-metrics-token"
+    # The gpu list itself, straight from the broker.
+    assert trigger(r, "redis")["metadata"] == {
+        "address": "redis.data.svc:6379", "listName": "gpu", "listLength": "3", "activationListLength": "0",
+        "databaseIndex": "1", "enableTLS": "false", "passwordFromEnv": "REDIS_PASSWORD"}
     gpu = r.get("Deployment", f"{FULLNAME}-worker-gpu")
     assert "replicas" not in gpu["spec"], "KEDA owns the replica count"
     assert env_of(container(gpu, "worker"))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
@@ -711,7 +760,20 @@ def test_keda_scaled_object_on_the_gpu_queue(chart: Any) -> None:
     assert r.secret()["REDIS_PASSWORD"] == "test-only-redis-pw"
     assert pod_spec(gpu)["terminationGracePeriodSeconds"] == 1200
     assert not r.has("HorizontalPodAutoscaler", f"{FULLNAME}-worker-gpu")
-    assert not render(chart).of_kind("ScaledObject")
+    default = render(chart)
+    assert not default.of_kind("ScaledObject") and not default.of_kind("TriggerAuthentication")
+
+
+def test_keda_backlog_trigger_without_a_metrics_token(chart: Any) -> None:
+    """No metrics token: /backlog is open, so no authentication; the defaults and the Service port
+    follow the values."""
+    r = render(chart, "minimal-values.yaml", {"keda": {"enabled": True}, "api": {"service": {"port": 8080}}})
+    backlog = trigger(r, "metrics-api")
+    assert backlog["metadata"] == {"url": f"http://{FULLNAME}-api.{NAMESPACE}.svc:8080/backlog",
+                                   "format": "json", "valueLocation": "gpu.waiting", "targetValue": "2",
+                                   "activationTargetValue": "0"}
+    assert "authenticationRef" not in backlog
+    assert not r.of_kind("TriggerAuthentication")
 
 
 @pytest.mark.parametrize("values_file,overrides,expected", [
@@ -725,10 +787,10 @@ def test_keda_scaled_object_on_the_gpu_queue(chart: Any) -> None:
 def test_keda_trigger_follows_the_redis_url(chart: Any, values_file: str, overrides: dict[str, Any],
                                             expected: dict[str, str]) -> None:
     r = render(chart, values_file, merged({"keda": {"enabled": True}}, overrides))
-    (trigger,) = r.get("ScaledObject", f"{FULLNAME}-worker-gpu")["spec"]["triggers"]
-    assert expected.items() <= trigger["metadata"].items(), trigger["metadata"]
+    queue = trigger(r, "redis")
+    assert expected.items() <= queue["metadata"].items(), queue["metadata"]
     has_password = values_file != "minimal-values.yaml"
-    assert ("passwordFromEnv" in trigger["metadata"]) == has_password
+    assert ("passwordFromEnv" in queue["metadata"]) == has_password
 
 
 # --------------------------------------------------------------------------------------- shutdown
