@@ -117,22 +117,24 @@ class Sampler:
 
 
 @contextlib.contextmanager
-def service(root: Path, model_dir: Path) -> Iterator[dict[str, Any]]:
-    """Redis, SeaweedFS S3, one worker and the API; yields their handles."""
+def service(root: Path, model_dir: Path, *, keys: str = f"bench:{KEY}",
+            env_extra: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Redis, SeaweedFS S3, one worker and the API; yields their handles. `keys`: IDFORGE_API_KEYS;
+    `env_extra`: more IDFORGE_* settings for the worker and the API."""
     from tests.servers import S3_KEY, S3_SECRET, SeaweedS3
 
     redis = RedisServer(root / "redis", appendonly=True).start()
     s3 = SeaweedS3(root / "s3").start("idforge-scale")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDFORGE_REDIS_URL": redis.url,
-           "IDFORGE_API_KEYS": f"bench:{KEY}", "IDFORGE_MODEL_DIR": str(model_dir),
+           "IDFORGE_API_KEYS": keys, "IDFORGE_MODEL_DIR": str(model_dir),
            "IDFORGE_PUBLIC_URL": f"http://127.0.0.1:{port}", "IDFORGE_SECRET_KEY": "scale-bench",
            "IDFORGE_STORAGE": "s3", "IDFORGE_S3_ENDPOINT_URL": s3.endpoint, "IDFORGE_S3_BUCKET": "idforge-scale",
            "IDFORGE_S3_ACCESS_KEY_ID": S3_KEY, "IDFORGE_S3_SECRET_ACCESS_KEY": S3_SECRET,
            "IDFORGE_LOG_FORMAT": "json", "IDFORGE_RATE_LIMIT_PER_S": "1000000",
            "IDFORGE_RATE_LIMIT_BURST": "1000000", "IDFORGE_TASK_SOFT_TIME_LIMIT_S": "7200",
            "IDFORGE_TASK_TIME_LIMIT_S": "7500", "IDFORGE_MAX_IMAGES_PER_DAY": "0",
-           "IDFORGE_MAX_CONCURRENT_JOBS": "0"}
+           "IDFORGE_MAX_CONCURRENT_JOBS": "0", **(env_extra or {})}
     procs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as logs:
         worker_log = logs.enter_context((root / "worker.log").open("wb"))
