@@ -34,6 +34,7 @@ import pytest
 from app.client import Client
 from app.errors import JobStoreUnavailable, StorageError, StorageKeyMissing
 from app.jobstore import JobStore
+from app.scheduler import Scheduler
 from app.servers import RedisServer, free_port
 from app.settings import Settings
 from app.storage import S3Storage
@@ -412,6 +413,8 @@ def test_redis_killed_and_restarted_mid_job_loses_nothing(tmp_path: Path, model_
         before = wait_stage(s, job_id, lambda j: j.get("stage") == "rendering"
                             and j["progress"]["images_done"] >= 4, "rendering under way")
         events_before = len(s.events(job_id))
+        held = Scheduler(s.store.r).snapshot().jobs[job_id].held
+        assert held >= 1  # shards wait in the scheduler (one worker slot): they must survive the restart
         away = [s.restart_redis(signal.SIGKILL, down_s=3)]
         job = wait_stage(s, job_id, lambda j: j["progress"]["images_done"] > before["progress"]["images_done"],
                          "progress after the first restart", timeout=120)
@@ -428,7 +431,7 @@ def test_redis_killed_and_restarted_mid_job_loses_nothing(tmp_path: Path, model_
         # The worker and the API reconnected: a second job runs through the restarted Redis.
         again = s.wait_job(submit(s, {"identities": 2, "images_per_identity": 1, "render": {"steps": 1}}))
         assert again["status"] == "succeeded", again
-        print(f"\nredis restarts: 2 (away {away[0]:.2f} s and {away[1]:.2f} s), "
+        print(f"\nredis restarts: 2 (away {away[0]:.2f} s and {away[1]:.2f} s; {held} shards held at the first), "
               f"{time.monotonic() - t0:.1f} s")
     finally:
         s.stop()
