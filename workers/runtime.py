@@ -200,7 +200,7 @@ class Heartbeat:
             if self.on_beat is not None:
                 try:
                     self.on_beat()
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - the thread must keep beating; the next beat retries
                     log.warning("heartbeat of %s: %s", self.name, e)
             if self._stop.wait(self.interval_s):
                 return

@@ -89,7 +89,7 @@ def _check_metrics_token(request: Request, svc: Svc, what: str) -> None:
 def _queue_lengths(svc: Svc) -> dict[str, int] | None:
     try:
         return svc.queue.queue_lengths()
-    except Exception as e:  # the broker being down is a metric, not a failed scrape
+    except Exception as e:  # noqa: BLE001 - kombu raises many types; the broker being down is a metric
         log.warning("metrics: queue lengths unavailable: %s", e)
         return None
 
