@@ -49,24 +49,30 @@ WAITS = P + "metrics:waits"  # set of the stage|team|priority that have a wait h
 WAIT_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
                                    14400, 43200, 86400)
 
+# Add d seconds to the histogram hash h (b0..bN, sum, count); its bucket bounds are ARGV[3..].
+_OBSERVE_FN = """
+local function observe(h, d)
+  local idx = #ARGV - 2
+  for i = 3, #ARGV do
+    if d <= tonumber(ARGV[i]) then idx = i - 3; break end
+  end
+  redis.call('HINCRBY', h, 'b' .. idx, 1)
+  redis.call('HINCRBYFLOAT', h, 'sum', string.format('%.6f', d))
+  redis.call('HINCRBY', h, 'count', 1)
+end
+"""
+
 # Observe one queue wait. KEYS[1] the histogram, KEYS[2] the set of histograms; ARGV: its name,
 # seconds, bounds...
-_OBSERVE_WAIT = """
-local d = tonumber(ARGV[2])
-local idx = #ARGV - 2
-for i = 3, #ARGV do
-  if d <= tonumber(ARGV[i]) then idx = i - 3; break end
-end
-redis.call('HINCRBY', KEYS[1], 'b' .. idx, 1)
-redis.call('HINCRBYFLOAT', KEYS[1], 'sum', string.format('%.6f', d))
-redis.call('HINCRBY', KEYS[1], 'count', 1)
+_OBSERVE_WAIT = _OBSERVE_FN + """
+observe(KEYS[1], tonumber(ARGV[2]))
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
 # Move a job's stage clock: observe the time spent in the stage it leaves, start the new one.
 # KEYS[1] = the job hash; ARGV = new stage ('' = stop the clock), histogram key prefix, bounds...
-_STAGE_CLOCK = """
+_STAGE_CLOCK = _OBSERVE_FN + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -75,14 +81,7 @@ if prev == ARGV[1] or (not prev and ARGV[1] == '') then return 0 end
 if prev then
   local d = now - tonumber(redis.call('HGET', KEYS[1], 'stage_since'))
   if d < 0 then d = 0 end
-  local idx = #ARGV - 2
-  for i = 3, #ARGV do
-    if d <= tonumber(ARGV[i]) then idx = i - 3; break end
-  end
-  local h = ARGV[2] .. prev
-  redis.call('HINCRBY', h, 'b' .. idx, 1)
-  redis.call('HINCRBYFLOAT', h, 'sum', string.format('%.6f', d))
-  redis.call('HINCRBY', h, 'count', 1)
+  observe(ARGV[2] .. prev, d)
 end
 if ARGV[1] == '' then
   redis.call('HDEL', KEYS[1], 'stage_clock', 'stage_since')

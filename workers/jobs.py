@@ -134,8 +134,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     # (tasking.release_shards runs when this task ends).
     cost = estimates.shard_seconds(spec, rt.settings.shard_identities, rt.throughput.table())
     rt.store.stage_queued(job_id, "rendering")
-    rt.scheduler.hold(job_id, job["owner"], job.get("priority") or rt.settings.team_priority(job["owner"]),
-                      len(shards), cost)
+    rt.scheduler.hold(job_id, job["owner"], _priority(rt, job), len(shards), cost)
 
 
 def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
@@ -168,7 +167,12 @@ def started(rt: Runtime, job: dict[str, Any], stage: str) -> None:
     """A worker began the stage: the first time, its queue wait goes to the team's histogram."""
     wait = rt.store.stage_started(job["id"], stage)
     if wait is not None:
-        rt.telemetry.observe_wait(stage, job["owner"], job.get("priority") or "interactive", wait)
+        rt.telemetry.observe_wait(stage, job["owner"], _priority(rt, job), wait)
+
+
+def _priority(rt: Runtime, job: dict[str, Any]) -> Any:
+    """The priority the job runs at (a job recorded before priorities: its team's default)."""
+    return job.get("priority") or rt.settings.team_priority(job["owner"])
 
 
 def observe_shard(rt: Runtime, spec: JobSpec, result: Any) -> None:

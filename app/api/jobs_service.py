@@ -168,13 +168,13 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     replay, enqueue the job's first task. When the enqueue fails the job is failed, the
     Idempotency-Key forgotten and the images given back, and the enqueue's error is raised."""
     normalized = spec.normalized()
-    h = spec.spec_hash()
+    h, body = spec.spec_hash(), body_hash(spec)
     admitted = admit(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
                      images=spec.identities * spec.images_per_identity,
-                     idempotency_key=idem_key, body_hash=body_hash(spec))  # 429/403 over the team's quotas
+                     idempotency_key=idem_key, body_hash=body)  # 429/403 over the team's quotas
     made = admitted.made
     if not made.created:
-        if made.body_hash != body_hash(spec):
+        if made.body_hash != body:
             raise InvalidSpec("this Idempotency-Key was used with a different body",
                               code="idempotency_key_reused",
                               errors=[{"field": "Idempotency-Key", "message": "reused with a "
@@ -202,7 +202,7 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
             svc.store.refund_images(team, admitted.images, admitted.day)
         raise
     if idem_key:
-        svc.store.confirm_idempotency(team, idem_key, made.job_id, body_hash(spec))
+        svc.store.confirm_idempotency(team, idem_key, made.job_id, body)
     job = svc.store.get(made.job_id)
     assert job is not None
     return Submitted(job, replayed=False)
