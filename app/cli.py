@@ -112,6 +112,58 @@ def status(job_id: str, url: str, api_key: str | None) -> None:
 
 @main.command()
 @click.argument("job_id")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait until every object is gone (`deleted_at` set)")
+def delete(job_id: str, url: str, api_key: str | None, wait: bool) -> None:
+    """Delete a job's data: every stored object (dataset, report, checkpoints); a live job is
+    canceled first. The job's record stays, with `deleted_at`. Needs the `submit` scope."""
+    try:
+        job = _client(url, api_key).delete(job_id, wait=wait)
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+    if job.get("deleted_at"):
+        click.echo(f"{job_id}: deleted at {job['deleted_at']} ({job['status']} job; its record stays)")
+    else:
+        click.echo(f"{job_id}: deletion requested at {job['deletion_requested_at']}; workers are deleting it")
+
+
+@main.command("list")
+@click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--status", default=None, help="queued, running, canceling, succeeded, failed or canceled")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="jobs whose spec.metadata has KEY=VALUE (repeat: all must match)")
+@click.option("--created-after", default=None, help="RFC 3339 time, e.g. 2026-12-01T00:00:00Z")
+@click.option("--created-before", default=None, help="RFC 3339 time")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def list_jobs(url: str, api_key: str | None, status: str | None, metadata: tuple[str, ...],
+              created_after: str | None, created_before: str | None, as_json: bool) -> None:
+    """The team's jobs, newest first, filtered (e.g. `--metadata commit=abc123`)."""
+    pairs = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--metadata")
+        pairs[key] = value
+    try:
+        for job in _client(url, api_key).jobs(status=status, metadata=pairs, created_after=created_after,
+                                               created_before=created_before):
+            if as_json:
+                click.echo(json.dumps(job))
+            else:
+                gone = "  deleted" if job.get("deleted_at") else ""
+                click.echo(f"{job['id']}  {job['status']:9}  {job['created_at']}  "
+                           f"{json.dumps(job['spec'].get('metadata') or {})}{gone}")
+    except ApiError as e:
+        click.echo(json.dumps(e.problem, indent=1), err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("job_id")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
 @click.option("--api-key", default=None)

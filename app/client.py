@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,33 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._idempotent("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def delete(self, job_id: str, *, wait: bool = False, timeout: float = 600,
+               interval: float = 0.5) -> dict[str, Any]:
+        """Delete the job's data (idempotent); with `wait`, poll until `deleted_at` is set."""
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = self._idempotent("DELETE", f"/v1/jobs/{job_id}")
+        while wait and not job.get("deleted_at"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}'s deletion is not finished after {timeout:.0f} s")
+            time.sleep(interval)
+            job = self.job(job_id)
+        return job
+
+    def jobs(self, *, status: str | None = None, metadata: dict[str, str] | None = None,
+             created_after: str | None = None, created_before: str | None = None,
+             limit: int = 100) -> Iterator[dict[str, Any]]:
+        """The team's jobs, newest first, every page, filtered like `GET /v1/jobs`."""
+        params: dict[str, Any] = {"limit": limit, **{f"metadata[{k}]": v for k, v in (metadata or {}).items()}}
+        for k, v in (("status", status), ("created_after", created_after), ("created_before", created_before)):
+            if v is not None:
+                params[k] = v
+        while True:
+            page = self._idempotent("GET", "/v1/jobs", params=params)
+            yield from page["jobs"]
+            if not page["has_more"]:
+                return
+            params["after"] = page["next"]
 
     def artifacts(self, job_id: str, **params: Any) -> dict[str, Any]:
         return self._idempotent("GET", f"/v1/jobs/{job_id}/artifacts", params=params)  # type: ignore[no-any-return]

@@ -2,7 +2,7 @@
 
 ```
 ServiceError (500 internal)
-  BadRequest 400  Unauthorized 401  Forbidden 403  NotFound 404  Conflict 409
+  BadRequest 400  Unauthorized 401  Forbidden 403  NotFound 404  Conflict 409  Gone 410
   PayloadTooLarge 413  UnsupportedMediaType 415  InvalidRequest 422  InvalidSpec 422
   TooManyRequests 429
   StorageKeyMissing 404 object_not_found     not transient: retrying finds nothing more
@@ -75,6 +75,12 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status, code, title = 409, "conflict", "Conflict"
+
+
+class Gone(ServiceError):
+    """410: it existed and was deleted on purpose (a deleted job's artifacts)."""
+
+    status, code, title = 410, "gone", "Gone"
 
 
 class PayloadTooLarge(ServiceError):

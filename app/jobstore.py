@@ -74,6 +74,7 @@ JOB_KEY_SUFFIXES = (":progress", ":shards_done_bits", ":shards_done", ":events",
                     ":webhooks", ":attempts", ":tasks_done", ":tasks_done:render_shard")
 BITMAP_TASKS = ("render_shard",)  # numbered tasks whose done marks are bits (`:tasks_done:<name>`)
 DEFAULT_KEYS_TTL_S = 30 * 86400  # the default of IDFORGE_JOB_KEYS_TTL_S
+LIST_MAX_SCAN = 2000  # jobs a filtered list page looks at, at most (`JobStore.list_jobs`)
 
 
 def job_key(job_id: str, suffix: str = "") -> str:
@@ -146,6 +147,19 @@ if ARGV[5] ~= '' and cur ~= to then
     redis.call('HSET', job, 'keys_expire_at', at)
     for i = 2, #KEYS do redis.call('PEXPIREAT', KEYS[i], at) end
   end
+  -- Retention (app/lifecycle.py): the data expires `retention_s` after the job ends.
+  local keep = tonumber(redis.call('HGET', job, 'retention_s') or '0')
+  if keep > 0 then
+    local t = redis.call('TIME')
+    local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + keep * 1000
+    redis.call('HSET', job, 'expires_at_ms', at)
+    redis.call('ZADD', ARGV[4] .. 'expiry', at, id)
+  end
+  -- Reuse: the team's latest succeeded job of each dataset hash.
+  local dataset = redis.call('HGET', job, 'dataset_hash')
+  if to == 'succeeded' and dataset then
+    redis.call('HSET', ARGV[4] .. 'team:' .. owner .. ':reuse', dataset, id)
+  end
 end
 return {1, cur}
 """ % {"maxlen": EVENTS_MAXLEN}
@@ -161,6 +175,9 @@ end
 redis.call('HSET', job, 'id', ARGV[1], 'owner', ARGV[2], 'status', 'queued', 'spec', ARGV[3],
            'spec_hash', ARGV[4], 'created_at', ARGV[7], 'queued_at', ARGV[7],
            'updated_at', ARGV[7], 'identities_total', ARGV[8], 'images_total', ARGV[9])
+local extra = cjson.decode(ARGV[11])  -- lifecycle fields and the metadata indexes (`create`)
+for k, v in pairs(extra.fields) do redis.call('HSET', job, k, v) end
+for _, key in ipairs(extra.index) do redis.call('ZADD', key, 0, ARGV[1]) end
 redis.call('ZADD', ARGV[10] .. 'team:' .. ARGV[2] .. ':jobs', 0, ARGV[1])
 redis.call('ZADD', ARGV[10] .. 'team:' .. ARGV[2] .. ':status:queued', 0, ARGV[1])
 redis.call('XADD', job .. ':events', 'MAXLEN', '~', %d, '*', 'type', 'status', 'from', '',
@@ -431,6 +448,33 @@ def new_job_id() -> str:
     return f"j{_last_us:014x}{secrets.token_hex(4)}"
 
 
+def metadata_index(owner: str, key: str, value: str) -> str:
+    """The Redis key of the team's index of jobs whose `metadata[key]` is `value` (a sorted set of
+    ids, like the other team indexes): hashed, so any key and value make a short Redis key."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{key}\x00{value}".encode()).hexdigest()[:32]
+    return P + f"team:{owner}:meta:{digest}"
+
+
+def _extras(owner: str, spec: dict[str, Any], retention_s: int, dataset_hash: str | None) -> str:
+    """The creation script's ARGV[11]: lifecycle fields of the job hash and the metadata indexes
+    the job joins (strings only: Lua would print a large number in exponent form)."""
+    fields: dict[str, str] = {}
+    if retention_s:
+        fields["retention_s"] = str(int(retention_s))
+    if dataset_hash:
+        fields["dataset_hash"] = dataset_hash
+    meta = spec.get("metadata") or {}
+    return json.dumps({"fields": fields,
+                       "index": [metadata_index(owner, k, v) for k, v in sorted(meta.items())]})
+
+
+def id_bound(epoch_s: float) -> str:
+    """The smallest job id made at or after `epoch_s` (ids start with the microsecond, in hex)."""
+    return f"j{max(0, int(epoch_s * 1_000_000)):014x}"
+
+
 @dataclass(frozen=True)
 class Created:
     job_id: str
@@ -469,14 +513,16 @@ class JobStore:
 
     def create(self, owner: str, spec: dict[str, Any], spec_hash: str, *, identities: int,
                images: int, idempotency_key: str | None = None, body_hash: str | None = None,
-               idempotency_ttl_s: int = 86400) -> Created:
+               idempotency_ttl_s: int = 86400, retention_s: int = 0,
+               dataset_hash: str | None = None) -> Created:
         job_id = new_job_id()
         idem = self._idem_key(owner, idempotency_key) if idempotency_key else ""
         with translate():
             kind, value = self._create(
                 keys=[P + f"job:{job_id}", idem],
                 args=[job_id, owner, json.dumps(spec, sort_keys=True), spec_hash,
-                      body_hash or "", idempotency_ttl_s, now_iso(), identities, images, P],
+                      body_hash or "", idempotency_ttl_s, now_iso(), identities, images, P,
+                      _extras(owner, spec, retention_s, dataset_hash)],
             )
         if kind == "created":
             return Created(job_id, True)
@@ -486,7 +532,8 @@ class JobStore:
     def create_within_quota(self, owner: str, spec: dict[str, Any], spec_hash: str, *, identities: int,
                             images: int, max_concurrent: int, max_images_per_day: int,
                             idempotency_key: str | None = None, body_hash: str | None = None,
-                            idempotency_ttl_s: int = 86400) -> tuple[Created | None, dict[str, Any]]:
+                            idempotency_ttl_s: int = 86400, retention_s: int = 0,
+                            dataset_hash: str | None = None) -> tuple[Created | None, dict[str, Any]]:
         """`create`, unless the team's quotas refuse it, checked and counted in the same script:
         `max_concurrent` non-terminal jobs, `max_images_per_day` images submitted in the current UTC
         day (0 = no limit). Returns (Created, usage) or (None, usage) when refused, where usage has
@@ -500,6 +547,7 @@ class JobStore:
             got = script(keys=[P + f"job:{job_id}", idem], args=[
                 job_id, owner, json.dumps(spec, sort_keys=True), spec_hash, body_hash or "",
                 idempotency_ttl_s, now_iso(), identities, images, P,
+                _extras(owner, spec, retention_s, dataset_hash),
                 owner, images, P, max_concurrent, max_images_per_day])
         if got[0] == "quota":
             conc, used, day, left = (int(x) for x in got[2:6])
@@ -588,20 +636,55 @@ class JobStore:
         return status
 
     def list_jobs(self, owner: str, *, status: str | None = None, limit: int = 20,
-             after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """The team's jobs, newest first; `after` is the last id of the previous page."""
-        index = P + (f"team:{owner}:status:{status}" if status else f"team:{owner}:jobs")
-        hi = f"({after}" if after else "+"
+                  after: str | None = None, metadata: dict[str, str] | None = None,
+                  created_after: float | None = None, created_before: float | None = None,
+                  max_scan: int = LIST_MAX_SCAN) -> tuple[list[dict[str, Any]], str | None]:
+        """The team's jobs, newest first; `after` is the `next` of the previous page. Filters:
+        `status`, `metadata` (every key equal to its value), creation time in [created_after,
+        created_before) (epoch seconds: job ids sort by creation time, so these are bounds on the
+        index). The scan walks the narrowest index (a metadata index, else the status one) and
+        checks the other filters per job; it looks at most `max_scan` jobs a page, so a page with
+        few matches may be short, with `next` where the scan stopped."""
+        metadata = metadata or {}
+        indexes = [metadata_index(owner, k, v) for k, v in sorted(metadata.items())]
+        if status:
+            indexes.append(P + f"team:{owner}:status:{status}")
         with translate():
-            ids = self.r.zrevrangebylex(index, hi, "-", start=0, num=limit + 1)
-            pipe = self.r.pipeline(transaction=False)
-            for i in ids[:limit]:
-                pipe.hgetall(P + f"job:{i}")
-                pipe.hgetall(P + f"job:{i}:progress")
-            rows = pipe.execute()
-        jobs = [_decode(rows[k], rows[k + 1]) for k in range(0, len(rows), 2) if rows[k]]
-        nxt = ids[limit - 1] if len(ids) > limit else None
-        return jobs, nxt
+            if len(indexes) > 1:
+                pipe = self.r.pipeline(transaction=False)
+                for key in indexes:
+                    pipe.zcard(key)
+                sizes = pipe.execute()
+                index = indexes[min(range(len(indexes)), key=lambda k: sizes[k])]
+            else:
+                index = indexes[0] if indexes else P + f"team:{owner}:jobs"
+            lo = f"[{id_bound(created_after)}" if created_after is not None else "-"
+            top = id_bound(created_before) if created_before is not None else None
+            if after is not None and (top is None or after < top):
+                top = after
+            hi = f"({top}" if top is not None else "+"
+            jobs: list[dict[str, Any]] = []
+            scanned, last = 0, None
+            while len(jobs) <= limit and scanned < max_scan:
+                ids = self.r.zrevrangebylex(index, hi, lo, start=0, num=min(max_scan - scanned, 2 * limit + 2))
+                if not ids:
+                    return jobs[:limit], None
+                pipe = self.r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.hgetall(P + f"job:{i}")
+                    pipe.hgetall(P + f"job:{i}:progress")
+                rows = pipe.execute()
+                for k, i in enumerate(ids):
+                    scanned, last = scanned + 1, i
+                    raw = rows[2 * k]
+                    if raw and _matches(raw, status, metadata):
+                        jobs.append(_decode(raw, rows[2 * k + 1]))
+                        if len(jobs) > limit:
+                            break
+                hi = f"({last}"
+        if len(jobs) > limit:
+            return jobs[:limit], jobs[limit - 1]["id"]
+        return jobs, last  # the scan budget ran out first: go on from where it stopped
 
     def count_by_status(self, owners: list[str]) -> dict[str, int]:
         """Jobs in each status, summed over the teams `owners` (the sizes of their status indexes,
@@ -769,8 +852,18 @@ class JobStore:
             return {k: json.loads(v) for k, v in self.r.hgetall(P + "models").items()}
 
 
+def _matches(raw: dict[str, str], status: str | None, metadata: dict[str, str]) -> bool:
+    """Whether a job hash passes the list's status and metadata filters."""
+    if status and raw.get("status") != status:
+        return False
+    if not metadata:
+        return True
+    have = json.loads(raw.get("spec") or "{}").get("metadata") or {}
+    return all(have.get(k) == v for k, v in metadata.items())
+
+
 _JSON_FIELDS = ("spec", "result", "error")
-_INT_FIELDS = ("identities_total", "images_total", "shards_total")
+_INT_FIELDS = ("identities_total", "images_total", "shards_total", "retention_s")
 
 
 def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
@@ -794,6 +887,8 @@ def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
         kind, _, stage = k.partition("_ts:")
         stages.setdefault(stage, {})[f"{kind}_at"] = iso_from_epoch(float(job.pop(k)))
     job["stages"] = stages
+    if "expires_at_ms" in job:
+        job["expires_at"] = iso_from_epoch(int(job.pop("expires_at_ms")) / 1000)
     job["progress"] = {
         "identities_done": done["identities"],
         "identities_total": job.get("identities_total", 0),

@@ -21,6 +21,8 @@ FINALIZE = "idforge.finalize"
 DELIVER_WEBHOOK = "idforge.deliver_webhook"
 # Ends the cancel of a job that has nothing running to see it (its shards were all held).
 FINISH_CANCEL = "idforge.finish_cancel"
+# Deletes every stored object of a job whose deletion was requested (DELETE, or its retention).
+DELETE_JOB = "idforge.delete_job"
 
 # GPU work on `gpu`; bookkeeping on `cpu`. A CPU worker with tiny presets consumes both.
 ROUTES = {
@@ -29,6 +31,7 @@ ROUTES = {
     FINALIZE: {"queue": "cpu"},
     DELIVER_WEBHOOK: {"queue": "cpu"},
     FINISH_CANCEL: {"queue": "cpu"},
+    DELETE_JOB: {"queue": "cpu"},
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -154,6 +154,17 @@ class Settings(BaseSettings):
     # {"ci": {"weight": 2, "priority": "interactive"}, "research": {"priority": "batch"}}.
     team_scheduling: dict[str, TeamScheduling] = Field(default_factory=dict)
 
+    # --- Lifecycle of datasets (docs/lifecycle.md).
+    # Days a job's data is kept after the job ends, then deleted by the workers (the record stays, with
+    # `deleted_at`); 0 = kept until deleted. A job's `retention_days` overrides its team's default.
+    retention_days: float = Field(0.0, ge=0, le=36500)
+    # Per-team defaults, JSON: {"ci": 7, "research": 0} (0 = kept until deleted).
+    team_retention_days: dict[str, Annotated[float, Field(ge=0, le=36500)]] = Field(default_factory=dict)
+    # Seconds between the workers' sweeps for expired jobs (one worker sweeps at a time, whichever
+    # takes the sweep's lock in Redis first); also how long a requested deletion may wait before the
+    # sweep sends its task again.
+    retention_sweep_s: float = Field(300.0, gt=0, le=86400)
+
     # --- Observability.
     # Log lines: "json" (one object per line, with job_id/task/shard in a job's context), "text",
     # or "auto" (text on a terminal, JSON otherwise).
@@ -214,9 +225,9 @@ class Settings(BaseSettings):
         parse_key_entries(v.get_secret_value())  # errors name the entry, never the key
         return v
 
-    @field_validator("team_quotas", "team_scheduling")
+    @field_validator("team_quotas", "team_scheduling", "team_retention_days")
     @classmethod
-    def _known_teams(cls, v: dict[str, BaseModel]) -> dict[str, BaseModel]:
+    def _known_teams(cls, v: dict[str, Any]) -> dict[str, Any]:
         for team in v:
             check_team(team)
         return v
@@ -232,6 +243,13 @@ class Settings(BaseSettings):
     def team_priority(self, team: str) -> Literal["interactive", "batch"]:
         t = self.team_scheduling.get(team)
         return t.priority if t is not None and t.priority is not None else self.default_priority
+
+    def retention_s(self, team: str, days: float | None = None) -> int:
+        """Seconds a job's data is kept after it ends: `days` (the job's own), else its team's
+        default, else IDFORGE_RETENTION_DAYS; 0 = until deleted."""
+        if days is None:
+            days = self.team_retention_days.get(team, self.retention_days)
+        return max(1, round(days * 86400)) if days > 0 else 0  # a positive retention is never 'for ever'
 
     def interactive_cap(self, team: str) -> int:
         t = self.team_scheduling.get(team)

@@ -255,6 +255,20 @@ class JobSpec(_Strict):
         description="interactive (CI and people: runs first within the team's share) or batch "
         "(backfills); null = the team's default. Over the team's interactive cap the job runs as "
         "batch and says so (docs/scheduling.md)")
+    # Neither is part of the normalised spec or its hash either: they decide what happens to the data,
+    # not what it is.
+    retention_days: float | None = Field(
+        None, gt=0, le=36500, exclude=True,
+        description="days the dataset is kept after the job ends, then deleted with everything the "
+        "job stored (the record stays, with `deleted_at`); null = the team's default "
+        "(IDFORGE_RETENTION_DAYS / IDFORGE_TEAM_RETENTION_DAYS; none = kept until deleted). "
+        "Fractions are allowed (0.5 = 12 hours)")
+    reuse: Literal["never", "if_identical"] = Field(
+        "never", exclude=True,
+        description="if_identical: when the team has a succeeded job with the same dataset (the "
+        "normalised spec without `metadata` and `webhook`, the same seed and model pins) whose data "
+        "is still there, answer with that job (200, `reused`) instead of rendering again: it costs "
+        "no quota and no GPU time. never: always render (the default)")
 
     @model_validator(mode="before")
     @classmethod
@@ -279,6 +293,15 @@ class JobSpec(_Strict):
 
     def spec_hash(self) -> str:
         return spec_hash(self.normalized())
+
+    def dataset_hash(self) -> str:
+        """What reuse compares: the normalised spec without the fields that change no byte of the
+        dataset's images, labels or index (`metadata` describes the request, `webhook` whom to tell)."""
+        return spec_hash({k: v for k, v in self.normalized().items() if k not in NOT_DATA})
+
+
+# Fields of the normalised spec that change no byte of the dataset (see `JobSpec.dataset_hash`).
+NOT_DATA = frozenset({"metadata", "webhook"})
 
 
 def spec_hash(normalized: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ objects. botocore errors become `StorageError` here, at the boundary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -148,10 +149,18 @@ class LocalStorage:
                 yield p.relative_to(self.root).as_posix()
 
     def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix` and the directories that leaves empty; the count."""
         n = 0
         for key in list(self.list_keys(prefix)):
             self._path(key).unlink(missing_ok=True)
             n += 1
+        base = self._path(prefix)
+        if base.is_dir():
+            for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):  # not empty: a hidden temp file, or a late write
+                    d.rmdir()
+            with contextlib.suppress(OSError):
+                base.rmdir()
         return n
 
     def presign_get(self, key: str, expires_s: int) -> str:
@@ -302,11 +311,28 @@ class S3Storage:
             raise StorageError(f"S3 list {prefix}: {e}") from e
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = list(self.list_keys(prefix))
-        for i in range(0, len(keys), 1000):
-            chunk = [{"Key": k} for k in keys[i:i + 1000]]
-            self._call("delete", prefix, self.client.delete_objects, Delete={"Objects": chunk})
-        return len(keys)
+        """Delete every object under `prefix`, a listing page (1,000 keys) per DeleteObjects call, so
+        memory does not grow with the objects; the count. A key the server could not delete (the
+        call's `Errors`) raises StorageError naming it: the caller tries again."""
+        n, chunk = 0, []
+        for key in self.list_keys(prefix):
+            chunk.append({"Key": key})
+            if len(chunk) == 1000:
+                n += self._delete_objects(prefix, chunk)
+                chunk = []
+        if chunk:
+            n += self._delete_objects(prefix, chunk)
+        return n
+
+    def _delete_objects(self, prefix: str, chunk: list[dict[str, str]]) -> int:
+        got = self._call("delete", prefix, self.client.delete_objects,
+                         Delete={"Objects": chunk, "Quiet": True})
+        errors = got.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageError(f"S3 delete {prefix}: {len(errors)} of {len(chunk)} objects not deleted, "
+                               f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip())
+        return len(chunk)
 
     def presign_get(self, key: str, expires_s: int) -> str:
         """A GET URL for `key`, valid `expires_s` seconds: `app.presign` (the URL boto3 would make,

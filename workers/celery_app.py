@@ -14,7 +14,7 @@ from app import queue as q
 from app.logs import log_context
 from app.logs import setup_logging as setup_log_handlers
 from app.settings import Settings
-from workers import jobs, webhooks
+from workers import jobs, lifecycle, webhooks
 from workers.runtime import Heartbeat, get_runtime, quiet_libraries, reset_runtime
 from workers.tasking import release_shards, run
 
@@ -52,6 +52,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
     def finish_cancel(self: Task, job_id: str) -> None:
         run(self, job_id, "finish_cancel", jobs.stop_if_canceling)
 
+    # Not through tasking.run: a deletion acts on an ended job, and retries by itself (then the sweep).
+    @app.task(name=q.DELETE_JOB, bind=True, max_retries=None)
+    def delete_job(self: Task, job_id: str) -> None:
+        with log_context(job_id=job_id, task=self.name):
+            lifecycle.delete_task(self, job_id)
+
     # Not through tasking.run: a webhook never fails its job, and it counts its own attempts.
     @app.task(name=q.DELIVER_WEBHOOK, bind=True, max_retries=None)
     def deliver_webhook(self: Task, job_id: str, msg_id: str) -> None:
@@ -64,6 +70,16 @@ def create_celery(settings: Settings | None = None) -> Celery:
 _heartbeat: Heartbeat | None = None
 
 
+def _on_beat() -> None:
+    """Each heartbeat: release the render shards the pool has room for, and sweep for expired
+    datasets when this process takes the sweep's turn. Each failure is logged; the next beat retries."""
+    release_shards()
+    try:
+        lifecycle.sweep_expired()
+    except Exception as e:  # noqa: BLE001 - Redis or the broker down: the next beat retries
+        log.warning("retention sweep not done now: %s", e)
+
+
 @worker_process_init.connect
 def _load_after_fork(**_: Any) -> None:
     """Each pool process builds its own clients, starts its heartbeat and loads models after the
@@ -73,7 +89,7 @@ def _load_after_fork(**_: Any) -> None:
     rt = get_runtime()
     queues = [x for x in os.environ.get(WORKER_QUEUES_ENV, "").split(",") if x] or None
     _heartbeat = Heartbeat(rt.telemetry, rt.settings.worker_heartbeat_s, queues=queues,
-                           on_beat=release_shards).start()
+                           on_beat=_on_beat).start()
     rt.check_models()
 
 

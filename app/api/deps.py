@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from app.api.auth import Principal
 from app.errors import Unauthorized
 from app.jobstore import JobStore
+from app.lifecycle import Lifecycle
 from app.queue import TaskQueue
 from app.scheduler import Scheduler
 from app.settings import Settings
@@ -25,6 +26,7 @@ class Services:
     storage: Storage
     queue: TaskQueue
     scheduler: Scheduler  # read and canceled here; the workers release
+    lifecycle: Lifecycle  # deletion requests and reuse lookups; the workers delete and sweep
 
 
 def services(request: Request) -> Services:

@@ -8,6 +8,7 @@ Functions here return plain data or raise `app.errors` ServiceErrors; the routes
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,14 @@ from app import dataset_index, estimates, layout
 from app.api.deps import Services
 from app.api.limits import admit
 from app.api.problems import field_errors
-from app.errors import BadRequest, Conflict, InvalidRequest, InvalidSpec, NotFound, ServiceError
+from app.errors import BadRequest, Conflict, Gone, InvalidRequest, InvalidSpec, NotFound, ServiceError
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
-from app.queue import FINISH_CANCEL, SAMPLE_IDENTITIES
+from app.queue import DELETE_JOB, FINISH_CANCEL, SAMPLE_IDENTITIES
 from app.spec import JobSpec, SpecError, check_available, check_limits, check_models, spec_hash
 from app.webhooks import check_spec_webhook, notify
+
+log = logging.getLogger("idforge.api")
 
 # ---- the job spec: request bytes -> a spec that can run -------------------------------------------
 
@@ -123,17 +126,21 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
 @dataclass(frozen=True)
 class Submitted:
     """What `submit` did: the job record, and whether it is an Idempotency-Key replay (the earlier
-    request's job, counted nothing, enqueued nothing)."""
+    request's job, counted nothing, enqueued nothing) or a reuse (an earlier identical job of the
+    team, answered instead of a new render: counted nothing, enqueued nothing)."""
 
     job: dict[str, Any]
     replayed: bool
+    reused: bool = False
 
 
 def body_hash(spec: JobSpec) -> str:
-    """What an Idempotency-Key compares: the normalised spec and the priority asked for (which is
-    not part of the spec's hash: it changes no byte of the data)."""
+    """What an Idempotency-Key compares: the normalised spec and the fields that are not part of
+    the spec's hash because they change no byte of the data (priority, retention, reuse)."""
     h = spec.spec_hash()
-    return h if spec.priority is None else spec_hash({"spec": h, "priority": spec.priority})
+    extra = {k: v for k, v in (("priority", spec.priority), ("retention_days", spec.retention_days),
+                               ("reuse", None if spec.reuse == "never" else spec.reuse)) if v is not None}
+    return spec_hash({"spec": h, **extra}) if extra else h
 
 
 def priority_for(svc: Services, team: str, spec: JobSpec) -> tuple[str, str | None]:
@@ -168,10 +175,16 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     replay, enqueue the job's first task. When the enqueue fails the job is failed, the
     Idempotency-Key forgotten and the images given back, and the enqueue's error is raised."""
     normalized = spec.normalized()
-    h, body = spec.spec_hash(), body_hash(spec)
+    h, body, dataset = spec.spec_hash(), body_hash(spec), spec.dataset_hash()
+    not_reused = None
+    if spec.reuse == "if_identical":
+        earlier, not_reused = reusable(svc, team, spec, dataset)
+        if earlier is not None:
+            return Submitted(earlier, replayed=False, reused=True)
     admitted = admit(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
                      images=spec.identities * spec.images_per_identity,
-                     idempotency_key=idem_key, body_hash=body)  # 429/403 over the team's quotas
+                     idempotency_key=idem_key, body_hash=body,  # 429/403 over the team's quotas
+                     retention_s=svc.settings.retention_s(team, spec.retention_days), dataset_hash=dataset)
     made = admitted.made
     if not made.created:
         if made.body_hash != body:
@@ -190,6 +203,8 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     svc.store.set_priority(made.job_id, priority, spec.priority, note)
     if note:
         svc.store.add_event(made.job_id, "priority", priority=priority, note=note)
+    if not_reused:
+        svc.store.add_event(made.job_id, "reuse", reused=False, note=not_reused)
     svc.store.stage_queued(made.job_id, "sampling_identities")
     try:
         svc.queue.send(SAMPLE_IDENTITIES, made.job_id)
@@ -206,6 +221,35 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     job = svc.store.get(made.job_id)
     assert job is not None
     return Submitted(job, replayed=False)
+
+
+def reusable(svc: Services, team: str, spec: JobSpec, dataset: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The team's latest succeeded job with the same dataset (`JobSpec.dataset_hash`), when its data
+    is all still there and it would come out the same today: its manifest exists, no deletion was
+    asked for, and its models' weight pins and shard plan are today's. Else (None, why not) — the
+    reason goes into the new job's events; (None, None) when the team has no such job."""
+    job_id = svc.lifecycle.reusable(team, dataset)
+    job = svc.store.get(job_id) if job_id else None
+    if job is None or job["owner"] != team or job["status"] != "succeeded":
+        return None, None
+    if job.get("deletion_requested_at"):
+        return None, f"job {job_id} has the same dataset, but its deletion was requested"
+    try:
+        manifest = json.loads(svc.storage.get_bytes(JobKeys.for_job(svc.settings.s3_prefix, job["id"]).manifest))
+    except (ServiceError, ValueError) as e:
+        return None, f"job {job_id} has the same dataset, but its manifest cannot be read: {e}"
+    statuses = svc.store.model_statuses()
+    for role, pinned in sorted((manifest.get("models") or {}).items()):
+        now = statuses.get(pinned.get("name", ""))
+        if now is None or not now.get("ok") or now.get("sha256") != pinned.get("sha256"):
+            return None, (f"job {job_id} has the same dataset, but the {role} {pinned.get('name')}'s "
+                          "weights are not pinned as they were then")
+    plan = (manifest.get("plan") or {}).get("shard_identities")
+    if plan is not None and plan != svc.settings.shard_identities:
+        return None, (f"job {job_id} has the same dataset, but it was rendered {plan} identities a shard "
+                      f"and shards are {svc.settings.shard_identities} now (a latent generator's bytes "
+                      "depend on it)")
+    return job, None
 
 
 def owned(svc: Services, team: str, job_id: str) -> dict[str, Any]:
@@ -231,6 +275,57 @@ def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
     job = svc.store.get(job_id)
     assert job is not None
     return job
+
+
+MAX_METADATA_FILTERS = 32  # as many as a spec's metadata holds
+MAX_METADATA_FILTER_CHARS = 1024
+
+
+def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str]:
+    """The list's metadata filters from its query (`metadata[KEY]=VALUE`, OpenAPI's deepObject
+    style), or a 422 naming the parameter: a `metadata` without a key, a key given twice with two
+    values, too many or too long."""
+    out: dict[str, str] = {}
+    for name, value in params:
+        if not name.startswith("metadata"):
+            continue
+        field = f"query.{name}"
+        if not (name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]")):
+            raise InvalidRequest(f"{field}: filter on metadata as metadata[KEY]=VALUE",
+                                 errors=[{"field": field, "message": "expected metadata[KEY]=VALUE",
+                                          "type": "invalid_filter"}])
+        key = name[len("metadata["):-1]
+        why = (f"longer than {MAX_METADATA_FILTER_CHARS} characters"
+               if len(key) + len(value) > MAX_METADATA_FILTER_CHARS
+               else f"given twice with different values ({out[key]!r}, {value!r})"
+               if out.get(key, value) != value else None)
+        if why:
+            raise InvalidRequest(f"{field}: {why}", errors=[{"field": field, "message": why,
+                                                             "type": "invalid_filter"}])
+        out[key] = value
+    if len(out) > MAX_METADATA_FILTERS:
+        why = f"{len(out)} metadata filters; at most {MAX_METADATA_FILTERS}"
+        raise InvalidRequest(f"query.metadata: {why}", errors=[{"field": "query.metadata", "message": why,
+                                                               "type": "invalid_filter"}])
+    return out
+
+
+def delete(svc: Services, team: str, job_id: str) -> dict[str, Any]:
+    """Delete every stored object of the team's job (idempotent) and return it: a live job is
+    canceled first; the workers delete (`idforge.delete_job`), manifest first, and set `deleted_at`.
+    The record stays as a tombstone. When the task cannot be sent now the request still stands:
+    the workers' sweep sends it (`app/lifecycle.py`)."""
+    job = owned(svc, team, job_id)
+    if job["status"] not in TERMINAL:
+        cancel(svc, team, job_id)
+    if svc.lifecycle.request_delete(job_id) != "deleted":
+        try:
+            svc.queue.send(DELETE_JOB, job_id)
+        except ServiceError as e:
+            log.warning("job %s: deletion requested, its task not sent (the sweep sends it): %s", job_id, e)
+    done = svc.store.get(job_id)
+    assert done is not None
+    return done
 
 
 def placement(svc: Services, job: dict[str, Any]) -> dict[str, Any] | None:
@@ -267,6 +362,9 @@ def artifacts(svc: Services, team: str, job_id: str, *, limit: int, after: str |
     group or two a page (`app.dataset_index`); an old manifest's inline `files` page the same way.
     `after` is the `next` of the previous page; any other value is a 422 naming it."""
     job = owned(svc, team, job_id)
+    if job.get("deletion_requested_at"):
+        raise Gone(f"job {job_id}'s data was deleted ({job.get('deletion_reason') or 'requested'} at "
+                   f"{job['deletion_requested_at']}); its record stays", code="job_deleted")
     if job["status"] != "succeeded":
         raise Conflict(f"job {job_id} is {job['status']}; artifacts exist once it has succeeded",
                        code="job_not_succeeded")

@@ -88,7 +88,8 @@ class Admitted:
 
 
 def admit(store: JobStore, settings: Settings, team: str, spec: dict[str, Any], spec_hash: str, *,
-          identities: int, images: int, idempotency_key: str | None, body_hash: str) -> Admitted:
+          identities: int, images: int, idempotency_key: str | None, body_hash: str,
+          retention_s: int = 0, dataset_hash: str | None = None) -> Admitted:
     """Record the job if the team's quotas allow it (atomically), else raise the 429/403. The
     service's `submit` (app.api.jobs_service) calls it, and gives the images back when the job
     cannot be enqueued."""
@@ -97,7 +98,7 @@ def admit(store: JobStore, settings: Settings, team: str, spec: dict[str, Any], 
         team, spec, spec_hash, identities=identities, images=images,
         max_concurrent=quota.concurrent_jobs, max_images_per_day=quota.images_per_day,
         idempotency_key=idempotency_key, body_hash=body_hash,
-        idempotency_ttl_s=settings.idempotency_ttl_s)
+        idempotency_ttl_s=settings.idempotency_ttl_s, retention_s=retention_s, dataset_hash=dataset_hash)
     if made is not None:
         return Admitted(made, usage["day"], images if made.created else 0)
     if usage["refused"] == "concurrent_jobs":

@@ -14,6 +14,7 @@ from app.api.auth import KeyRing
 from app.api.deps import Services
 from app.api.routes import files, jobs, keys, system, ui
 from app.jobstore import JobStore
+from app.lifecycle import Lifecycle
 from app.logs import RequestLogContext
 from app.queue import TaskQueue
 from app.scheduler import Scheduler
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
             storage=storage or storage_from_settings(settings),
             queue=queue or TaskQueue.from_settings(settings),
             scheduler=Scheduler.for_service(job_store.r, settings),
+            lifecycle=Lifecycle(job_store),
         )
         app.state.keyring = KeyRing(
             app.state.services.store.r, settings.key_entries, rate_per_s=settings.rate_limit_per_s,

@@ -67,6 +67,7 @@ class JobLinks(BaseModel):
     events: str
     artifacts: str
     cancel: str
+    delete: str = Field(description="DELETE it to remove every stored object of the job (docs/lifecycle.md)")
 
 
 class Estimate(BaseModel):
@@ -118,6 +119,16 @@ class Job(BaseModel):
         description="per stage: when its work was queued (or its shards held) and when a worker started it")
     schedule: Placement | None = Field(
         None, description="GET of one live job only: where it stands (queue position or its shards' place)")
+    retention_days: float | None = Field(
+        description="days its data is kept after the job ends (its own, else its team's default); null = "
+        "until deleted")
+    expires_at: str | None = Field(description="when its data is deleted (set when the job ends, with a retention)")
+    deletion_requested_at: str | None = Field(
+        description="when its deletion was requested (DELETE, or expiry); its artifacts are 410 Gone from then")
+    deleted_at: str | None = Field(description="when every stored object of the job was gone; the record stays")
+    reused: bool | None = Field(
+        None, description="POST with reuse=if_identical only: true when this is an earlier identical job of the "
+        "team, answered instead of a new render (200; nothing counted)")
     links: JobLinks
 
 

@@ -25,10 +25,15 @@ def job_view(job: dict[str, Any], base: str = "") -> dict[str, Any]:
         "priority": job.get("priority"),
         "priority_note": job.get("priority_note"),
         "stages": job.get("stages", {}),
+        "retention_days": round(job["retention_s"] / 86400, 6) if job.get("retention_s") else None,
+        "expires_at": job.get("expires_at"),
+        "deletion_requested_at": job.get("deletion_requested_at"),
+        "deleted_at": job.get("deleted_at"),
         "links": {
             "self": f"{base}/v1/jobs/{jid}",
             "events": f"{base}/v1/jobs/{jid}/events",
             "artifacts": f"{base}/v1/jobs/{jid}/artifacts",
             "cancel": f"{base}/v1/jobs/{jid}/cancel",
+            "delete": f"{base}/v1/jobs/{jid}",
         },
     }

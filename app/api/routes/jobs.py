@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator
+from pydantic import AfterValidator, AwareDatetime
 from starlette.concurrency import run_in_threadpool
 
 from app.api import jobs_service
@@ -44,10 +44,10 @@ StatusFilter = Literal["queued", "running", "canceling", "succeeded", "failed", 
 
 
 def _job_response(job: dict[str, Any], svc: Services, status_code: int = 200,
-                  headers: dict[str, str] | None = None, schedule: dict[str, Any] | None = None) -> JSONResponse:
+                  headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The job's view, with `extra` fields that are not None (`schedule`, `reused`)."""
     view = job_view(job, svc.settings.public_url.rstrip("/"))
-    if schedule is not None:
-        view["schedule"] = schedule
+    view.update({k: v for k, v in extra.items() if v is not None})
     h = dict(headers or {})
     if not view["terminal"]:
         h["Retry-After"] = str(svc.settings.poll_interval_s)
@@ -65,7 +65,9 @@ def _created(job: dict[str, Any], svc: Services, replayed: bool) -> JSONResponse
 @router.post("", status_code=202, summary="Submit a dataset-generation job",
              responses={202: {"model": Job, "description": "The job, new or (same Idempotency-Key and body) "
                               "the earlier one", "headers": {"Location": {"schema": {"type": "string"}}}},
-                        200: {"model": Estimate, "description": "dry_run=true: the estimate; no job was made"},
+                        200: {"model": Estimate | Job, "description": "dry_run=true: the estimate, no job was "
+                              "made; or reuse=if_identical: the team's earlier identical job (`reused`: "
+                              "true), nothing rendered or counted"},
                         **problems(400, 409, 413, 415)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": JobSpec.model_json_schema(
@@ -83,15 +85,31 @@ async def submit_job(request: Request, svc: Svc, team: Submitter,
     if dry_run:
         return JSONResponse(await run_in_threadpool(jobs_service.estimate, svc, team, spec))
     done = await run_in_threadpool(jobs_service.submit, svc, team, spec, idempotency_key)
+    if done.reused:  # the team's earlier identical job: 200, it is not a new one
+        location = f"{svc.settings.public_url.rstrip('/')}/v1/jobs/{done.job['id']}"
+        return _job_response(done.job, svc, 200, {"Location": location}, reused=True)
     return _created(done.job, svc, done.replayed)
 
 
-@router.get("", summary="The team's jobs, newest first", responses={200: {"model": JobList}})
-def list_jobs(svc: Svc, team: Team, status: StatusFilter | None = None,
+@router.get("", summary="The team's jobs, newest first", responses={200: {"model": JobList}, **problems(422)},
+            openapi_extra={"parameters": [{
+                "name": "metadata", "in": "query", "style": "deepObject", "explode": True,
+                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                "description": "jobs whose spec.metadata has these values: `metadata[commit]=abc123` "
+                               "(several: all must match)"}]})
+def list_jobs(request: Request, svc: Svc, team: Team, status: StatusFilter | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None
+              after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None,
+              created_after: Annotated[AwareDatetime | None, Query(
+                  description="jobs created at or after this time (RFC 3339, with its offset)")] = None,
+              created_before: Annotated[AwareDatetime | None, Query(
+                  description="jobs created before this time (RFC 3339, with its offset)")] = None,
               ) -> dict[str, Any]:
-    jobs, nxt = svc.store.list_jobs(team, status=status, limit=limit, after=after)
+    metadata = jobs_service.metadata_filter(request.query_params.multi_items())
+    jobs, nxt = svc.store.list_jobs(
+        team, status=status, limit=limit, after=after, metadata=metadata,
+        created_after=created_after.timestamp() if created_after else None,
+        created_before=created_before.timestamp() if created_before else None)
     base = svc.settings.public_url.rstrip("/")
     return {"jobs": [job_view(j, base) for j in jobs], "has_more": nxt is not None, "next": nxt}
 
@@ -115,6 +133,15 @@ def get_job(job_id: str, request: Request, svc: Svc, team: Team) -> Response:
 def cancel_job(job_id: str, svc: Svc, team: Submitter) -> JSONResponse:
     job = jobs_service.cancel(svc, team, job_id)
     return _job_response(job, svc, 202 if job["status"] == "canceling" else 200)
+
+
+@router.delete("/{job_id}", summary="Delete every stored object of a job (idempotent); the record stays",
+               responses={200: {"model": Job, "description": "The job, its data deleted (`deleted_at`)"},
+                          202: {"model": Job, "description": "The job, its data being deleted (canceled first "
+                                "if it was live); poll until `deleted_at` is set"}})
+def delete_job(job_id: str, svc: Svc, team: Submitter) -> JSONResponse:
+    job = jobs_service.delete(svc, team, job_id)
+    return _job_response(job, svc, 200 if job.get("deleted_at") else 202)
 
 
 @router.get("/{job_id}/events", summary="The job's event log; text/event-stream when asked",
