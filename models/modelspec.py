@@ -29,10 +29,21 @@ class ModelUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """Where a published file lives on the Hugging Face Hub, for `idforge models fetch` (an operator's
+    command; nothing reads this at run time)."""
+
+    repo: str  # the model repository, "owner/name"
+    path: str  # the file's path inside the repository
+    revision: str  # the 40-hex commit it is fetched at ("main" only where no commit is known)
+
+
+@dataclass(frozen=True)
 class WeightFile:
     sha256: str | None  # pinned hex sha256; None = to be pinned in the operator's registry file
     what: str  # what the file is and where it is published, for "missing file" messages
     optional: bool = False  # absent is fine (e.g. LCM-LoRA weights); present means pinned and used
+    source: HubFile | None = None  # its Hugging Face home; None = placed by hand (no Hub copy)
 
 
 @dataclass(frozen=True)

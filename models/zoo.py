@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from models.modelspec import Device, ModelSpec, WeightFile
+from models.modelspec import Device, HubFile, ModelSpec, WeightFile
 
 Loader = Callable[[Path, Mapping[str, Any], Device, set[str]], Any]
 
@@ -95,10 +95,17 @@ TINY_LICENSE = ("no upstream weights: random weights built by idforge from seed 
                 "(Apache-2.0); ")
 ARC2FACE = "FoivosPar/Arc2Face on Hugging Face"
 SD15 = "the Stable Diffusion 1.5 base (stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)"
+# Hugging Face repositories and the commits `idforge models fetch` takes their files from (each a
+# commit that holds every file named below; `--revision` overrides). Pins stay the operator's.
+ARC2FACE_HUB = ("FoivosPar/Arc2Face", "321709b2e9697ea2a5bd06c8a51b340592333e1e")
+SD15_HUB = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "451f4fe16113bff5a5d2269ed5ad43b0592e9a14")
+LCM_LORA_HUB = ("latent-consistency/lcm-lora-sdv1-5", "cf2fced511dbe7e26c8d1d397e728fbab875db4b")
 
 
-def _published(*files: tuple[str, str]) -> dict[str, WeightFile]:
-    return {rel: WeightFile(None, what) for rel, what in files}
+def _published(*files: tuple[str, str], hub: tuple[str, str] | None = None) -> dict[str, WeightFile]:
+    """Unpinned files; with `hub` = (repository, commit), each is fetched from the same path there."""
+    return {rel: WeightFile(None, what, source=HubFile(hub[0], rel, hub[1]) if hub else None)
+            for rel, what in files}
 
 
 ARC2FACE_FILES = {
@@ -107,6 +114,9 @@ ARC2FACE_FILES = {
         ("arc2face/diffusion_pytorch_model.safetensors", f"Arc2Face UNet weights, {ARC2FACE}"),
         ("encoder/config.json", f"Arc2Face CLIP text encoder config, {ARC2FACE}"),
         ("encoder/pytorch_model.bin", f"Arc2Face CLIP text encoder weights, {ARC2FACE}"),
+        hub=ARC2FACE_HUB,
+    ),
+    **_published(
         ("vae/config.json", f"VAE config, {SD15}"),
         ("vae/diffusion_pytorch_model.safetensors", f"VAE weights, {SD15}"),
         ("tokenizer/vocab.json", f"CLIP tokenizer, {SD15}"),
@@ -114,10 +124,12 @@ ARC2FACE_FILES = {
         ("tokenizer/tokenizer_config.json", f"CLIP tokenizer, {SD15}"),
         ("tokenizer/special_tokens_map.json", f"CLIP tokenizer, {SD15}"),
         ("scheduler/scheduler_config.json", f"noise schedule, {SD15}"),
+        hub=SD15_HUB,
     ),
     "lcm-lora/pytorch_lora_weights.safetensors": WeightFile(
         None, "LCM-LoRA for SD 1.5 (latent-consistency/lcm-lora-sdv1-5 on Hugging Face): enables the "
-        "fast few-step mode", optional=True),
+        "fast few-step mode", optional=True,
+        source=HubFile(LCM_LORA_HUB[0], "pytorch_lora_weights.safetensors", LCM_LORA_HUB[1])),
 }
 
 ARCFACE_TORCH = "insightface arcface_torch (github.com/deepinsight/insightface, model zoo)"
@@ -127,8 +139,8 @@ def _arcface(arch: str) -> ModelSpec:
     return ModelSpec(
         name=f"arcface-{arch}", kind="embedder", family="iresnet", tiny=False,
         license=f"{ARCFACE_TORCH}: code MIT; the published weights are for non-commercial research only",
-        files=_published(("backbone.pth", f"iResNet-{arch[1:]} backbone state dict `backbone.pth` "
-                          f"from {ARCFACE_TORCH}, e.g. the ms1mv3 or glint360k {arch} model")),
+        files=_published(("backbone.pth", (f"iResNet-{arch[1:]} backbone state dict `backbone.pth` "
+                           f"from {ARCFACE_TORCH}, e.g. the ms1mv3 or glint360k {arch} model"))),
         config={"arch": arch, "weights": "backbone.pth"},
     )
 
@@ -138,8 +150,8 @@ def _legacy(depth: int, file: str) -> ModelSpec:
         name=f"iresnet{depth}-legacy", kind="embedder", family="iresnet", tiny=False,
         license="nizhib/pytorch-insightface port of the insightface iResNet (MIT code); weights from "
         "insightface's model zoo, non-commercial research only",
-        files=_published((file, f"iResNet-{depth} state dict `{file}` released with "
-                          "github.com/nizhib/pytorch-insightface")),
+        files=_published((file, (f"iResNet-{depth} state dict `{file}` released with "
+                           "github.com/nizhib/pytorch-insightface"))),
         # same parameter names as arcface_torch, but BatchNorm eps 2e-5 and inputs scaled by 1/128
         config={"arch": f"r{depth}", "weights": file, "source": "nizhib"},
     )
@@ -210,9 +222,9 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-ffhq-256", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ weights: NVIDIA Source Code License-NC (non-commercial); "
             "rosinality/stylegan2-pytorch conversion (MIT code)",
-            files={**_published(("stylegan2.pt", "rosinality-format checkpoint {g_ema, latent_avg} of "
-                                 "StyleGAN2 trained on FFHQ at 256 px: rosinality's FFHQ 256 snapshot re-saved "
-                                 "offline as docs/stylegan2.md describes")),
+            files={**_published(("stylegan2.pt", ("rosinality-format checkpoint {g_ema, latent_avg} of "
+                                  "StyleGAN2 trained on FFHQ at 256 px: rosinality's FFHQ 256 snapshot "
+                                  "re-saved offline as docs/stylegan2.md describes"))),
                    COVARIATES_FILE: DISCO_COVARIATES},
             config={"config": "CONFIG_256", "weights": "stylegan2.pt"},
             alignment="ffhq",
@@ -221,8 +233,8 @@ SPECS: dict[str, ModelSpec] = {
             name="stylegan2-ffhq-1024", kind="generator", family="stylegan2", tiny=False,
             license="StyleGAN2 FFHQ config-f weights: NVIDIA Source Code License-NC (non-commercial); "
             "converted offline to the rosinality layout",
-            files={**_published(("stylegan2.pt", "NVIDIA's stylegan2-ffhq-config-f.pkl converted offline "
-                                 "with rosinality's convert_weight.py and renamed; see docs/stylegan2.md")),
+            files={**_published(("stylegan2.pt", ("NVIDIA's stylegan2-ffhq-config-f.pkl converted offline "
+                                  "with rosinality's convert_weight.py and renamed; see docs/stylegan2.md"))),
                    COVARIATES_FILE: DISCO_COVARIATES},
             config={"config": "CONFIG_1024", "weights": "stylegan2.pt"},
             alignment="ffhq",
@@ -248,7 +260,8 @@ SPECS: dict[str, ModelSpec] = {
             name="arcface-onnx", kind="embedder", family="onnx", tiny=False,
             license=f"insightface antelopev2 recognition model as shipped with {ARC2FACE} (`arcface.onnx`): "
             "non-commercial research only",
-            files=_published(("arcface.onnx", f"ArcFace ONNX model `arcface.onnx` from {ARC2FACE}")),
+            files=_published(("arcface.onnx", f"ArcFace ONNX model `arcface.onnx` from {ARC2FACE}"),
+                             hub=ARC2FACE_HUB),
             config={"weights": "arcface.onnx"},
         ),
         ModelSpec(

@@ -358,7 +358,7 @@ def _reproduce_lines(result: Any, out: Path, show: int) -> list[str]:
 
 @main.group()
 def models() -> None:
-    """Inspect the model registry, verify weights in place, print their pins."""
+    """Inspect the model registry, fetch published weights, verify weights in place, print their pins."""
 
 
 @models.command("list")
@@ -416,6 +416,51 @@ def models_verify(names: tuple[str, ...]) -> None:
             bad += 1
             click.echo(f"{name}: {e}", err=True)
     sys.exit(1 if bad else 0)
+
+
+@models.command("fetch")
+@click.argument("name")
+@click.option("--revision", "revisions", multiple=True, metavar="[REPO=]REV",
+              help="take the files of REPO at REV (a commit, tag or branch) instead of the catalogue's "
+              "commit; a bare REV when NAME's files come from one repository; repeatable")
+@click.option("--write-registry", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="merge the pins into this registry file (JSON, or YAML for .yaml/.yml; created if "
+              "absent) instead of printing them")
+@click.option("--endpoint", envvar="HF_ENDPOINT", default=None,
+              help="the Hub's address  [default: $HF_ENDPOINT, else huggingface.co]")
+@click.option("--load", "check_load", is_flag=True, help="also load the model once, on the CPU")
+def models_fetch(name: str, revisions: tuple[str, ...], write_registry: Path | None, endpoint: str | None,
+                 check_load: bool) -> None:
+    """Download NAME's published files from Hugging Face into the model directory and pin them.
+
+    Each file is checked against the digest the Hub gives for it and renamed into
+    IDFORGE_MODEL_DIR/NAME; last, each is hashed again, and the registry entry pinning them is
+    printed (or merged into --write-registry). A pin that differs from one already held is refused.
+    Run it where the weights should live; workers never download anything.
+    """
+    from app.settings import Settings
+    from models.registry import Registry, load_overrides
+    from workers.model_fetch import FetchError, fetch_model, parse_revisions, write_pins
+    from workers.runtime import model_registry
+
+    reg = model_registry(Settings())
+    try:
+        revs = parse_revisions(reg.spec(name), revisions)
+        if write_registry is not None and write_registry.exists():  # its pins are checked too
+            reg = Registry(reg.model_dir, load_overrides(write_registry, reg.specs), presets=reg.presets)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    try:
+        result = fetch_model(reg, name, revisions=revs, endpoint=endpoint, load=check_load,
+                             on_file=lambda f: click.echo(f.line(), err=True))
+        if write_registry is not None:
+            write_pins(write_registry, result.entry())
+    except (FetchError, OSError) as e:  # OSError: the model directory or the registry file
+        raise click.ClickException(str(e)) from e
+    if write_registry is None:
+        click.echo(json.dumps(result.entry(), indent=2))
+    else:
+        click.echo(f"pinned {len(result.files)} file(s) of {name} in {write_registry}", err=True)
 
 
 @main.group()
