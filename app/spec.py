@@ -106,6 +106,19 @@ class EmbeddingNoise(_Strict):
         None, gt=0, le=1,
         description="instead of scale: the mean cosine of samples to their reference; the "
         "worker solves for the scale and reports the realised cosines")
+    cone_degrees: float | None = Field(
+        None, gt=0, le=90,
+        description="instead of scale: samples drawn uniformly (in solid angle) from the cone of this "
+        "half-angle around the reference, so every one is within it (in 512-d most lie near its "
+        "rim); the report states the realised angles")
+
+    @model_validator(mode="after")
+    def _one_spread(self) -> EmbeddingNoise:
+        given = [f for f in ("scale", "target_cosine", "cone_degrees")
+                 if f in self.model_fields_set and getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of scale, target_cosine and cone_degrees, not {' and '.join(given)}")
+        return self
 
 
 class Dispersion(_Strict):

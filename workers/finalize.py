@@ -29,7 +29,7 @@ from safetensors.torch import load_file as st_load_file
 
 from app import __version__, catalog, dataset_index, layout
 from app.layout import JobKeys
-from app.spec import JobSpec
+from app.spec import EmbeddingNoise, JobSpec
 from app.storage import Storage, sha256_hex
 from models.embedders.sface import SFACE_COSINE_THRESHOLD
 from models.registry import hash_file
@@ -162,7 +162,7 @@ def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards
         evaluator_threshold=SFACE_COSINE_THRESHOLD if has_evaluator else None,
         identities=spec.identities, images_per_identity=spec.images_per_identity, seed=spec.seed,
         shards=shard_features(storage, keys, shards), thumbnails=thumbnails(storage, keys, shards),
-        counts=counts(spec, shards), leakage=leakage))
+        counts=counts(spec, shards), leakage=leakage, variations=realised(spec, shards)))
     for name, data in sorted(built.files.items()):
         storage.put_bytes(keys.report(name), data, _content_type(name))
     return built.summary, built.label_flips
@@ -218,11 +218,13 @@ def realised(spec: JobSpec, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the variations and the cropping did: for embedding noise, the sigma used and the realised
     cosine of each identity's sample embeddings to its reference; how images were aligned and how
     many had no detectable face (kept as centre crops, flagged `aligned: false`)."""
-    failures, n, total, low = 0, 0, 0.0, None
+    failures, n, total, low, widest = 0, 0, 0.0, None, None
     for s in shards:  # one pass, one shard at a time
         failures += int(s.get("alignment_failures", 0))
         for c in s.get("reference_cosine", []):
             n, total, low = n + 1, total + c, c if low is None else min(low, c)
+        for x in s.get("reference_angle_max", []):
+            widest = x if widest is None else max(widest, x)
     first = shards[0] if len(shards) else {}
     out: dict[str, Any] = {"variations": spec.variations.method,
                            "alignment": {"method": first.get("alignment") if len(shards) else None,
@@ -230,6 +232,11 @@ def realised(spec: JobSpec, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if n:
         out["noise_scale"] = first.get("noise_scale")
         out["reference_cosine"] = {"mean": round(total / n, 6), "min": low}
+    v = spec.variations
+    if isinstance(v, EmbeddingNoise) and v.cone_degrees is not None:
+        # Every conditioning embedding lies within the cone: its widest angle to its reference.
+        out["cone"] = {"half_angle_deg": v.cone_degrees, "max_angle_deg": widest,
+                       "within": widest is not None and widest <= v.cone_degrees + 1e-4}
     return out
 
 

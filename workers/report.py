@@ -80,6 +80,9 @@ class ReportInputs:
     counts: dict[str, int]  # requested, rendered, alignment_failures, filtered, topped_up (passed through)
     leakage: Leakage | None = None
     impostor_images: int = 20_000  # cap on images used for impostor pairs (deterministic subset from seed)
+    # What the variations did (`workers.finalize.realised`): the method, realised cosines to the
+    # references and, for cone variations, the cone and the widest angle reached. Passed through.
+    variations: dict[str, Any] | None = None
 
 
 @dataclass
@@ -165,6 +168,7 @@ def build_report(inputs: ReportInputs) -> Report:
         "alignment_failures": int(failures.sum()),
         "counts": dict(inputs.counts),
         "leakage": leak[0] if leak else None,
+        "variations": inputs.variations,
     }
     worst_align = torch.argsort(failures, descending=True, stable=True)[:TOP_K]
     data = {

@@ -181,6 +181,13 @@ def render_html(data: dict[str, Any], files: dict[str, bytes]) -> str:
              "<h2>Verification and separability</h2>",
              _table(["metric"] + keys, [[label] + [get(s["models"][k]) for k in keys] for label, get in _ROWS]),
              "<h2>Counts</h2>", _table(list(s["counts"]), [list(s["counts"].values())])]
+    v = s.get("variations") or {}
+    if v.get("cone"):
+        cone = v["cone"]
+        parts.insert(2, f"<p>Variations: uniform within {fmt(cone['half_angle_deg'])}&deg; of each identity's "
+                        f"reference; the widest conditioning angle reached is {fmt(cone['max_angle_deg'])}&deg; "
+                        f"({'within the cone' if cone['within'] else 'OUTSIDE the cone'}); mean cosine to the "
+                        f"reference {fmt((v.get('reference_cosine') or {}).get('mean'))}.</p>")
     sample = data.get("evaluator_sample")
     if sample is not None:
         parts.insert(4, f"<p>Evaluator sample: {fmt(sample['identities'])} of {fmt(sample['of_identities'])} "

@@ -153,6 +153,9 @@ class ShardResult:
     noise_scale: float = 0.0  # the embedding-noise sigma used
     # Per identity: realised mean cosine of its sample embeddings to its reference.
     reference_cosine: list[float] = field(default_factory=list)
+    # Per identity, cone variations only: the largest angle (degrees) of its conditioning embeddings
+    # to its reference.
+    reference_angle_max: list[float] = field(default_factory=list)
     alignment: str = "center"  # how images were cropped: center, ffhq or landmarks
     alignment_failures: int = 0  # kept images where no face was found (centre crops, flagged)
     rendered: int = 0  # images rendered, top-up candidates included
@@ -165,6 +168,7 @@ class ShardResult:
                            "files": self.files, "filtered": self.filtered,
                            "seconds": round(self.seconds, 3), "noise_scale": self.noise_scale,
                            "reference_cosine": self.reference_cosine, "alignment": self.alignment,
+                           **({"reference_angle_max": self.reference_angle_max} if self.reference_angle_max else {}),
                            "alignment_failures": self.alignment_failures, "rendered": self.rendered,
                            "topped_up": self.topped_up, "rounds": self.rounds,
                            "outputs": self.outputs}, sort_keys=True).encode()

@@ -49,6 +49,8 @@ PINNED_DRAWS: dict[str, str] = {
         "0cef2e19bb09d29a4feacf7bbd01369e882ef5d78d17e1537bb11a5979fe638a",
     "embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, first_sample=2)":
         "39838567e73a93571b321cb897d6e8045b9aa20d1a904ba1a5aaec478b49c0be",
+    "cone_variations(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, ConeConfig(35), first_sample=2)":
+        "97daf95aaf9cf94d3bdb74727dcaba96b3610fdea8fa3edc5572c20102ca735f",
     "langevin_noise(7, range(5), 3, 512)":
         "5b93f0b8c764eda9b715077976bf39cb56e0779f38328ed674ed3b82cf4e4616",
     "dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1)":
@@ -93,6 +95,7 @@ def _digest(t: torch.Tensor) -> str:
 def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
     """Digests of job draws, named by the call: each is seed-defined, so the same bits everywhere."""
     from models.sampling import covariates, dispersion, langevin
+    from models.sampling.cone import ConeConfig, cone_variations
     from models.sampling.embedding_noise import embedding_noise
     from models.sampling.random import sample_identities
     from models.sampling.sphere import uniform_sphere
@@ -114,6 +117,9 @@ def _draws(arc2face: Any, stylegan2: Any) -> dict[str, str]:
         "embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, first_sample=2)":
             lambda: embedding_noise(sample_identities(7, 10, 3), [10, 11, 12], 4, 7,
                                                first_sample=2),
+        "cone_variations(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, ConeConfig(35), first_sample=2)":
+            lambda: cone_variations(sample_identities(7, 10, 3), [10, 11, 12], 4, 7, ConeConfig(35.0),
+                                    first_sample=2),
         "langevin_noise(7, range(5), 3, 512)": lambda: langevin.langevin_noise(7, range(5), 3, 512),
         "dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1)":
             lambda: dispersion._normals(DISPERSION_INIT, 7, [0, 4, 9], 3, 64, first=1),

@@ -17,7 +17,7 @@ Every image is addressable by (job seed, identity, sample):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +28,7 @@ from app.spec import EmbeddingNoise, HyperFaceSampler, JobSpec
 from app.storage import Storage
 from models.alignment.cropper import Cropper
 from models.sampling import hyperface, metrics
+from models.sampling.cone import ConeConfig, angles_deg, cone_variations
 from models.sampling import random as random_sampler
 from models.sampling.embedding_noise import (
     EmbeddingNoiseConfig,
@@ -222,6 +223,18 @@ def noise_scale(spec: JobSpec, dim: int) -> float:
     return v.scale if v.target_cosine is None else scale_for_mean_cosine(v.target_cosine, dim)
 
 
+def conditioning(spec: JobSpec, dim: int) -> Callable[[torch.Tensor, list[int], int], torch.Tensor]:
+    """The spec's variations as a function (references [m, D], identity ids, first sample) ->
+    conditioning embeddings [m, A, D]: Gaussian embedding noise, or uniform in a cone."""
+    v = spec.variations
+    a = spec.images_per_identity
+    if isinstance(v, EmbeddingNoise) and v.cone_degrees is not None:
+        cone = ConeConfig(half_angle_deg=v.cone_degrees)
+        return lambda refs, ids, first: cone_variations(refs, ids, a, spec.seed, cone, first_sample=first)
+    config = EmbeddingNoiseConfig(scale=noise_scale(spec, dim))
+    return lambda refs, ids, first: embedding_noise(refs, ids, a, spec.seed, config, first_sample=first)
+
+
 def render_shard(spec: JobSpec, shard: int, ids: range, models: ModelCache, storage: Storage,
                  keys: JobKeys, *, hooks: Hooks) -> ShardResult:
     """Shard `shard` (identities `ids`) from the saved identities, with the job's models."""
@@ -244,16 +257,19 @@ def render_references(spec: JobSpec, shard: int, ids: range, references: torch.T
     if references.shape[0] != len(ids):
         raise ValueError(f"references has {references.shape[0]} rows for {len(ids)} identities")
     a = spec.images_per_identity
-    config = EmbeddingNoiseConfig(scale=noise_scale(spec, references.shape[1]))
-    first_block = embedding_noise(references, list(ids), a, spec.seed, config)  # [n, A, D]
+    variate = conditioning(spec, references.shape[1])
+    first_block = variate(references, list(ids), 0)  # [n, A, D]
     realised = mean_cosine(references, first_block)  # [n] mean cosine of samples to reference
-    result = ShardResult(shard=shard, identities=list(ids), noise_scale=config.scale,
-                         reference_cosine=[round(float(c), 6) for c in realised])
+    cone = isinstance(spec.variations, EmbeddingNoise) and spec.variations.cone_degrees is not None
+    result = ShardResult(shard=shard, identities=list(ids), noise_scale=0.0 if cone else noise_scale(spec, references.shape[1]),
+                         reference_cosine=[round(float(c), 6) for c in realised],
+                         reference_angle_max=[round(float(x), 6) for x in angles_deg(references, first_block).amax(dim=1)]
+                         if cone else [])
 
     def blocks(subset: list[int], first: int) -> Iterator[Batch]:
         rows = references[[i - ids.start for i in subset]]  # [m, D]
         variations = first_block if first == 0 and subset == list(ids) else \
-            embedding_noise(rows, subset, a, spec.seed, config, first_sample=first)  # [m, A, D]
+            variate(rows, subset, first)  # [m, A, D]
         items = [(k, i, first + j) for k, i in enumerate(subset) for j in range(a)]
         for batch in batched(items, spec.render.batch_size):
             emb = torch.stack([variations[k, s - first] for k, _, s in batch])  # [B, D]
