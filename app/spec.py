@@ -31,13 +31,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class RandomSampler(_Strict):
+# A job id (`new_job_id`: "j", 14 hex digits of microseconds, 8 random) and a reference-set name (a
+# file name in the workers' model directory): the two kinds of entry of `sampler.exclude`.
+JOB_ID_PATTERN = r"^j[0-9a-f]{22}$"
+REFERENCE_SET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Exclusion(_Strict):
+    """What every sampler takes: identities to stay away from."""
+
+    exclude: list[Annotated[str, Field(pattern=f"{JOB_ID_PATTERN}|{REFERENCE_SET_PATTERN}")]] = Field(
+        default_factory=list, max_length=64,
+        description="identities to keep away from: ids of the team's succeeded jobs (same generator and "
+        "embedder: their identities) and names of reference sets the workers hold "
+        "(reference_sets/{name}.safetensors, e.g. a gallery of real people). Every new identity ends at "
+        "least exclude_min_angle_deg from each of them, or the job fails saying how close it got")
+    exclude_min_angle_deg: float = Field(
+        60.0, gt=0, lt=180,
+        description="the least angle, degrees, between a new identity and any excluded one (in the "
+        "identities' embedding space)")
+
+    @field_validator("exclude")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"exclude lists an entry twice: {sorted(x for x in set(v) if v.count(x) > 1)}")
+        return v
+
+
+class RandomSampler(_Exclusion):
     """Uniform points on the embedding hypersphere: the baseline every quality figure compares to."""
 
     method: Literal["random"] = "random"
 
 
-class HyperFaceSampler(_Strict):
+class HyperFaceSampler(_Exclusion):
     """HyperFace packing on the hypersphere (Otroshi Shahreza & Marcel, ICLR 2025)."""
 
     method: Literal["hyperface"]
@@ -61,7 +89,7 @@ def _time_step_not_zero(v: float, info: ValidationInfo) -> float:
     return v
 
 
-class LangevinSampler(_Strict):
+class LangevinSampler(_Exclusion):
     """Langevin repulsion of StyleGAN2 latents in embedding space (Geissbuhler et al., ICML 2025)."""
 
     method: Literal["langevin"]
@@ -301,8 +329,18 @@ class JobSpec(_Strict):
         return data
 
     def normalized(self) -> dict[str, Any]:
-        """The spec with every default filled in, as JSON-ready data."""
-        return self.model_dump(mode="json")
+        """The spec with every default filled in, as JSON-ready data; but fields added after jobs
+        existed are left out while unused (`LATER_FIELDS`), so an earlier spec normalises, and
+        hashes, as it did when its job ran (its manifest's spec_hash still checks)."""
+        out = self.model_dump(mode="json")
+        for (part, name), unused in LATER_FIELDS.items():
+            block = out.get(part)
+            if isinstance(block, dict) and name in block and block[name] == unused:
+                del block[name]
+        sampler = out.get("sampler")
+        if isinstance(sampler, dict) and "exclude" not in sampler:
+            sampler.pop("exclude_min_angle_deg", None)  # means nothing without an exclusion
+        return out
 
     def spec_hash(self) -> str:
         return spec_hash(self.normalized())
@@ -312,6 +350,13 @@ class JobSpec(_Strict):
         dataset's images, labels or index (`metadata` describes the request, `webhook` whom to tell)."""
         return spec_hash({k: v for k, v in self.normalized().items() if k not in NOT_DATA})
 
+
+# Fields added to the spec after jobs were made, and their unused value: `JobSpec.normalized` leaves
+# them out at that value, so every earlier spec keeps its normalised form and hash.
+LATER_FIELDS: dict[tuple[str, str], Any] = {
+    ("variations", "cone_degrees"): None,
+    ("sampler", "exclude"): [],
+}
 
 # Fields of the normalised spec that change no byte of the dataset (see `JobSpec.dataset_hash`).
 NOT_DATA = frozenset({"metadata", "webhook"})

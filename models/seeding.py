@@ -51,6 +51,7 @@ DISCO = "disco"
 COVARIATES_TINY = "covariates.tiny"
 REPORT_IMPOSTOR = "report.impostor"
 REPORT_EVALUATOR = "report.evaluator"
+EXCLUDE_REDRAW = "exclude.redraw"
 
 PURPOSES: dict[str, str] = {
     IDENTITY: "identity i's reference: a uniform embedding (random sampler) or its z ~ N(0, I) "
@@ -69,6 +70,8 @@ PURPOSES: dict[str, str] = {
     COVARIATES_TINY: "the tiny preset's covariate-fitting latents (preset builds only)",
     REPORT_IMPOSTOR: "the quality report's impostor pairs and per-identity sample order",
     REPORT_EVALUATOR: "the identities whose images the quality report's independent evaluator embeds",
+    EXCLUDE_REDRAW: "random sampler with an exclusion: identity i's k-th redraw (k >= 1) when its draw "
+                    "lay too close to an excluded identity",
 }
 
 

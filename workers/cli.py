@@ -217,6 +217,7 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
     if path.is_dir():
         path = path / "manifest.json"
     tmp = tempfile.TemporaryDirectory(prefix="idforge-reproduce-")
+    excluded = None
     if path.is_file():
         manifest = json.loads(path.read_text())
         root = original_dir or path.parent
@@ -239,6 +240,7 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
         theirs = directory_rows(index_root, manifest)
         originals = directory_originals(original_dir) if original_dir else _service_originals(
             client, job, manifest)
+        excluded = _service_excluded(client, manifest)
     out = out_dir or Path(f"reproduce-{manifest.get('job_id', 'job')}")
     own = original_dir or (path.parent if path.is_file() else None)
     if own is not None and out.resolve() == own.resolve():
@@ -246,7 +248,7 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
     try:
         result = run(manifest, out, check=not skip_weight_check, originals=originals, theirs=theirs,
                      check_originals=original_dir is not None or path.is_file(),
-                     min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                     min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine, excluded=excluded,
                      on_progress=lambda d, t: click.echo(f"\r{d}/{t} images", nl=False, err=True))
     except WeightsDiffer as e:
         raise click.ClickException(f"{e} (--skip-weight-check runs anyway)") from e
@@ -259,6 +261,35 @@ def reproduce(job: str, out_dir: Path | None, original_dir: Path | None, min_cos
         for line in _reproduce_lines(result, out, show):
             click.echo(line)
     sys.exit(0 if result.verdict in ("identical", "equivalent") else 1)
+
+
+def _service_excluded(client: Client, manifest: dict[str, Any]) -> Any:
+    """The identities the job's `sampler.exclude` named, the excluded jobs' fetched through the API
+    (their data must not have been deleted), the reference sets from this machine's model directory;
+    None when it excluded nothing."""
+    import httpx
+    from safetensors.torch import load as st_load
+
+    from app.layout import IDENTITIES
+    from app.settings import Settings
+    from app.spec import JobSpec
+    from workers.exclusion import build_excluded
+
+    spec = JobSpec.model_validate(manifest["spec"])
+    if not spec.sampler.exclude:
+        return None
+
+    def job_identities(job_id: str) -> Any:
+        try:
+            objects = client.artifacts(job_id, limit=1).get("objects", [])
+        except ApiError as e:
+            raise click.ClickException(f"the job excluded job {job_id}, whose identities cannot be read: {e}") from e
+        obj = next((o for o in objects if o["path"] == IDENTITIES), None)
+        if obj is None:
+            raise click.ClickException(f"the job excluded job {job_id}, which lists no {IDENTITIES}")
+        return st_load(httpx.get(obj["url"], timeout=120).raise_for_status().content)["embeddings"]
+
+    return build_excluded(spec, job_identities, Settings().model_dir)
 
 
 def _service_originals(client: Client, job_id: str, manifest: dict[str, Any]) -> Any:

@@ -7,6 +7,8 @@ Exception
     QualityShortfall           quality_shortfall: identities short of images after every top-up
     ReferenceUnavailable       reference_unavailable: the leakage check's reference set
     Incomplete                 incomplete: the shards hold fewer images than asked for
+    ExclusionUnavailable       exclusion_unavailable: an excluded job or reference set cannot be read
+    ExclusionUnreachable       exclusion_unreachable: identities end closer to an excluded one than asked
   Stopped                      the task stops without failing the job
     Canceled                   the job was canceled (between batches)
     JobGone                    the job is terminal, canceled or missing: nothing to do
@@ -44,6 +46,18 @@ class Incomplete(JobFailure):
     """The shards hold fewer images than the job asked for."""
 
     code = "incomplete"
+
+
+class ExclusionUnavailable(JobFailure):
+    """An entry of `sampler.exclude` (a job's identities, a reference set) is missing or does not fit."""
+
+    code = "exclusion_unavailable"
+
+
+class ExclusionUnreachable(JobFailure):
+    """The sampler could not keep every identity `exclude_min_angle_deg` from the excluded ones."""
+
+    code = "exclusion_unreachable"
 
 
 class Stopped(Exception):

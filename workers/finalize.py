@@ -162,7 +162,8 @@ def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards
         evaluator_threshold=SFACE_COSINE_THRESHOLD if has_evaluator else None,
         identities=spec.identities, images_per_identity=spec.images_per_identity, seed=spec.seed,
         shards=shard_features(storage, keys, shards), thumbnails=thumbnails(storage, keys, shards),
-        counts=counts(spec, shards), leakage=leakage, variations=realised(spec, shards)))
+        counts=counts(spec, shards), leakage=leakage, variations=realised(spec, shards),
+        exclusion=artifacts.identities_stats(storage, keys).get("exclusion")))
     for name, data in sorted(built.files.items()):
         storage.put_bytes(keys.report(name), data, _content_type(name))
     return built.summary, built.label_flips

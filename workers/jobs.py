@@ -20,6 +20,7 @@ from app.layout import JobKeys
 from app.spec import JobSpec
 from workers import artifacts, pipelines
 from workers.errors import Incomplete, JobGone
+from workers.exclusion import load_excluded
 from workers.finalize import finish, reference_for
 from workers.runtime import Runtime
 
@@ -117,9 +118,11 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
             progress=lambda done, total, unit: rt.store.set_stage_progress(job_id, done, total, unit),
             event=lambda type_, **data: rt.store.add_event(job_id, type_, **data),
             should_stop=_should_stop(rt, job_id))
+        excluded = load_excluded(spec, rt.storage, rt.settings.s3_prefix, rt.settings.model_dir)
         got = pipelines.sample_identities(spec, rt.models, rt.storage, keys,
                                           checkpoint_steps=rt.settings.checkpoint_steps,
-                                          gallery_chunk=rt.settings.gallery_chunk, hooks=hooks)
+                                          gallery_chunk=rt.settings.gallery_chunk, hooks=hooks,
+                                          excluded=excluded)
         artifacts.save_identities(rt.storage, keys, got.embeddings,
                                   {**got.stats, "seconds": round(time.perf_counter() - t0, 3)},
                                   latents=got.latents)

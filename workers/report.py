@@ -83,6 +83,9 @@ class ReportInputs:
     # What the variations did (`workers.finalize.realised`): the method, realised cosines to the
     # references and, for cone variations, the cone and the widest angle reached. Passed through.
     variations: dict[str, Any] | None = None
+    # `sampler.exclude`'s outcome (`workers.exclusion.enforce`): the least angle reached to the
+    # excluded identities, the bound, the sources. Passed through.
+    exclusion: dict[str, Any] | None = None
 
 
 @dataclass
@@ -169,6 +172,7 @@ def build_report(inputs: ReportInputs) -> Report:
         "counts": dict(inputs.counts),
         "leakage": leak[0] if leak else None,
         "variations": inputs.variations,
+        "exclusion": inputs.exclusion,
     }
     worst_align = torch.argsort(failures, descending=True, stable=True)[:TOP_K]
     data = {

@@ -188,6 +188,12 @@ def render_html(data: dict[str, Any], files: dict[str, bytes]) -> str:
                         f"reference; the widest conditioning angle reached is {fmt(cone['max_angle_deg'])}&deg; "
                         f"({'within the cone' if cone['within'] else 'OUTSIDE the cone'}); mean cosine to the "
                         f"reference {fmt((v.get('reference_cosine') or {}).get('mean'))}.</p>")
+    ex = s.get("exclusion")
+    if ex:
+        names = ", ".join(str(src.get("job") or src.get("reference_set")) for src in ex["sources"])
+        parts.insert(2, f"<p>Exclusion: {fmt(ex['excluded'])} identities of {fmt(names)}; the nearest new "
+                        f"identity is {fmt(ex['min_angle_deg'])}&deg; from them (at least "
+                        f"{fmt(ex['bound_deg'])}&deg; asked).</p>")
     sample = data.get("evaluator_sample")
     if sample is not None:
         parts.insert(4, f"<p>Evaluator sample: {fmt(sample['identities'])} of {fmt(sample['of_identities'])} "

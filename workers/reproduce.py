@@ -55,6 +55,7 @@ from app.layout import INDEX
 from app.settings import Settings
 from app.spec import JobSpec
 from workers import pipelines
+from workers.exclusion import Excluded
 from workers.local import generate
 from workers.provenance import platform_differences
 from workers.runtime import ModelCache, model_registry, pick_device
@@ -338,11 +339,14 @@ def _embed_batch(batch: list[tuple[ImageResult, np.ndarray, np.ndarray]], embedd
 def reproduce(manifest: dict[str, Any], out_dir: Path, *, settings: Settings | None = None,
               check: bool = True, originals: Originals | None = None, check_originals: bool = False,
               min_cosine: float = DEFAULT_MIN_COSINE, theirs: Rows | None = None,
-              on_progress: Callable[[int, int], None] = lambda done, total: None) -> Comparison:
+              on_progress: Callable[[int, int], None] = lambda done, total: None,
+              excluded: Excluded | None = None) -> Comparison:
     """Re-run the job of `manifest` into `out_dir` with its shard plan; compare with the original,
     and measure what is not byte-identical against the job's copies from `originals` (module
     docstring). `theirs`: a pass over the job's images (its index, streamed); needed unless the
-    manifest lists them inline (versions before 3)."""
+    manifest lists them inline (versions before 3). `excluded`: the identities the job's
+    `sampler.exclude` named (`workers.exclusion.build_excluded`); None reads its reference sets from
+    the model directory, and a job it excluded then cannot be found."""
     if theirs is None:
         if dataset_index.inline_files(manifest) is None:
             raise ValueError("the manifest lists its images in its Parquet index: pass its rows (theirs)")
@@ -361,7 +365,7 @@ def reproduce(manifest: dict[str, Any], out_dir: Path, *, settings: Settings | N
         next(iter(theirs()), None)
     except (OSError, ValueError) as e:
         raise ListingMissing(f"the job's image listing (its {INDEX}) cannot be read: {e}") from e
-    reproduced = generate(spec, out_dir, settings=s, on_progress=on_progress, models=models)
+    reproduced = generate(spec, out_dir, settings=s, on_progress=on_progress, models=models, excluded=excluded)
     result = compare(manifest, reproduced, theirs(), dataset_index.local_files(out_dir, reproduced))
     result.code_version = (str(manifest.get("code_version")), __version__)
     result.min_cosine = min_cosine

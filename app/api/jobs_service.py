@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,15 @@ from app.errors import BadRequest, Conflict, Gone, InvalidRequest, InvalidSpec, 
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
 from app.queue import DELETE_JOB, FINISH_CANCEL, SAMPLE_IDENTITIES
-from app.spec import JobSpec, SpecError, check_available, check_limits, check_models, spec_hash
+from app.spec import (
+    JOB_ID_PATTERN,
+    JobSpec,
+    SpecError,
+    check_available,
+    check_limits,
+    check_models,
+    spec_hash,
+)
 from app.webhooks import check_spec_webhook, notify
 
 log = logging.getLogger("idforge.api")
@@ -143,6 +152,32 @@ def body_hash(spec: JobSpec) -> str:
     return spec_hash({"spec": h, **extra}) if extra else h
 
 
+def check_exclusions(svc: Services, team: str, spec: JobSpec) -> None:
+    """The jobs `sampler.exclude` names: each the team's own, succeeded, not deleted, with the same
+    generator and embedder (their identities live in this job's space); else a 422 naming the
+    entry. Reference-set names are the workers' to check (they hold the files)."""
+    for k, name in enumerate(spec.sampler.exclude):
+        if not re.fullmatch(JOB_ID_PATTERN, name):
+            continue
+        field = f"sampler.exclude.{k}"
+        job = svc.store.get(name)
+        why = None
+        if job is None or job["owner"] != team:
+            why = f"no job {name} of your team"
+        elif job.get("deletion_requested_at"):
+            why = f"job {name} was deleted"
+        elif job["status"] != "succeeded":
+            why = f"job {name} is {job['status']}; only a succeeded job's identities can be excluded"
+        else:
+            theirs = job["spec"].get("models") or {}
+            if (theirs.get("generator"), theirs.get("embedder")) != (spec.models.generator, spec.models.embedder):
+                why = (f"job {name}'s identities are {theirs.get('generator')} / {theirs.get('embedder')} "
+                       f"ones; this job's are {spec.models.generator} / {spec.models.embedder}")
+        if why:
+            raise InvalidSpec(f"{field}: {why}", code="invalid_exclusion",
+                              errors=[{"field": field, "message": why, "type": "invalid_exclusion"}])
+
+
 def priority_for(svc: Services, team: str, spec: JobSpec) -> tuple[str, str | None]:
     """The priority the job runs at, and why it differs from what it asked for (None when not):
     the spec's, else the team's default; `interactive` past the team's interactive cap runs as
@@ -163,6 +198,7 @@ def priority_for(svc: Services, team: str, spec: JobSpec) -> tuple[str, str | No
 def estimate(svc: Services, team: str, spec: JobSpec) -> dict[str, Any]:
     """A dry run: the normalised spec, the priority it would run at and what it would cost, from
     the workers' throughput table (`app.estimates`). Creates nothing and counts against no quota."""
+    check_exclusions(svc, team, spec)
     priority, note = priority_for(svc, team, spec)
     return {"dry_run": True, "spec": spec.normalized(), "spec_hash": spec.spec_hash(),
             "priority": priority, "priority_note": note,
@@ -174,6 +210,7 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
     """Create the job within the team's quotas (429/403 over them), answer an Idempotency-Key
     replay, enqueue the job's first task. When the enqueue fails the job is failed, the
     Idempotency-Key forgotten and the images given back, and the enqueue's error is raised."""
+    check_exclusions(svc, team, spec)
     normalized = spec.normalized()
     h, body, dataset = spec.spec_hash(), body_hash(spec), spec.dataset_hash()
     not_reused = None

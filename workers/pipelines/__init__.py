@@ -16,6 +16,7 @@ from app import catalog
 from app.layout import JobKeys
 from app.spec import JobSpec
 from app.storage import Storage
+from workers.exclusion import Excluded
 from workers.pipelines import embedding, latent
 from workers.pipelines.common import Hooks, Sampled
 from workers.runtime import ModelCache
@@ -34,11 +35,12 @@ def pipeline_for(generator: str) -> ModuleType:
 
 def sample_identities(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
                       checkpoint_steps: int = 50, gallery_chunk: int = 256,
-                      hooks: Hooks | None = None) -> Sampled:
-    """The job's identities (embeddings, and latents for a latent generator) and their stats."""
+                      hooks: Hooks | None = None, excluded: Excluded | None = None) -> Sampled:
+    """The job's identities (embeddings, and latents for a latent generator) and their stats; with
+    `excluded` (`workers.exclusion`), kept at least its bound from the excluded identities."""
     got: Sampled = pipeline_for(spec.models.generator).sample_identities(
         spec, models, storage, keys, checkpoint_steps=checkpoint_steps, gallery_chunk=gallery_chunk,
-        hooks=hooks or Hooks())
+        hooks=hooks or Hooks(), excluded=excluded)
     return got
 
 

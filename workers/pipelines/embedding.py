@@ -28,8 +28,8 @@ from app.spec import EmbeddingNoise, HyperFaceSampler, JobSpec
 from app.storage import Storage
 from models.alignment.cropper import Cropper
 from models.sampling import hyperface, metrics
-from models.sampling.cone import ConeConfig, angles_deg, cone_variations
 from models.sampling import random as random_sampler
+from models.sampling.cone import ConeConfig, angles_deg, cone_variations
 from models.sampling.embedding_noise import (
     EmbeddingNoiseConfig,
     embedding_noise,
@@ -39,6 +39,7 @@ from models.sampling.embedding_noise import (
 from models.sampling.sphere import uniform_sphere
 from models.seeding import (
     DERIVE_SEED_SCHEME,
+    EXCLUDE_REDRAW,
     GALLERY,
     GALLERY_RENDER,
     HYPERFACE,
@@ -51,6 +52,7 @@ from models.seeding import (
     make_generator,
 )
 from workers import artifacts
+from workers.exclusion import Excluded, enforce, redraw_until_clear
 from workers.pipelines.common import Hooks, Sampled, batched, shard_parts
 from workers.pipelines.latent import RANDOM_TRUNCATION
 from workers.runtime import ModelCache
@@ -81,14 +83,26 @@ class Generator(Protocol):
 # ---- identities -------------------------------------------------------------------------------
 
 def sample_identities(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
-                      checkpoint_steps: int, gallery_chunk: int, hooks: Hooks) -> Sampled:
-    """Reference embeddings for every identity of the job, by its sampler."""
+                      checkpoint_steps: int, gallery_chunk: int, hooks: Hooks,
+                      excluded: Excluded | None = None) -> Sampled:
+    """Reference embeddings for every identity of the job, by its sampler; with `excluded`, every one
+    at least its bound from the excluded identities (random redraws; else checked)."""
     if spec.sampler.method == "random":
-        return Sampled(sample_random(spec, hooks), {"method": "random"})
+        x = sample_random(spec, hooks)
+        stats: dict[str, Any] = {"method": "random"}
+        if excluded is not None:
+            dim = x.shape[1]
+            x = redraw_until_clear(x, excluded, lambda i, k: uniform_sphere(
+                1, dim, make_generator(derive_seed(spec.seed, EXCLUDE_REDRAW, i, k)))[0])
+            stats["exclusion"] = enforce(x, excluded)
+        return Sampled(x, stats)
     if isinstance(spec.sampler, HyperFaceSampler):
         gallery = build_gallery(spec, models, storage, keys, chunk=gallery_chunk, hooks=hooks)
-        return sample_hyperface(spec, spec.sampler, gallery, storage, keys,
-                                checkpoint_steps=checkpoint_steps, hooks=hooks)
+        got = sample_hyperface(spec, spec.sampler, gallery, storage, keys,
+                               checkpoint_steps=checkpoint_steps, hooks=hooks)
+        if excluded is not None:
+            got.stats["exclusion"] = enforce(got.embeddings, excluded)
+        return got
     raise ValueError(f"sampler {spec.sampler.method!r} is not implemented by this worker")
 
 

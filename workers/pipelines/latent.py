@@ -8,6 +8,7 @@ index alone, so every image is reproducible from (seed, identity, sample) whatev
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from models.seeding import (
     DISCO,
     DISPERSION_INIT,
     DISPERSION_NOISE,
+    EXCLUDE_REDRAW,
     IDENTITY,
     LANGEVIN,
     LANGEVIN_NOISE,
@@ -34,6 +36,7 @@ from models.seeding import (
     derive_seed,
 )
 from workers import artifacts
+from workers.exclusion import Excluded, enforce, redraw_until_clear
 from workers.pipelines.common import Hooks, Sampled, batched, shard_parts
 from workers.runtime import ModelCache
 from workers.shard import Batch, ShardResult, write_shard
@@ -76,16 +79,31 @@ def embed_latents(face: LatentFace, latents: torch.Tensor, batch_size: int = 64)
 # ---- identities -------------------------------------------------------------------------------
 
 def sample_identities(spec: JobSpec, models: ModelCache, storage: Storage, keys: JobKeys, *,
-                      checkpoint_steps: int, gallery_chunk: int, hooks: Hooks) -> Sampled:
+                      checkpoint_steps: int, gallery_chunk: int, hooks: Hooks,
+                      excluded: Excluded | None = None) -> Sampled:
     """Reference latents for every identity of the job, by its sampler, and their embeddings.
-    `gallery_chunk` is the embedding pipeline's (no latent sampler has a gallery)."""
+    `gallery_chunk` is the embedding pipeline's (no latent sampler has a gallery). With `excluded`,
+    every identity's embedding ends at least its bound from the excluded ones: Langevin repels from
+    them, random redraws the latents of the identities that land too close; both are checked."""
     face = latent_face(spec, models)
     if isinstance(spec.sampler, LangevinSampler):
         latents, stats = sample_langevin(spec, spec.sampler, face, storage, keys,
-                                         checkpoint_steps=checkpoint_steps, hooks=hooks)
+                                         checkpoint_steps=checkpoint_steps, hooks=hooks, excluded=excluded)
+        embeddings = embed_latents(face, latents)
     else:
         latents, stats = sample_random(spec, face, hooks)
-    return Sampled(embed_latents(face, latents), stats, latents)
+        embeddings = embed_latents(face, latents)
+        if excluded is not None:
+            def redraw(i: int, k: int) -> torch.Tensor:
+                w = face.initial_latents([derive_seed(spec.seed, EXCLUDE_REDRAW, i, k)], RANDOM_TRUNCATION).cpu()
+                return embed_latents(face, w)[0]
+            embeddings = redraw_until_clear(embeddings, excluded, redraw)
+            for i, k in excluded.redraws.items():  # the latents of the redrawn identities
+                latents[i] = face.initial_latents([derive_seed(spec.seed, EXCLUDE_REDRAW, i, k)],
+                                                  RANDOM_TRUNCATION).cpu()[0]
+    if excluded is not None:
+        stats["exclusion"] = enforce(embeddings, excluded)
+    return Sampled(embeddings, stats, latents)
 
 
 def sample_random(spec: JobSpec, face: LatentFace, hooks: Hooks, chunk: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -107,9 +125,17 @@ def langevin_config(sampler: LangevinSampler) -> langevin.LangevinConfig:
 
 
 def sample_langevin(spec: JobSpec, sampler: LangevinSampler, face: LatentFace, storage: Storage,
-                    keys: JobKeys, *, checkpoint_steps: int, hooks: Hooks) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Langevin dynamics over all identities, one checkpointed task that resumes after a crash."""
+                    keys: JobKeys, *, checkpoint_steps: int, hooks: Hooks,
+                    excluded: Excluded | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Langevin dynamics over all identities, one checkpointed task that resumes after a crash. With
+    `excluded`, the excluded identities are the fixed references it repels from, out to at least
+    the bound (the reference radius grows to 1.1 x the bound when that is wider)."""
     config = langevin_config(sampler)
+    references = None
+    if excluded is not None:
+        references = excluded.embeddings
+        radius = max(config.reference_repulsion_radius, min(math.pi, 1.1 * math.radians(excluded.min_angle_deg)))
+        config = dataclasses.replace(config, reference_repulsion_radius=radius)
     seed = derive_seed(spec.seed, LANGEVIN)
     saved = artifacts.identities_checkpoint(storage, keys)
     if saved is not None:
@@ -121,7 +147,7 @@ def sample_langevin(spec: JobSpec, sampler: LangevinSampler, face: LatentFace, s
     on_step = artifacts.checkpoint_every(storage, keys, hooks, every=checkpoint_steps,
                                          total=sampler.iterations, unit="Langevin steps")
 
-    last = langevin.run(face, state, config, seed, on_step=on_step)
+    last = langevin.run(face, state, config, seed, references, on_step=on_step)
     latents = state.latents.float().cpu()
     stats = {"method": "langevin", "iterations": sampler.iterations,
              "init_min_angle_deg": init_angle,

@@ -1,0 +1,73 @@
+"""`sampler.exclude` at the HTTP edge: the jobs it names must be the team's own, succeeded, not
+deleted, and of the same generator and embedder; anything else is a 422 naming the entry, before
+a job is made. Malformed entries and bounds are refused by the spec's schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.main import create_app
+from app.jobstore import JobStore
+from app.servers import RedisServer
+from app.settings import Settings
+from tests.api.test_api import SPEC, A, B, problem
+from tests.conftest import TEAM_KEYS
+
+LATENT = {"generator": "stylegan2-tiny", "embedder": "iresnet-tiny"}
+
+
+@pytest.fixture
+def api(redis_server: RedisServer, store: JobStore, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(redis_url=redis_server.url, api_keys=TEAM_KEYS, storage_dir=tmp_path / "storage",
+                        public_url="http://testserver")
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _done(api: TestClient, store: JobStore, spec: dict[str, Any] = SPEC, headers: dict[str, str] = A) -> str:
+    job_id: str = api.post("/v1/jobs", json=spec, headers=headers).json()["id"]
+    store.transition(job_id, "running")
+    store.transition(job_id, "succeeded")
+    return job_id
+
+
+def _excluding(*names: str, **extra: Any) -> dict[str, Any]:
+    return {**SPEC, "sampler": {"method": "random", "exclude": list(names), **extra}}
+
+
+def test_excluding_the_team_s_succeeded_job_and_a_reference_set_is_accepted(api: TestClient, store: JobStore) -> None:
+    first = _done(api, store)
+    r = api.post("/v1/jobs", json=_excluding(first, "lfw-gallery", exclude_min_angle_deg=75), headers=A)
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["sampler"]["exclude"] == [first, "lfw-gallery"]
+    assert r.json()["spec"]["sampler"]["exclude_min_angle_deg"] == 75
+
+
+def test_excluded_jobs_that_cannot_be_used_are_a_422_naming_the_entry(api: TestClient, store: JobStore) -> None:
+    ok = _done(api, store)
+    theirs = _done(api, store, headers=B)
+    live = api.post("/v1/jobs", json={**SPEC, "seed": 5}, headers=A).json()["id"]
+    other_models = _done(api, store, {**SPEC, "models": LATENT, "variations": {"method": "dispersion"}})
+    deleted = _done(api, store, {**SPEC, "seed": 6})
+    api.delete(f"/v1/jobs/{deleted}", headers=A)
+    for name, words in ((theirs, "of your team"), ("j" + "0" * 22, "of your team"), (live, "is queued"),
+                        (other_models, "stylegan2-tiny"), (deleted, "was deleted")):
+        body = problem(api.post("/v1/jobs", json=_excluding(ok, name), headers=A), 422, "sampler.exclude.1")
+        assert body["code"] == "invalid_exclusion" and words in body["detail"], body
+        assert problem(api.post("/v1/jobs?dry_run=true", json=_excluding(name), headers=A), 422,
+                       "sampler.exclude.0")
+
+
+def test_malformed_exclusions_are_refused_by_the_schema(api: TestClient) -> None:
+    for sampler in ({"method": "random", "exclude": ["../etc/passwd"]},
+                    {"method": "random", "exclude": ["a", "a"]},
+                    {"method": "random", "exclude": ["a"] * 65},
+                    {"method": "random", "exclude": ["a"], "exclude_min_angle_deg": 0},
+                    {"method": "random", "exclude": ["a"], "exclude_min_angle_deg": 180}):
+        r = api.post("/v1/jobs", json={**SPEC, "sampler": sampler}, headers=A)
+        assert r.status_code == 422 and any(e["field"].startswith("sampler") for e in r.json()["errors"]), r.text
