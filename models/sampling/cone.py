@@ -24,6 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from models.sampling.embedding_noise import check_variation_args
 from models.seeding import VARIATION, derive_seed, make_generator, normalize_exact
 
 TABLE_POINTS = 16_385  # grid of t = cos(phi) over [cos(theta), 1] for the inverse distribution
@@ -100,13 +101,7 @@ def cone_variations(
     references: [N, D] reference embeddings; identity_ids: the N global identity indices, which
     address the streams. Column j is sample `first_sample + j`.
     """
-    if references.ndim != 2:
-        raise ValueError(f"references: expected [N, D], got shape {tuple(references.shape)}")
-    n, d = references.shape
-    if len(identity_ids) != n:
-        raise ValueError(f"identity_ids: expected {n} ids (one per reference), got {len(identity_ids)}")
-    if samples < 0 or first_sample < 0:
-        raise ValueError(f"samples and first_sample: must be >= 0, got {samples} and {first_sample}")
+    n, d = check_variation_args(references, identity_ids, samples, first_sample)
     t_grid, cdf = cone_table(d, float(config.half_angle_deg))
     refs = normalize_exact(references.detach().to("cpu", torch.float64)).numpy()  # [N, D]
     noise = np.empty((n, samples, d), dtype=np.float64)  # [N, samples, D]

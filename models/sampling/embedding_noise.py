@@ -25,6 +25,20 @@ class EmbeddingNoiseConfig:
     scale: float = 0.05
 
 
+def check_variation_args(references: torch.Tensor, identity_ids: Sequence[int], samples: int,
+                         first_sample: int) -> tuple[int, int]:
+    """(N, D) of references [N, D] with one identity id each and non-negative sample counts; else a
+    ValueError naming the argument. Shared by the variation samplers of embedding generators."""
+    if references.ndim != 2:
+        raise ValueError(f"references: expected [N, D], got shape {tuple(references.shape)}")
+    n, d = references.shape
+    if len(identity_ids) != n:
+        raise ValueError(f"identity_ids: expected {n} ids (one per reference), got {len(identity_ids)}")
+    if samples < 0 or first_sample < 0:
+        raise ValueError(f"samples and first_sample: must be >= 0, got {samples} and {first_sample}")
+    return n, d
+
+
 def embedding_noise(
     references: torch.Tensor,
     identity_ids: Sequence[int],
@@ -39,13 +53,7 @@ def embedding_noise(
     indices, which address the noise streams. Column j is sample `first_sample + j` (quality
     top-ups render samples past the first A).
     """
-    if references.ndim != 2:
-        raise ValueError(f"references: expected [N, D], got shape {tuple(references.shape)}")
-    n, d = references.shape
-    if len(identity_ids) != n:
-        raise ValueError(f"identity_ids: expected {n} ids (one per reference), got {len(identity_ids)}")
-    if samples < 0 or first_sample < 0:
-        raise ValueError(f"samples and first_sample: must be >= 0, got {samples} and {first_sample}")
+    n, d = check_variation_args(references, identity_ids, samples, first_sample)
     if not config.scale >= 0:
         raise ValueError(f"config.scale: must be >= 0, got {config.scale}")
     refs = normalize_exact(references.float())  # [N, D]
