@@ -126,6 +126,7 @@ def redraw_until_clear(x: torch.Tensor, excluded: Excluded,
     """Replace each identity closer than the bound by its next redraw (`redraw(i, k)` -> [D] unit
     row, k = 1, 2, ...) until it is clear; records the redraws; ExclusionUnreachable after
     MAX_REDRAWS of one identity."""
+    _check_dims(x, excluded)
     cos, _ = nearest_cosine(x, excluded.embeddings)
     x = x.clone()
     for i in torch.nonzero(cos >= excluded.min_cosine).flatten().tolist():
@@ -144,13 +145,17 @@ def redraw_until_clear(x: torch.Tensor, excluded: Excluded,
     return x
 
 
+def _check_dims(x: torch.Tensor, excluded: Excluded) -> None:
+    if x.shape[1] != excluded.embeddings.shape[1]:
+        raise ExclusionUnavailable(f"sampler.exclude: the excluded identities have {excluded.embeddings.shape[1]} "
+                                   f"dimensions, this job's {x.shape[1]}")
+
+
 def enforce(x: torch.Tensor, excluded: Excluded) -> dict[str, Any]:
     """Check every identity is at least the bound from every excluded one; the stats the manifest and
     the report state (`min_angle_deg` reached, the bound, the sources, the redraws), or
     ExclusionUnreachable naming the closest identity."""
-    if x.shape[1] != excluded.embeddings.shape[1]:
-        raise ExclusionUnavailable(f"sampler.exclude: the excluded identities have {excluded.embeddings.shape[1]} "
-                                   f"dimensions, this job's {x.shape[1]}")
+    _check_dims(x, excluded)
     cos, which = nearest_cosine(x, excluded.embeddings)
     i = int(torch.argmax(cos))
     reached = math.degrees(math.acos(max(-1.0, min(1.0, float(cos[i])))))
