@@ -27,6 +27,7 @@ from app.layout import JobKeys
 from app.spec import JOB_ID_PATTERN, JobSpec
 from app.storage import Storage
 from workers.errors import ExclusionUnavailable, ExclusionUnreachable, ReferenceUnavailable
+from workers.reference_sets import load_reference_set
 
 MAX_REDRAWS = 64  # redraws of one identity (random sampler) before the job fails
 TILE = 8192  # rows and columns of one tile of the cosine matrix
@@ -60,8 +61,6 @@ def build_excluded(spec: JobSpec, job_identities: Callable[[str], torch.Tensor],
     """The job's excluded set: each excluded job's identities from `job_identities(job_id)` ([n, D]),
     each reference set from `model_dir` (`idforge reproduce` fetches the jobs' through the API)."""
     import re
-
-    from workers.finalize import load_reference_set
 
     names = spec.sampler.exclude
     if not names:

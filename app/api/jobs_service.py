@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -315,7 +316,28 @@ def cancel(svc: Services, team: str, job_id: str) -> dict[str, Any]:
 
 
 MAX_METADATA_FILTERS = 32  # as many as a spec's metadata holds
-MAX_METADATA_FILTER_CHARS = 1024
+MAX_METADATA_KEY_CHARS = 256
+MAX_METADATA_VALUE_CHARS = 1024
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def rfc3339(name: str, value: str | None) -> float | None:
+    """An RFC 3339 date-time (with its offset) as epoch seconds, or a 422 naming `query.<name>`.
+    A leap second counts as the second before it; years before 1 (0000) as the epoch's start."""
+    if value is None:
+        return None
+    m = _RFC3339.fullmatch(value)
+    why = "expected an RFC 3339 date-time with an offset, e.g. 2026-12-01T00:00:00Z"
+    if m is not None:
+        if m.group(1) == "0000":
+            return 0.0
+        text = value[:17] + ("59" if m.group(6) == "60" else m.group(6)) + value[19:]
+        try:
+            return datetime.fromisoformat(text.upper().replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError) as e:
+            why = f"not a date-time: {e}"
+    raise InvalidRequest(f"query.{name}: {why}", errors=[{"field": f"query.{name}", "message": why,
+                                                          "type": "invalid_datetime"}])
 
 
 def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str]:
@@ -327,13 +349,14 @@ def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str]:
         if not name.startswith("metadata"):
             continue
         field = f"query.{name}"
-        if not (name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]")):
+        if not (name.startswith("metadata[") and name.endswith("]")):
             raise InvalidRequest(f"{field}: filter on metadata as metadata[KEY]=VALUE",
                                  errors=[{"field": field, "message": "expected metadata[KEY]=VALUE",
                                           "type": "invalid_filter"}])
         key = name[len("metadata["):-1]
-        why = (f"longer than {MAX_METADATA_FILTER_CHARS} characters"
-               if len(key) + len(value) > MAX_METADATA_FILTER_CHARS
+        why = (f"a key longer than {MAX_METADATA_KEY_CHARS} characters" if len(key) > MAX_METADATA_KEY_CHARS
+               else f"a value longer than {MAX_METADATA_VALUE_CHARS} characters"
+               if len(value) > MAX_METADATA_VALUE_CHARS
                else f"given twice with different values ({out[key]!r}, {value!r})"
                if out.get(key, value) != value else None)
         if why:

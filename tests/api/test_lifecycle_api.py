@@ -209,6 +209,13 @@ def test_bad_reuse_value_is_a_422(api: TestClient) -> None:
     problem(api.post("/v1/jobs", json={**SPEC, "reuse": "always"}, headers=A), 422, "reuse")
 
 
+def test_edge_date_times_and_an_empty_metadata_key_are_taken(api: TestClient) -> None:
+    for query in ("created_after=0000-01-01T00:00:00Z", "created_before=2026-12-31T23:59:60Z",
+                  "created_after=1990-01-01t00:00:00.123456-23:59", "metadata[]=x"):
+        r = api.get(f"/v1/jobs?{query}", headers=A)
+        assert r.status_code == 200, (query, r.text)
+
+
 def test_list_filters_by_metadata_and_creation_time_over_http(api: TestClient) -> None:
     a = api.post("/v1/jobs", json=SPEC, headers=A).json()
     b = api.post("/v1/jobs", json={**SPEC, "seed": 2, "metadata": {"commit": "def", "ci": "7"}}, headers=A).json()
@@ -229,10 +236,13 @@ def test_list_filters_by_metadata_and_creation_time_over_http(api: TestClient) -
 
 @pytest.mark.parametrize(("query", "field"), [
     ("metadata=abc", "query.metadata"),
-    ("metadata[]=abc", "query.metadata[]"),
+    ("metadata[k=abc", "query.metadata[k"),
     ("metadata[k]=1&metadata[k]=2", "query.metadata[k]"),
     ("metadata[k]=" + "x" * 1100, "query.metadata[k]"),
+    ("metadata[" + "k" * 300 + "]=v", "query.metadata[" + "k" * 300 + "]"),
     ("created_after=yesterday", "query.created_after"),
+    ("created_after=0.5", "query.created_after"),  # a number is not a date-time
+    ("created_after=20261201T000000Z", "query.created_after"),  # ISO 8601 basic, not RFC 3339
     ("created_after=2026-12-01T00:00:00", "query.created_after"),  # no offset: which day is it?
     ("created_before=2026-13-01T00:00:00Z", "query.created_before"),
 ])

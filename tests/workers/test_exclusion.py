@@ -27,6 +27,18 @@ def _unit(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
 
 
+@pytest.fixture
+def models(tmp_path: Path, model_dir: Path) -> Path:
+    """A model directory of this test's own (the session's presets linked in), where it installs
+    reference sets without touching the shared one."""
+    own = tmp_path / "models"
+    own.mkdir()
+    for p in model_dir.iterdir():
+        if p.name != "reference_sets":
+            (own / p.name).symlink_to(p)
+    return own
+
+
 def _reference_set(model_dir: Path, name: str, embeddings: torch.Tensor) -> None:
     (model_dir / "reference_sets").mkdir(exist_ok=True)
     save_file({"embeddings": embeddings.contiguous().float()}, str(model_dir / "reference_sets" / f"{name}.safetensors"))
@@ -59,16 +71,16 @@ def test_redraws_replace_exactly_the_identities_too_close_and_enforce_states_the
         redraw_until_clear(x, Excluded(excluded.embeddings, [], 179.0), lambda i, k: fresh[k])
 
 
-def test_random_identities_are_redrawn_away_from_a_set_holding_them(tmp_path: Path, model_dir: Path) -> None:
+def test_random_identities_are_redrawn_away_from_a_set_holding_them(tmp_path: Path, models: Path) -> None:
     """The set holds the very points seed 21 draws: without the exclusion each identity would sit
     at 0 degrees from it; with it every one is redrawn to at least the bound."""
     n = 4
-    _reference_set(model_dir, "same-draws", sample_identities(21, 0, n, 512))
+    _reference_set(models, "same-draws", sample_identities(21, 0, n, 512))
     spec = JobSpec.model_validate({
         "identities": n, "images_per_identity": 1, "seed": 21, "render": {"steps": 2, "batch_size": 4},
         "quality": {"report": False},
         "sampler": {"method": "random", "exclude": ["same-draws"], "exclude_min_angle_deg": 80}})
-    manifest = generate(spec, tmp_path / "out", settings=Settings(model_dir=model_dir))
+    manifest = generate(spec, tmp_path / "out", settings=Settings(model_dir=models))
     ex = manifest["sampling"]["exclusion"]
     assert ex["bound_deg"] == 80 and ex["min_angle_deg"] >= 80 and len(ex["redraws"]) == n
     assert ex["sources"] == [{"reference_set": "same-draws", "embeddings": n, "sha256": ex["sources"][0]["sha256"]}]
@@ -85,21 +97,21 @@ def _latent_job(tmp_path: Path, model_dir: Path, name: str, sampler: dict[str, A
     return generate(spec, tmp_path / name, settings=Settings(model_dir=model_dir))
 
 
-def test_latent_identities_keep_the_bound_by_redraws_and_by_langevin(tmp_path: Path, model_dir: Path) -> None:
+def test_latent_identities_keep_the_bound_by_redraws_and_by_langevin(tmp_path: Path, models: Path) -> None:
     from safetensors.torch import load_file
 
-    _latent_job(tmp_path, model_dir, "a", {"method": "random"})
+    _latent_job(tmp_path, models, "a", {"method": "random"})
     first = load_file(str(tmp_path / "a" / "identities" / "embeddings.safetensors"))["embeddings"]
-    _reference_set(model_dir, "latent-a", first)
+    _reference_set(models, "latent-a", first)
     bound = 2.0  # iresnet-tiny's random-face embeddings lie close together: a small angle, but > 0
-    m = _latent_job(tmp_path, model_dir, "b", {"method": "random", "exclude": ["latent-a"],
+    m = _latent_job(tmp_path, models, "b", {"method": "random", "exclude": ["latent-a"],
                                                 "exclude_min_angle_deg": bound})
     again = load_file(str(tmp_path / "b" / "identities" / "embeddings.safetensors"))
     assert len(m["sampling"]["exclusion"]["redraws"]) == 4  # the same seed drew the same identities
     assert float(_angles(again["embeddings"], first).min()) >= bound
     assert again["latents"].shape == (4, again["latents"].shape[1])
 
-    m = _latent_job(tmp_path, model_dir, "c", {"method": "langevin", "iterations": 3, "exclude": ["latent-a"],
+    m = _latent_job(tmp_path, models, "c", {"method": "langevin", "iterations": 3, "exclude": ["latent-a"],
                                                 "exclude_min_angle_deg": bound})
     ex = m["sampling"]["exclusion"]
     lang = load_file(str(tmp_path / "c" / "identities" / "embeddings.safetensors"))["embeddings"]
@@ -107,20 +119,20 @@ def test_latent_identities_keep_the_bound_by_redraws_and_by_langevin(tmp_path: P
     assert m["sampling"]["final"]["reference_angle_min"] is not None  # Langevin saw the references
 
 
-def test_an_unreachable_bound_fails_saying_how_close_it_got(tmp_path: Path, model_dir: Path) -> None:
-    _reference_set(model_dir, "everywhere", _unit(64, 512, 9))
+def test_an_unreachable_bound_fails_saying_how_close_it_got(tmp_path: Path, models: Path) -> None:
+    _reference_set(models, "everywhere", _unit(64, 512, 9))
     spec = JobSpec.model_validate({"identities": 2, "images_per_identity": 1, "seed": 4, "quality": {"report": False},
                                    "sampler": {"method": "random", "exclude": ["everywhere"],
                                                "exclude_min_angle_deg": 100}})
     with pytest.raises(ExclusionUnreachable, match="redraws all landed within 100"):
-        generate(spec, tmp_path / "out", settings=Settings(model_dir=model_dir))
+        generate(spec, tmp_path / "out", settings=Settings(model_dir=models))
 
 
-def test_a_missing_or_misshapen_set_is_named(tmp_path: Path, model_dir: Path) -> None:
-    _reference_set(model_dir, "narrow", _unit(3, 8, 1))
+def test_a_missing_or_misshapen_set_is_named(tmp_path: Path, models: Path) -> None:
+    _reference_set(models, "narrow", _unit(3, 8, 1))
     for name, match in (("no-such-set", "no-such-set"), ("narrow", "narrow")):
         spec = JobSpec.model_validate({"identities": 1, "images_per_identity": 1, "quality": {"report": False},
                                        "sampler": {"method": "random", "exclude": [name]}})
         with pytest.raises(ExclusionUnavailable, match=match):
-            generate(spec, tmp_path / name, settings=Settings(model_dir=model_dir))
+            generate(spec, tmp_path / name, settings=Settings(model_dir=models))
     assert math.isclose(Excluded(_unit(1, 4, 0), [], 60.0).min_cosine, 0.5)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, AwareDatetime
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from app.api import jobs_service
@@ -94,22 +94,27 @@ async def submit_job(request: Request, svc: Svc, team: Submitter,
 @router.get("", summary="The team's jobs, newest first", responses={200: {"model": JobList}, **problems(422)},
             openapi_extra={"parameters": [{
                 "name": "metadata", "in": "query", "style": "deepObject", "explode": True,
-                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                "schema": {"type": "object", "maxProperties": jobs_service.MAX_METADATA_FILTERS,
+                           "propertyNames": {"maxLength": jobs_service.MAX_METADATA_KEY_CHARS},
+                           "additionalProperties": {"type": "string",
+                                                    "maxLength": jobs_service.MAX_METADATA_VALUE_CHARS}},
                 "description": "jobs whose spec.metadata has these values: `metadata[commit]=abc123` "
                                "(several: all must match)"}]})
 def list_jobs(request: Request, svc: Svc, team: Team, status: StatusFilter | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z0-9]+$")] = None,
-              created_after: Annotated[AwareDatetime | None, Query(
+              created_after: Annotated[str | None, Query(
+                  max_length=64, json_schema_extra={"format": "date-time"},
                   description="jobs created at or after this time (RFC 3339, with its offset)")] = None,
-              created_before: Annotated[AwareDatetime | None, Query(
+              created_before: Annotated[str | None, Query(
+                  max_length=64, json_schema_extra={"format": "date-time"},
                   description="jobs created before this time (RFC 3339, with its offset)")] = None,
               ) -> dict[str, Any]:
     metadata = jobs_service.metadata_filter(request.query_params.multi_items())
     jobs, nxt = svc.store.list_jobs(
         team, status=status, limit=limit, after=after, metadata=metadata,
-        created_after=created_after.timestamp() if created_after else None,
-        created_before=created_before.timestamp() if created_before else None)
+        created_after=jobs_service.rfc3339("created_after", created_after),
+        created_before=jobs_service.rfc3339("created_before", created_before))
     base = svc.settings.public_url.rstrip("/")
     return {"jobs": [job_view(j, base) for j in jobs], "has_more": nxt is not None, "next": nxt}
 
