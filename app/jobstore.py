@@ -151,7 +151,7 @@ if ARGV[5] ~= '' and cur ~= to then
   local keep = tonumber(redis.call('HGET', job, 'retention_s') or '0')
   if keep > 0 then
     local t = redis.call('TIME')
-    local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + keep * 1000
+    local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + math.floor(keep * 1000)
     redis.call('HSET', job, 'expires_at_ms', at)
     redis.call('ZADD', ARGV[4] .. 'expiry', at, id)
   end
@@ -457,12 +457,12 @@ def metadata_index(owner: str, key: str, value: str) -> str:
     return P + f"team:{owner}:meta:{digest}"
 
 
-def _extras(owner: str, spec: dict[str, Any], retention_s: int, dataset_hash: str | None) -> str:
+def _extras(owner: str, spec: dict[str, Any], retention_s: float, dataset_hash: str | None) -> str:
     """The creation script's ARGV[11]: lifecycle fields of the job hash and the metadata indexes
     the job joins (strings only: Lua would print a large number in exponent form)."""
     fields: dict[str, str] = {}
     if retention_s:
-        fields["retention_s"] = str(int(retention_s))
+        fields["retention_s"] = repr(float(retention_s))
     if dataset_hash:
         fields["dataset_hash"] = dataset_hash
     meta = spec.get("metadata") or {}
@@ -513,7 +513,7 @@ class JobStore:
 
     def create(self, owner: str, spec: dict[str, Any], spec_hash: str, *, identities: int,
                images: int, idempotency_key: str | None = None, body_hash: str | None = None,
-               idempotency_ttl_s: int = 86400, retention_s: int = 0,
+               idempotency_ttl_s: int = 86400, retention_s: float = 0,
                dataset_hash: str | None = None) -> Created:
         job_id = new_job_id()
         idem = self._idem_key(owner, idempotency_key) if idempotency_key else ""
@@ -532,7 +532,7 @@ class JobStore:
     def create_within_quota(self, owner: str, spec: dict[str, Any], spec_hash: str, *, identities: int,
                             images: int, max_concurrent: int, max_images_per_day: int,
                             idempotency_key: str | None = None, body_hash: str | None = None,
-                            idempotency_ttl_s: int = 86400, retention_s: int = 0,
+                            idempotency_ttl_s: int = 86400, retention_s: float = 0,
                             dataset_hash: str | None = None) -> tuple[Created | None, dict[str, Any]]:
         """`create`, unless the team's quotas refuse it, checked and counted in the same script:
         `max_concurrent` non-terminal jobs, `max_images_per_day` images submitted in the current UTC
@@ -863,7 +863,7 @@ def _matches(raw: dict[str, str], status: str | None, metadata: dict[str, str]) 
 
 
 _JSON_FIELDS = ("spec", "result", "error")
-_INT_FIELDS = ("identities_total", "images_total", "shards_total", "retention_s")
+_INT_FIELDS = ("identities_total", "images_total", "shards_total")
 
 
 def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
@@ -887,6 +887,8 @@ def _decode(raw: dict[str, str], progress: dict[str, str]) -> dict[str, Any]:
         kind, _, stage = k.partition("_ts:")
         stages.setdefault(stage, {})[f"{kind}_at"] = iso_from_epoch(float(job.pop(k)))
     job["stages"] = stages
+    if "retention_s" in job:
+        job["retention_s"] = float(job["retention_s"])
     if "expires_at_ms" in job:
         job["expires_at"] = iso_from_epoch(int(job.pop("expires_at_ms")) / 1000)
     job["progress"] = {

@@ -312,6 +312,12 @@ class Scheduler:
         with translate():
             return bool(self._finished(keys=[STATE, JOBS, job_hash(job_id), IN_FLIGHT], args=[job_id, shard]))
 
+    def in_flight_of(self, job_id: str) -> int:
+        """How many of the job's shards are released and not finished (the in-flight table holds at
+        most the pool's slots, so this reads little)."""
+        with translate():
+            return sum(1 for _ in self.r.hscan_iter(IN_FLIGHT, match=f"{job_id}:*"))
+
     def forget(self, job_id: str) -> tuple[bool, int, int]:
         """Take the job out of the schedule (it ended or is being canceled): its held shards are
         never released. Returns (it was there, shards it had in flight, shards it had held)."""

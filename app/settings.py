@@ -161,9 +161,11 @@ class Settings(BaseSettings):
     # Per-team defaults, JSON: {"ci": 7, "research": 0} (0 = kept until deleted).
     team_retention_days: dict[str, Annotated[float, Field(ge=0, le=36500)]] = Field(default_factory=dict)
     # Seconds between the workers' sweeps for expired jobs (one worker sweeps at a time, whichever
-    # takes the sweep's lock in Redis first); also how long a requested deletion may wait before the
-    # sweep sends its task again.
+    # takes the sweep's lock in Redis first).
     retention_sweep_s: float = Field(300.0, gt=0, le=86400)
+    # A requested deletion whose task has shown no sign of life for this long (its message lost, or
+    # it gave up after an outage) is sent again by the sweep. Each attempt of the task renews it.
+    deletion_resend_s: float = Field(900.0, gt=0, le=86400)
 
     # --- Observability.
     # Log lines: "json" (one object per line, with job_id/task/shard in a job's context), "text",
@@ -244,12 +246,12 @@ class Settings(BaseSettings):
         t = self.team_scheduling.get(team)
         return t.priority if t is not None and t.priority is not None else self.default_priority
 
-    def retention_s(self, team: str, days: float | None = None) -> int:
+    def retention_s(self, team: str, days: float | None = None) -> float:
         """Seconds a job's data is kept after it ends: `days` (the job's own), else its team's
         default, else IDFORGE_RETENTION_DAYS; 0 = until deleted."""
         if days is None:
             days = self.team_retention_days.get(team, self.retention_days)
-        return max(1, round(days * 86400)) if days > 0 else 0  # a positive retention is never 'for ever'
+        return max(0.001, days * 86400) if days > 0 else 0.0  # a positive retention is never 'for ever'
 
     def interactive_cap(self, team: str) -> int:
         t = self.team_scheduling.get(team)

@@ -157,6 +157,10 @@ def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     last = rt.store.shard_done(job_id, shard, identities=len(ids),
                                images=len(ids) * spec.images_per_identity) == len(shards)
     rt.scheduler.finished(job_id, shard)
+    if rt.store.status(job_id) == "canceling" and not rt.scheduler.in_flight_of(job_id):
+        # Canceled while this shard ran, and it finished without seeing it: nothing else runs to end it.
+        finish_cancel(rt, job_id)
+        return
     if last:
         rt.store.stage_queued(job_id, _finalize_stage(spec))
         rt.queue.send(q.FINALIZE, job_id)

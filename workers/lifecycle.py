@@ -56,11 +56,13 @@ def delete_job(rt: Runtime, job_id: str) -> int | None:
 
 def delete_task(task: Any, job_id: str) -> None:
     """The body of `idforge.delete_job`: delete, or retry later while the job stops or S3 is out.
-    After DELETE_RETRIES outages it gives up; the sweep sends the task again
-    (`IDFORGE_RETENTION_SWEEP_S`), so a requested deletion always finishes."""
+    Each attempt marks the deletion alive; after DELETE_RETRIES outages it gives up, and the sweep
+    sends the task again once it has been quiet `IDFORGE_DELETION_RESEND_S`, so a requested deletion
+    always finishes."""
     rt = get_runtime()
     tries = task.request.retries
     try:
+        Lifecycle(rt.store).sent(job_id)  # alive: the sweep leaves it be for deletion_resend_s
         delete_job(rt, job_id)
     except StillLive as e:
         if tries >= CANCEL_WAIT_RETRIES:
@@ -77,14 +79,15 @@ def delete_task(task: Any, job_id: str) -> None:
 
 def sweep_expired(rt: Runtime | None = None) -> Swept | None:
     """One sweep, when this process takes the sweep's lock (once a `retention_sweep_s` across the
-    pool): request the deletion of expired jobs and send their tasks; send again deletions that
-    waited a sweep interval. Called from the heartbeat."""
+    pool): request the deletion of expired jobs and send their tasks; send again deletions whose
+    task has been quiet `deletion_resend_s`. Called from the heartbeat."""
     rt = rt or get_runtime()
     life = Lifecycle(rt.store)
     interval = rt.settings.retention_sweep_s
     if not life.take_sweep(interval, worker_name()):
         return None
-    swept = life.sweep(lambda job_id: rt.queue.send(q.DELETE_JOB, job_id), resend_after_s=interval)
+    swept = life.sweep(lambda job_id: rt.queue.send(q.DELETE_JOB, job_id),
+                       resend_after_s=rt.settings.deletion_resend_s)
     if swept.expired or swept.resent:
         log.info("retention sweep: %d expired, %d deletions sent again", len(swept.expired), len(swept.resent))
     return swept

@@ -89,7 +89,7 @@ class Admitted:
 
 def admit(store: JobStore, settings: Settings, team: str, spec: dict[str, Any], spec_hash: str, *,
           identities: int, images: int, idempotency_key: str | None, body_hash: str,
-          retention_s: int = 0, dataset_hash: str | None = None) -> Admitted:
+          retention_s: float = 0, dataset_hash: str | None = None) -> Admitted:
     """Record the job if the team's quotas allow it (atomically), else raise the 429/403. The
     service's `submit` (app.api.jobs_service) calls it, and gives the images back when the job
     cannot be enqueued."""
