@@ -24,7 +24,11 @@ in place, so a step's memory beyond the state is a few tile² floats and O(N·D)
 `optimize_with_restarts` finds hard codes (the 24-cell, E8) from random starts: rounds of candidates
 annealed in parallel (dense batched Grams for small N) from a hot soft-max (T = 1) to a hard-min
 polish, each round from perturbations of the best so far (basin hopping), stopping at Rankin's bound
-or when a round gains nothing.
+or when a round gains nothing. A quarter of each round's candidates start cold (T = 0.03): the hot
+start funnels into the energy minimiser, which for some N (13 and 14 points in 3-d) is not the
+max-min code. In pure packing a candidate that meets the bound ends its run and the search there.
+Called with its defaults it is the packer's default configuration, the same for every N and D
+(docs/packing.md: its quality on known optimal codes and its cost).
 The stochastic variant takes a random batch of rows per step against all points (the others
 detached): one pass over [B, tile] tiles with an online soft-max that accumulates the gradient as it
 goes (flash-attention style), and lazy Adam that touches only the batch's rows.
@@ -34,13 +38,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
 from models.sampling.embedding_noise import scale_for_mean_cosine
-from models.sampling.metrics import gram_tiles, nearest_neighbour_angles, rankin_bound
+from models.sampling.metrics import gram_tiles, min_angle, nearest_neighbour_angles, rankin_bound
 from models.sampling.sphere import EPS, normalize
 from models.seeding import Stream
 
@@ -478,7 +482,7 @@ def optimize(
         raise ValueError(f"init: expected [N, D] with N >= 2 and D >= 2, got shape {tuple(init.shape)}")
     if not torch.isfinite(init).all() or bool((init.norm(dim=1) == 0).any()):
         raise ValueError("init: rows must be finite and non-zero")
-    n, d = init.shape
+    n = init.shape[0]
     _check_config(config, n)
     gallery = _check_gallery(gallery, init, config)
     stochastic = config.batch_size is not None
@@ -581,47 +585,94 @@ PACKING_REFINE = HyperFaceConfig(
     iterations=400, learning_rate=1e-4, lr_final=0.01, alpha=0.0, temperature=1e-3, temperature_final=1e-6,
     separation="max", neighbours=None, stats_every=None,
 )
+# Cold lanes: the hot start funnels every candidate into the energy minimiser, which is not always
+# the max-min code. In 3-d, 13 and 14 points: all 16 hot starts end at 56.58° and 54.74° (the optima
+# are 57.14° and 55.67°), while starts cooled from T = 0.03 (same steps and learning rate) reach
+# 55.67° in 16 of 16 and 57.14° in 1-5 of 16. On the lattice codes it is the other way round (24-cell:
+# 1 of 16 cold, 2-5 hot). So a quarter of each round's lanes start cold, the rest hot.
+COLD_SHARE = 0.25  # share of a round's lanes (rounded down; lane 0 of round 0, `init`, is always hot)
+COLD_TEMPERATURE = 0.03  # the cold lanes' starting temperature, cooled to config.temperature_final
 LANE_ENTRIES = 360_000  # candidates annealed together: lanes x N x max(N, M) Gram entries at most
-# (6 lanes of 240 points: E8 comes from 2-4 of every 4 random starts, so 6 a round all miss ~0.2%)
+# (6 lanes of 240 points: E8 comes from 2-4 of every 4 random starts, so 6 a round all miss ~0.2%);
+# up to this size a dense step is small ops, run on one thread (`_one_thread`)
+DENSE_ENTRIES = 1 << 22  # one candidate's N x max(N, M) up to which it runs dense (~3 such float
+# buffers, 48 MiB) rather than through the tiled `optimize`: one Gram and one product a step instead
+# of two Grams and a product. 1,024 points in 512-d, one AVX2 core: 45 ms a step instead of 56 ms
+WIDE = 64  # dense pass: from this D on, the gradient is (E + Eᵀ) x in one product (513 x 512: 3.4
+# ms instead of 7.9 ms; for E8, D = 8, the two-product layout is faster: 0.38 ms against 0.67 ms)
 MAX_LANES = 16  # candidates per round by default (fewer when N x max(N, M) is large)
 BOUND_SLACK = 1e-5  # radians: a packing this close to Rankin's bound is taken to meet it (no better one)
+COS_MARGIN = 1e-5  # in-run stop: the cheap float32 test (largest cosine or its acos) may miss by this
+# much before the exact angle (`metrics.min_angle`) decides
 
 
 @dataclass(frozen=True)
 class PackingResult:
     embeddings: torch.Tensor  # [N, D] float32 unit rows: the best packing found
     min_angle: float  # its hard minimum pairwise angle, radians
-    rounds: list[list[float]]  # per round, each candidate's hard minimum angle (radians), refined
+    rounds: list[list[float]]  # per round, each candidate's hard minimum angle (radians), refined; a
+    # round that meets the stopping angle ends there, so it may list fewer than `lanes` candidates
     stopped: str  # "bound" (reached Rankin's bound), "target", "patience" or "rounds"
 
 
-def _dense_pass(x: torch.Tensor, temperature: float, separation: str) -> torch.Tensor:
-    """`_full_pass`'s gradient (of N·L_sep) for K independent packings at once: [K, N, D] -> [K, N, D].
+def _dense_pass(x: torch.Tensor, inv_t: torch.Tensor, separation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_full_pass` for K independent packings at once, each at its own temperature (inv_t [K, 1, 1]
+    = 1 / T): (g [K, N, D] = the gradients of N·L_sep, m [K, N] = each row's largest cosine / T).
 
     Through each packing's full Gram [N, N], one exp per entry: q_ij = exp(a_ij - m_i) exp(m_i - shift_i).
     """
-    a = torch.bmm(x, x.transpose(1, 2)).mul_(1.0 / temperature)  # [K, N, N] logits
+    a = torch.bmm(x, x.transpose(1, 2)).mul_(inv_t)  # [K, N, N] logits
     a.diagonal(dim1=1, dim2=2).fill_(-math.inf)
     m = a.amax(dim=2)  # [K, N] hard max / T
     e = a.sub_(m[:, :, None]).clamp_min_(EXP_FLOOR).exp_()  # [K, N, N]
     s = e.sum(dim=2)  # [K, N]
     shift = _row_shift(m + torch.log(s), separation)  # [K, N]
     e.mul_(torch.exp(m - shift)[:, :, None])  # N w_i p_ij
-    # row terms E x plus column terms Eᵀ x, as xᵀ Eᵀ + xᵀ E: with D small this layout is ~4x faster
+    if x.shape[2] >= WIDE:  # row terms E x plus column terms Eᵀ x as one product, (E + Eᵀ) x
+        return torch.bmm(e + e.transpose(1, 2), x), m
+    # with D small, as xᵀ Eᵀ + xᵀ E: this layout is ~4x faster than E x + Eᵀ x
     xt = x.transpose(1, 2)  # [K, D, N]
-    return torch.bmm(xt, e.transpose(1, 2)).add_(torch.bmm(xt, e)).transpose(1, 2).contiguous()
+    g = torch.bmm(xt, e.transpose(1, 2)).add_(torch.bmm(xt, e)).transpose(1, 2).contiguous()
+    return g, m
 
 
-def _anneal(x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConfig) -> torch.Tensor:
+def _anneal(
+    x: torch.Tensor,
+    gallery: torch.Tensor | None,
+    config: HyperFaceConfig,
+    temperatures: list[float] | None = None,
+    stop: float | None = None,
+    tile: int = 2048,
+) -> tuple[torch.Tensor, bool]:
     """Full-batch `optimize` (same loss, Adam, schedules and projection, exact gradient, float32) on
-    K independent packings at once: [K, N, D] unit rows -> [K, N, D]. Memory ~3 K N max(N, M) floats."""
+    K independent packings at once: [K, N, D] unit rows -> ([K, N, D], stopped). Memory ~3 K N max(N, M)
+    floats.
+
+    temperatures: each packing's starting temperature (None: config.temperature for all), cooled
+    geometrically to config.temperature_final like `temperature_at`. stop: a minimum angle (radians);
+    when one packing's points reach it the run ends before the step that would move them and returns
+    them with stopped = True (exact check, `metrics.min_angle`); else the points after the last step.
+    """
+    lanes = x.shape[0]
+    starts = [config.temperature] * lanes if temperatures is None else temperatures
+    if len(starts) != lanes:
+        raise ValueError(f"temperatures: expected {lanes}, got {len(starts)}")
     x = x.clone()
     m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
     b1, b2 = config.beta1, config.beta2
     target = x
+    frac = torch.arange(config.iterations, dtype=torch.float64)[:, None] / max(config.iterations - 1, 1)
+    t0 = torch.tensor(starts, dtype=torch.float64)  # [K]
+    temperature = (t0 * (config.temperature_final / t0) ** frac)[:, :, None, None]  # [iterations, K, 1, 1]
+    inv_t, temperature = (1 / temperature).float().to(x.device), temperature.float().to(x.device)
     for t in range(config.iterations):
-        temperature, lr = temperature_at(config, t), learning_rate_at(config, t)
-        g = _dense_pass(x, temperature, config.separation)  # [K, N, D]
+        lr = learning_rate_at(config, t)
+        g, m = _dense_pass(x, inv_t[t], config.separation)  # [K, N, D], [K, N]
+        if stop is not None:
+            worst = m.amax(dim=1).mul_(temperature[t, :, 0, 0])  # [K] each packing's largest cosine
+            k = int(worst.argmin())
+            if float(worst[k]) <= math.cos(stop) + COS_MARGIN and min_angle(x[k], tile) >= stop:
+                return x, True
         if config.alpha > 0:
             assert gallery is not None
             if t % config.gallery_refresh == 0:
@@ -635,7 +686,39 @@ def _anneal(x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConf
         update = torch.div(m2, 1 - b2**k).sqrt_().add_(config.eps)
         update = torch.div(m1, 1 - b1**k).div_(update).mul_(-lr).add_(x)
         x = update.div_(update.norm(dim=2, keepdim=True).clamp_min(EPS))
-    return x
+    return x, False
+
+
+class _Reached(Exception):
+    """Raised by `_run_tiled`'s step callback: the run's points met the stopping angle."""
+
+    def __init__(self, points: torch.Tensor) -> None:
+        super().__init__("stopping angle reached")
+        self.points = points
+
+
+def _run_tiled(
+    x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConfig, stop: float | None, tile: int
+) -> tuple[torch.Tensor, bool]:
+    """One candidate through the tiled `optimize`: (points [N, D], stopped), as `_anneal` for K = 1.
+
+    The step callback sees the hard minimum angle of the points before each step (free, from the
+    pass) and, when it may meet `stop`, checks the points after the step exactly.
+    """
+
+    def check(stats: StepStats, state: HyperFaceState) -> None:
+        if stop is not None and stats.min_angle >= stop - COS_MARGIN and min_angle(state.embeddings, tile) >= stop:
+            raise _Reached(state.embeddings)
+
+    try:
+        return optimize(x, gallery, config, on_step=check).embeddings, False
+    except _Reached as reached:
+        return reached.points, True
+
+
+def _starting_at(config: HyperFaceConfig, temperature: float) -> HyperFaceConfig:
+    """config with its schedule starting from `temperature` (a cold lane's)."""
+    return config if temperature == config.temperature else replace(config, temperature=temperature)
 
 
 @contextmanager
@@ -673,23 +756,29 @@ def optimize_with_restarts(
     perturbation: float = 0.7,
     min_gain: float = 1e-5,
     target: float | None = None,
+    cold_share: float = COLD_SHARE,
+    cold_temperature: float = COLD_TEMPERATURE,
     tile: int = 2048,
 ) -> PackingResult:
     """The best packing from rounds of candidates annealed in parallel (basin hopping): for hard codes.
 
-    Each round anneals `lanes` candidates with `config`'s schedule and then `refine`'s (the hard-min
-    polish; its schedule fields with `config`'s objective), and keeps the one with the largest hard
-    minimum angle if it beats the best so far. Round 0 starts from `init` and lanes - 1 perturbations
-    of it; each later round from `lanes` perturbations of the best, every point moved by a tangent
-    Gaussian of RMS length `perturbation` x the best's mean nearest-neighbour angle (drawn from
-    `generator`). It stops when the best reaches Rankin's bound (`metrics.rankin_bound`, no better
-    code exists) or `target` (radians), after `patience` rounds in a row that gain less than
-    `min_gain` radians, or after `rounds` rounds.
+    This with its defaults is the packer's default configuration: the same call for every N and D.
+    Each round anneals `lanes` candidates with `config`'s schedule, floor(cold_share x lanes) of them
+    (the last) from `cold_temperature` instead of config.temperature, then with `refine`'s (the
+    hard-min polish; its schedule fields with `config`'s objective), and keeps the one with the
+    largest hard minimum angle if it beats the best so far. Round 0 starts from `init` and lanes - 1
+    perturbations of it; each later round from `lanes` perturbations of the best, every point moved
+    by a tangent Gaussian of RMS length `perturbation` x the best's mean nearest-neighbour angle
+    (drawn from `generator`). It stops when the best reaches Rankin's bound (`metrics.rankin_bound`,
+    no better code exists) or `target` (radians), after `patience` rounds in a row that gain less than
+    `min_gain` radians, or after `rounds` rounds. With alpha = 0, a candidate that meets the bound (or
+    target) during its run ends the run there, and the round with it.
 
     lanes: None = min(MAX_LANES, LANE_ENTRIES // (N max(N, M))), at least 1. Candidates run together
-    through dense batched Grams while N max(N, M) <= LANE_ENTRIES, one at a time through the tiled
-    `optimize` (config's tile, neighbours, precision) above that. With the defaults a round is 2,000
-    steps: ~0.5 s for 16 candidates of 24 points in 4-d, ~2.5 s for 6 of 240 in 8-d (one AVX2 core).
+    through dense batched Grams, max(1, LANE_ENTRIES // (N max(N, M))) at a time, while N max(N, M) <=
+    DENSE_ENTRIES, one at a time through the tiled `optimize` (config's tile, neighbours, precision)
+    above that. With the defaults a round is 2,000 steps: ~0.5 s for 16 candidates of 24 points in
+    4-d, ~2.5 s for 6 of 240 in 8-d (one AVX2 core); costs per code: docs/packing.md.
     """
     if init.ndim != 2 or init.shape[0] < 2 or init.shape[1] < 2:
         raise ValueError(f"init: expected [N, D] with N >= 2 and D >= 2, got shape {tuple(init.shape)}")
@@ -708,33 +797,45 @@ def optimize_with_restarts(
     gallery = _check_gallery(gallery, init, config)
     checks = {"lanes": (lanes, lanes is None or lanes >= 1), "rounds": (rounds, rounds >= 1),
               "patience": (patience, patience >= 1), "perturbation": (perturbation, perturbation >= 0),
-              "min_gain": (min_gain, min_gain >= 0)}
+              "min_gain": (min_gain, min_gain >= 0), "cold_share": (cold_share, 0 <= cold_share <= 1),
+              "cold_temperature": (cold_temperature, cold_temperature > 0)}
     for name, (value, ok) in checks.items():
         if not ok:
             raise ValueError(f"{name}: invalid value {value!r}")
     width = n * max(n, 0 if gallery is None else gallery.shape[0])  # Gram (and gallery) entries per lane
-    dense = width <= LANE_ENTRIES
+    dense = width <= DENSE_ENTRIES
     if lanes is None:
         lanes = min(MAX_LANES, max(1, LANE_ENTRIES // width))
-    chunk = max(1, LANE_ENTRIES // width)
+    chunk = max(1, LANE_ENTRIES // width) if dense else 1
+    cold = int(cold_share * lanes)
+    temperatures = [config.temperature] * (lanes - cold) + [cold_temperature] * cold
+    bound = rankin_bound(n, d)
+    stop = bound - BOUND_SLACK if target is None else min(bound - BOUND_SLACK, target)
+    stop_in_run = stop if config.alpha == 0 else None  # with a gallery term, runs go to their end
 
     def run(starts: torch.Tensor) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
-        for c0 in range(0, starts.shape[0], chunk if dense else 1):
+        for c0 in range(0, starts.shape[0], chunk):
             if dense:
-                with _one_thread():
-                    x = _anneal(starts[c0 : c0 + chunk], gallery, config)
-                    out.extend(_anneal(x, gallery, polish) if polish is not None else x)
+                with _one_thread() if width <= LANE_ENTRIES else nullcontext():
+                    lane_temps = temperatures[c0 : c0 + chunk]
+                    x, done = _anneal(starts[c0 : c0 + chunk], gallery, config, lane_temps, stop_in_run, tile)
+                    if polish is not None and not done:
+                        x, done = _anneal(x, gallery, polish, None, stop_in_run, tile)
+                out.extend(x)
             else:
-                x = optimize(starts[c0], gallery, config).embeddings
-                out.append(optimize(x, gallery, polish).embeddings if polish is not None else x)
+                x, done = _run_tiled(starts[c0], gallery, _starting_at(config, temperatures[c0]), stop_in_run, tile)
+                if polish is not None and not done:
+                    x, done = _run_tiled(x, gallery, polish, stop_in_run, tile)
+                out.append(x)
+            if done:
+                break  # a candidate meets the stopping angle: the search ends with this round
         return out
 
     def spacing(x: torch.Tensor) -> float:
         return float(nearest_neighbour_angles(x, tile).mean())
 
     x0 = normalize(init.float())
-    bound = rankin_bound(n, d)
     best, best_angle = x0, -math.inf
     history: list[list[float]] = []
     stale, stopped = 0, "rounds"

@@ -1,6 +1,6 @@
 """Deleting, retention, reuse and finding jobs, through the HTTP edge in-process (FastAPI TestClient)
 against a real Redis and the local storage; the deletion itself runs the workers' function on the
-same storage (the Celery path is in tests/integration/test_lifecycle.py)."""
+same storage (the Celery path is in tests/integration/test_lifecycle_service.py)."""
 
 from __future__ import annotations
 

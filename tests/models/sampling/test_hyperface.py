@@ -26,7 +26,7 @@ from models.seeding import make_generator
 ROOT = Path(__file__).resolve().parents[3]
 # Pure packing (alpha = 0), a local schedule: cool from T = 0.05, for runs that start near an optimum
 # (or anywhere, when only the mechanics matter). Known optima from random starts use the defaults of
-# `optimize_with_restarts` instead.
+# `optimize_with_restarts` instead (test_known_codes.py).
 LOCAL = HyperFaceConfig(
     iterations=800, learning_rate=0.01, alpha=0.0, temperature=0.05, temperature_final=1e-4,
     separation="max", stats_every=None,
@@ -154,24 +154,6 @@ def test_known_optima_are_attained_by_the_codes():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", KNOWN)
-def test_packing_reaches_known_optimum(name, seed, record_property):
-    # The defaults of optimize_with_restarts, the same for every case: within TOLERANCE degrees of the
-    # optimum from each seed (and never above it: that would mean a wrong table or a wrong angle).
-    n, d, optimum = KNOWN[name]
-    result = optimize_with_restarts(
-        uniform_sphere(n, d, make_generator(seed)), generator=make_generator(1000 + seed)
-    )
-    record_property("min_angle_deg", deg(result.min_angle))  # in --junitxml: the tables per machine
-    record_property("rounds_deg", [[round(deg(a), 5) for a in r] for r in result.rounds])
-    assert optimum - TOLERANCE <= deg(result.min_angle) <= optimum + TOLERANCE
-    assert result.min_angle == min_angle(result.embeddings)
-    assert torch.allclose(result.embeddings.norm(dim=1), torch.ones(n), atol=1e-5)
-    bound = deg(rankin_bound(n, d))
-    assert result.stopped == ("bound" if optimum > bound - 1e-3 else "patience")
-
-
-@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
     "name",
     ["cross-polytope 6-d", "simplex 7-d", "Tammes 12 (icosahedron)", "Tammes 24 (snub cube)", "24-cell (D4 roots)"],
@@ -190,6 +172,18 @@ def test_paper_objective_reaches_known_optimum(name, seed, record_property):
 # --- the packer's mechanics ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("separation", ["mean", "max"])
+@pytest.mark.parametrize("d", [8, hyperface.WIDE])  # the two layouts of the gradient product
+def test_dense_pass_equals_the_tiled_pass(separation, d):
+    x = normalize(make_generator(5).normal(2, 30, d))  # [K, N, D]
+    temperatures = torch.tensor([0.07, 0.02])
+    g, m = hyperface._dense_pass(x, (1 / temperatures)[:, None, None], separation)
+    for k in range(2):
+        gk, _, hard = hyperface._full_pass(x[k], x[k], float(temperatures[k]), 7, separation)
+        assert torch.allclose(g[k], gk, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(m[k] * temperatures[k], hard, atol=1e-6)
+
+
 @pytest.mark.parametrize("separation, alpha", [("max", 0.0), ("mean", 0.0), ("max", 0.3)])
 def test_parallel_lanes_follow_optimize(gallery, separation, alpha):
     # the dense batched anneal is optimize's full-batch step (loss, Adam, schedules, gallery refresh)
@@ -198,10 +192,43 @@ def test_parallel_lanes_follow_optimize(gallery, separation, alpha):
         iterations=25, learning_rate=0.02, alpha=alpha, separation=separation, temperature=0.1,
         temperature_final=0.01, gallery_refresh=7, neighbours=None, stats_every=None,
     )
-    lanes = hyperface._anneal(starts, gallery, config)
+    temperatures = [0.1, 0.03, 0.1]  # each lane cools from its own temperature (the cold lanes)
+    lanes, stopped = hyperface._anneal(starts, gallery, config, temperatures)
+    assert not stopped
     for k in range(3):
-        one = optimize(starts[k], gallery, config).embeddings
+        one = optimize(starts[k], gallery, replace(config, temperature=temperatures[k])).embeddings
         assert (lanes[k] - one).abs().max() < 1e-4
+
+
+def test_a_run_stops_where_it_meets_the_stopping_angle():
+    # a lane that already meets the bound ends the run before any step moves it, in both paths
+    code = torch.cat([torch.eye(6), -torch.eye(6)])  # the cross-polytope: Rankin's bound, 90°
+    stop = rankin_bound(12, 6) - hyperface.BOUND_SLACK
+    starts = torch.stack([normalize(code + 0.2 * make_generator(0).normal(12, 6)), code])
+    lanes, stopped = hyperface._anneal(starts, None, PACKING, None, stop)
+    assert stopped and torch.equal(lanes, starts)
+    x, stopped = hyperface._run_tiled(code, None, PACKING, stop, 64)
+    assert stopped and deg(min_angle(x)) >= 90.0 - TOLERANCE
+    lanes, stopped = hyperface._anneal(starts[:1], None, replace(PACKING, iterations=50), None, stop)
+    assert not stopped  # 50 steps from a perturbed start fall short: the run goes to its end
+    result = optimize_with_restarts(code, generator=make_generator(1))
+    assert result.stopped == "bound" and len(result.rounds) == 1 and result.min_angle == result.rounds[0][0]
+
+
+def test_a_quarter_of_the_lanes_start_cold(monkeypatch):
+    seen = []
+    real = hyperface._anneal
+    monkeypatch.setattr(hyperface, "_anneal", lambda x, g, c, t=None, *a: seen.append(t) or real(x, g, c, t, *a))
+    x = uniform_sphere(14, 3, make_generator(0))
+    short = {"config": replace(PACKING, iterations=20), "refine": replace(PACKING_REFINE, iterations=5), "rounds": 1}
+    optimize_with_restarts(x, generator=make_generator(1), **short)
+    assert seen[0] == [1.0] * 12 + [hyperface.COLD_TEMPERATURE] * 4 and seen[1] is None  # anneal, polish
+    seen.clear()
+    optimize_with_restarts(x, generator=make_generator(1), lanes=3, **short)
+    assert seen[0] == [1.0] * 3  # floor(0.25 x 3) = 0: lane 0 (init) is always hot
+    seen.clear()
+    optimize_with_restarts(x, generator=make_generator(1), cold_share=1.0, cold_temperature=0.2, lanes=2, **short)
+    assert seen[0] == [0.2, 0.2]
 
 
 def test_restarts_stopping_rules():
@@ -231,13 +258,18 @@ def test_restarts_default_lanes_and_sequential_fallback(monkeypatch):
     calls = []
     real = hyperface.optimize
     monkeypatch.setattr(hyperface, "optimize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(hyperface, "LANE_ENTRIES", 8 * 8 - 1)  # one lane's Gram no longer fits: tiled runs
+    monkeypatch.setattr(hyperface, "DENSE_ENTRIES", 8 * 8 - 1)  # one lane's Gram no longer fits: tiled runs
     result = optimize_with_restarts(x, generator=make_generator(1))
-    assert len(result.rounds) == 1 and len(result.rounds[0]) == 1 and len(calls) == 2  # anneal + refine
+    # the anneal meets Rankin's bound: no polish (one call of optimize), and the search ends there
+    assert len(result.rounds) == 1 and len(result.rounds[0]) == 1 and len(calls) == 1
     assert result.stopped == "bound" and abs(deg(result.min_angle) - KNOWN["simplex 7-d"][2]) <= TOLERANCE
+    monkeypatch.setattr(hyperface, "DENSE_ENTRIES", 1 << 22)
     monkeypatch.setattr(hyperface, "LANE_ENTRIES", 2 * 64)  # lanes run in chunks of two
-    assert len(optimize_with_restarts(x, generator=make_generator(1), lanes=5).rounds[0]) == 5
-    assert len(calls) == 2 and torch.get_num_threads() == threads  # the one-thread block restored it
+    result = optimize_with_restarts(x, generator=make_generator(1), lanes=5)
+    assert len(result.rounds[0]) == 2 and result.stopped == "bound"  # the first chunk met it: no more chunks
+    no_stop = {"rounds": 1, "config": replace(PACKING, iterations=30), "refine": replace(PACKING_REFINE, iterations=5)}
+    assert len(optimize_with_restarts(x, generator=make_generator(1), lanes=5, **no_stop).rounds[0]) == 5
+    assert len(calls) == 1 and torch.get_num_threads() == threads  # the one-thread block restored it
 
 
 def test_restarts_with_gallery_keeps_points_near_it(gallery):
@@ -264,6 +296,8 @@ def test_restarts_with_gallery_keeps_points_near_it(gallery):
         ({"rounds": 0}, "rounds"),
         ({"patience": 0}, "patience"),
         ({"perturbation": -1.0}, "perturbation"),
+        ({"cold_share": 1.5}, "cold_share"),
+        ({"cold_temperature": 0.0}, "cold_temperature"),
     ],
 )
 def test_restarts_reject_bad_arguments(kwargs, name):
