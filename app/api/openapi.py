@@ -205,6 +205,7 @@ ERRORS = {
     403: "The API key lacks the scope this operation needs, or the job is larger than the team's quota",
     404: "No such resource for this team",
     409: "Conflict with the resource's state",
+    410: "The job's data was deleted (on request or by its retention); its record stays",
     413: "The request body is over the size limit",
     415: "Unsupported media type",
     422: "Invalid request: a parameter or the body does not validate; `errors` names each field",

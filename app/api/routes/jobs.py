@@ -190,7 +190,7 @@ def _sse(svc: Services, job_id: str, after: str, max_s: float = 3600) -> Iterato
 
 
 @router.get("/{job_id}/artifacts", summary="The manifest, with presigned download URLs",
-            responses={200: {"model": Artifacts}, **problems(409, 422)})
+            responses={200: {"model": Artifacts}, **problems(409, 410, 422)})
 def job_artifacts(job_id: str, svc: Svc, team: Team,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                   after: Annotated[str | None, Query(
