@@ -75,8 +75,12 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 DOCUMENT = create_app(Settings(api_keys=TEAM_KEYS)).openapi()
 # Schemathesis sends the key through the document's bearer scheme: positive cases carry it, and its
 # security checks send none or a wrong one and expect a 401.
+# A state-dependent refusal of a well-formed request is no bug: 409 (schemathesis's default) and 410,
+# the artifacts of a job the fuzzer deleted.
 schema = schemathesis.openapi.from_dict(copy.deepcopy(DOCUMENT), config=schemathesis.Config.from_dict(
-    {"auth": {"openapi": {"bearer": {"bearer": "key-alpha"}}}}))
+    {"auth": {"openapi": {"bearer": {"bearer": "key-alpha"}}},
+     "checks": {"positive_data_acceptance": {"expected-statuses": [
+         "2xx", "3xx", "401", "403", "404", "409", "410", "429", "5xx"]}}}))
 
 
 @pytest.fixture(autouse=True)
