@@ -34,15 +34,17 @@ DELETING = P + "deleting"
 SWEEP_LOCK = P + "lifecycle:sweep"
 SWEEP_BATCH = 200  # jobs a sweep handles at most (the next sweep takes the rest)
 
-# Request a job's deletion (KEYS: the job, its events, `deleting`, the team's reuse hash; ARGV: now
-# (ISO), now (epoch ms), reason, maxlen). Returns 'deleted' (done before), 'pending' (requested
-# before: sent again), 'requested' or '' (no such job).
+# Request a job's deletion (KEYS: the job, its events, `deleting`; ARGV: now (ISO), now (epoch ms),
+# reason, maxlen, the key prefix: the team's reuse hash is derived from the job's owner, as the job
+# store's scripts derive its indexes). Returns 'deleted' (done before), 'pending' (requested before:
+# sent again), 'requested' or '' (no such job).
 _REQUEST = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
 if redis.call('HEXISTS', KEYS[1], 'deleted_at') == 1 then return 'deleted' end
 local id = redis.call('HGET', KEYS[1], 'id')
+local reuse = ARGV[5] .. 'team:' .. redis.call('HGET', KEYS[1], 'owner') .. ':reuse'
 local dataset = redis.call('HGET', KEYS[1], 'dataset_hash')
-if dataset and redis.call('HGET', KEYS[4], dataset) == id then redis.call('HDEL', KEYS[4], dataset) end
+if dataset and redis.call('HGET', reuse, dataset) == id then redis.call('HDEL', reuse, dataset) end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[2]), id)
 if redis.call('HSETNX', KEYS[1], 'deletion_requested_at', ARGV[1]) == 0 then return 'pending' end
 redis.call('HSET', KEYS[1], 'deletion_reason', ARGV[3], 'updated_at', ARGV[1])
@@ -95,10 +97,9 @@ class Lifecycle:
         was requested before and is not finished, `deleted` when it is, '' when there is no job. The
         job leaves the reuse index at once."""
         with translate():
-            owner = self.r.hget(job_key(job_id), "owner") or ""
             got: str = self._request(
-                keys=[job_key(job_id), job_key(job_id, ":events"), DELETING, P + f"team:{owner}:reuse"],
-                args=[now_iso(), now_ms if now_ms is not None else _ms(), reason, EVENTS_MAXLEN])
+                keys=[job_key(job_id), job_key(job_id, ":events"), DELETING],
+                args=[now_iso(), now_ms if now_ms is not None else _ms(), reason, EVENTS_MAXLEN, P])
         return got
 
     def mark_deleted(self, job_id: str, objects: int) -> bool:
