@@ -8,6 +8,7 @@ Every key comes from `app.layout.JobKeys`; the pipelines (`workers.pipelines`) a
 from __future__ import annotations
 
 import json
+import struct
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
@@ -76,13 +77,45 @@ def checkpoint_every(storage: Storage, keys: JobKeys, hooks: Hooks, *, every: in
     return on_step
 
 
-def load_identities(storage: Storage, keys: JobKeys) -> torch.Tensor:
+def load_identities(storage: Storage, keys: JobKeys, rows: range | None = None) -> torch.Tensor:
+    """The identities' reference embeddings [N, D], or only `rows` of them (`identity_rows`)."""
+    if rows is not None:
+        return identity_rows(storage, keys, "embeddings", rows)
     return st_load(storage.get_bytes(keys.identities))["embeddings"]  # [N, D]
 
 
-def load_identity_latents(storage: Storage, keys: JobKeys) -> torch.Tensor:
-    """The identities' W latents [N, D] (latent generators only)."""
+def load_identity_latents(storage: Storage, keys: JobKeys, rows: range | None = None) -> torch.Tensor:
+    """The identities' W latents [N, D] (latent generators only), or only `rows` of them."""
+    if rows is not None:
+        return identity_rows(storage, keys, "latents", rows)
     return st_load(storage.get_bytes(keys.identities))["latents"]  # [N, D]
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32}  # what `save_identities` writes
+
+
+def identity_rows(storage: Storage, keys: JobKeys, name: str, rows: range) -> torch.Tensor:
+    """Rows [rows.start, rows.stop) of tensor `name` of the identities file, read by byte ranges: the
+    safetensors header (an 8-byte little-endian length, then JSON with each tensor's dtype, shape and
+    data offsets), then the rows alone. A render shard reads its own identities: its memory does not
+    grow with the job's (at 10,000 identities the whole file is ~40 MB, read once per shard before)."""
+    (n,) = struct.unpack("<Q", storage.get_range(keys.identities, 0, 8))
+    header = json.loads(storage.get_range(keys.identities, 8, n))
+    entry = header.get(name)
+    if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES or len(entry.get("shape", ())) != 2:
+        raise ValueError(f"{keys.identities}: no 2-d float32 tensor {name!r} (has {sorted(header)})")
+    total, dim = entry["shape"]
+    if not 0 <= rows.start <= rows.stop <= total or rows.step != 1:
+        raise ValueError(f"rows {rows} of {name!r}: it has {total}")
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    width = dim * torch.finfo(dtype).bits // 8  # bytes a row
+    if not rows:
+        return torch.empty(0, dim, dtype=dtype)
+    begin = 8 + n + entry["data_offsets"][0] + rows.start * width
+    data = storage.get_range(keys.identities, begin, len(rows) * width)
+    if len(data) != len(rows) * width:
+        raise ValueError(f"{keys.identities}: {len(data)} bytes for rows {rows} of {name!r}, {len(rows) * width} expected")
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(len(rows), dim)
 
 
 # ---- the HyperFace gallery -------------------------------------------------------------------

@@ -184,7 +184,7 @@ def render_shard(spec: JobSpec, shard: int, ids: range, models: ModelCache, stor
     """Shard `shard` (identities `ids`) from the saved identity latents, with the job's models."""
     name = spec.models.generator
     embedder, crop, evaluator = shard_parts(spec, models)
-    refs = artifacts.load_identity_latents(storage, keys)[ids.start:ids.stop]  # [n, D]
+    refs = artifacts.load_identity_latents(storage, keys, ids)  # [n, D]: the shard's rows alone
     covariates = load_covariates(models, name) if isinstance(spec.variations, DisCo) else None
     return render_references(spec, shard, ids, refs, latent_face(spec, models), embedder, storage, keys,
                              crop=crop, covariates=covariates, evaluator=evaluator, hooks=hooks)
@@ -231,4 +231,4 @@ def render_references(spec: JobSpec, shard: int, ids: range, references: torch.T
 
 def face_references(storage: Storage, keys: JobKeys, ids: range) -> torch.Tensor:
     """The identities' reference embeddings: their reference latents' images, embedded [n, E]."""
-    return artifacts.load_identities(storage, keys)[ids.start:ids.stop]
+    return artifacts.load_identities(storage, keys, ids)
