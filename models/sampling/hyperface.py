@@ -45,6 +45,7 @@ import torch
 
 from models.sampling.embedding_noise import scale_for_mean_cosine
 from models.sampling.metrics import gram_tiles, min_angle, nearest_neighbour_angles, rankin_bound
+from models.sampling.repulsors import Repulsors, clear, nearest_fixed, push_out
 from models.sampling.sphere import EPS, normalize
 from models.seeding import Stream
 
@@ -124,6 +125,8 @@ class HyperFaceState:
     row_steps: torch.Tensor  # [N] int64 Adam steps taken by each row (all == step in full batch)
     nearest: torch.Tensor  # [N] int64 nearest gallery index at the last refresh (-1 = not yet)
     rng_state: torch.Tensor | None = None  # uint8 generator state (stochastic variant)
+    fixed_nearest: torch.Tensor | None = None  # [N, k] int64 each point's nearest fixed repulsors at
+    # the last refresh (a run with `repulsors`)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """CPU, contiguous copies keyed by field, for safetensors (the step is a [1] int64 tensor)."""
@@ -137,6 +140,8 @@ class HyperFaceState:
         }
         if self.rng_state is not None:
             out["rng_state"] = self.rng_state
+        if self.fixed_nearest is not None:
+            out["fixed_nearest"] = self.fixed_nearest
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
     @classmethod
@@ -145,7 +150,7 @@ class HyperFaceState:
         missing = {"step", "embeddings", "exp_avg", "exp_avg_sq", "row_steps", "nearest"} - set(tensors)
         if missing:
             raise ValueError(f"tensors: missing {sorted(missing)}")
-        rng = tensors.get("rng_state")
+        rng, fixed = tensors.get("rng_state"), tensors.get("fixed_nearest")
         return cls(
             step=int(tensors["step"].reshape(-1)[0]),
             embeddings=tensors["embeddings"],
@@ -154,6 +159,7 @@ class HyperFaceState:
             row_steps=tensors["row_steps"].long(),
             nearest=tensors["nearest"].long(),
             rng_state=None if rng is None else rng.to(torch.uint8),
+            fixed_nearest=None if fixed is None else fixed.long(),
         )
 
 
@@ -457,6 +463,7 @@ def _adopt(state: HyperFaceState, init: torch.Tensor) -> HyperFaceState:
         row_steps=state.row_steps.to(dev, torch.long, copy=True),
         nearest=state.nearest.to(dev, torch.long, copy=True),
         rng_state=state.rng_state,
+        fixed_nearest=None if state.fixed_nearest is None else state.fixed_nearest.to(dev, torch.long, copy=True),
     )
 
 
@@ -468,6 +475,7 @@ def optimize(
     generator: Stream | None = None,
     on_step: Callable[[StepStats, HyperFaceState], None] | None = None,
     state: HyperFaceState | None = None,
+    repulsors: Repulsors | None = None,
 ) -> HyperFaceResult:
     """Place N identities: run Adam steps state.step .. config.iterations - 1 on L = L_sep + alpha R.
 
@@ -477,6 +485,8 @@ def optimize(
     state overwrites its state with the saved one). on_step(stats, state) runs after every step;
     its exceptions propagate (that is how a caller cancels). state: resume from a saved state
     (`HyperFaceState.from_tensors`); the run then continues exactly as an uninterrupted one.
+    repulsors: fixed points (excluded identities) every point is kept `min_angle` from: projected out
+    of their caps after each step and checked against all of them at the end (`models.sampling.repulsors`).
     """
     if init.ndim != 2 or init.shape[0] < 2 or init.shape[1] < 2:
         raise ValueError(f"init: expected [N, D] with N >= 2 and D >= 2, got shape {tuple(init.shape)}")
@@ -495,7 +505,8 @@ def optimize(
         raise ValueError(f"state.step: {state.step} is past config.iterations = {config.iterations}")
 
     x, m1, m2 = state.embeddings, state.exp_avg, state.exp_avg_sq
-    row_steps, nearest = state.row_steps, state.nearest
+    row_steps, nearest, fixed_nearest = state.row_steps, state.nearest, state.fixed_nearest
+    rep = None if repulsors is None else _check_repulsors(repulsors, init)
     history: list[StepStats] = []
     b1, b2 = config.beta1, config.beta2
     for t in range(state.step, config.iterations):
@@ -547,6 +558,10 @@ def optimize(
             del g
             x = update.div_(update.norm(dim=1, keepdim=True).clamp_min(EPS))  # normalize(x - lr·step)
             row_steps = torch.full_like(row_steps, k)
+        if rep is not None:
+            if fixed_nearest is None or t % rep.refresh == 0:
+                fixed_nearest = nearest_fixed(x, rep.points, rep.neighbours, config.tile)
+            push_out(x, rep, fixed_nearest)
         exact = config.stats_every is not None and ((t + 1) % config.stats_every == 0 or t + 1 == config.iterations)
         if exact:
             nn = nearest_neighbour_angles(x, config.tile)  # [N]
@@ -557,11 +572,23 @@ def optimize(
         stats = StepStats(t + 1, loss, angle_min, angle_mean, temperature, exact)
         history.append(stats)
         state = HyperFaceState(
-            t + 1, x, m1, m2, row_steps, nearest, generator.get_state() if stochastic else None  # type: ignore[union-attr]
+            t + 1, x, m1, m2, row_steps, nearest, generator.get_state() if stochastic else None,  # type: ignore[union-attr]
+            fixed_nearest,
         )
         if on_step is not None:
             on_step(stats, state)
+    if rep is not None:
+        x = clear(x.clone(), rep, tile=config.tile)
     return HyperFaceResult(embeddings=x, history=history, state=state, config=config)
+
+
+def _check_repulsors(repulsors: Repulsors, init: torch.Tensor) -> Repulsors:
+    """The repulsors on init's device, their dimension checked against init [N, D]."""
+    if repulsors.points.shape[1] != init.shape[1]:
+        raise ValueError(f"repulsors.points: expected [M, {init.shape[1]}], got {tuple(repulsors.points.shape)}")
+    if not torch.isfinite(repulsors.points).all():
+        raise ValueError("repulsors.points: must be finite")
+    return repulsors.on(init.device)
 
 
 # --- packing: candidates annealed in parallel, basin hopping -------------------------------------
@@ -643,6 +670,7 @@ def _anneal(
     temperatures: list[float] | None = None,
     stop: float | None = None,
     tile: int = 2048,
+    repulsors: Repulsors | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Full-batch `optimize` (same loss, Adam, schedules and projection, exact gradient, float32) on
     K independent packings at once: [K, N, D] unit rows -> ([K, N, D], stopped). Memory ~3 K N max(N, M)
@@ -652,6 +680,7 @@ def _anneal(
     geometrically to config.temperature_final like `temperature_at`. stop: a minimum angle (radians);
     when one packing's points reach it the run ends before the step that would move them and returns
     them with stopped = True (exact check, `metrics.min_angle`); else the points after the last step.
+    repulsors: as `optimize`'s, applied to every packing's points after each step.
     """
     lanes = x.shape[0]
     starts = [config.temperature] * lanes if temperatures is None else temperatures
@@ -665,6 +694,7 @@ def _anneal(
     t0 = torch.tensor(starts, dtype=torch.float64)  # [K]
     temperature = (t0 * (config.temperature_final / t0) ** frac)[:, :, None, None]  # [iterations, K, 1, 1]
     inv_t, temperature = (1 / temperature).float().to(x.device), temperature.float().to(x.device)
+    fixed_nearest = None
     for t in range(config.iterations):
         lr = learning_rate_at(config, t)
         g, m = _dense_pass(x, inv_t[t], config.separation)  # [K, N, D], [K, N]
@@ -686,6 +716,11 @@ def _anneal(
         update = torch.div(m2, 1 - b2**k).sqrt_().add_(config.eps)
         update = torch.div(m1, 1 - b1**k).div_(update).mul_(-lr).add_(x)
         x = update.div_(update.norm(dim=2, keepdim=True).clamp_min(EPS))
+        if repulsors is not None:
+            flat = x.view(-1, x.shape[2])  # [K N, D]: the packings' points are all kept out
+            if fixed_nearest is None or t % repulsors.refresh == 0:
+                fixed_nearest = nearest_fixed(flat, repulsors.points, repulsors.neighbours, tile)
+            push_out(flat, repulsors, fixed_nearest)
     return x, False
 
 
@@ -698,7 +733,8 @@ class _Reached(Exception):
 
 
 def _run_tiled(
-    x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConfig, stop: float | None, tile: int
+    x: torch.Tensor, gallery: torch.Tensor | None, config: HyperFaceConfig, stop: float | None, tile: int,
+    repulsors: Repulsors | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """One candidate through the tiled `optimize`: (points [N, D], stopped), as `_anneal` for K = 1.
 
@@ -711,7 +747,7 @@ def _run_tiled(
             raise _Reached(state.embeddings)
 
     try:
-        return optimize(x, gallery, config, on_step=check).embeddings, False
+        return optimize(x, gallery, config, on_step=check, repulsors=repulsors).embeddings, False
     except _Reached as reached:
         return reached.points, True
 
@@ -759,6 +795,8 @@ def optimize_with_restarts(
     cold_share: float = COLD_SHARE,
     cold_temperature: float = COLD_TEMPERATURE,
     tile: int = 2048,
+    repulsors: Repulsors | None = None,
+    on_round: Callable[[int, float], None] | None = None,
 ) -> PackingResult:
     """The best packing from rounds of candidates annealed in parallel (basin hopping): for hard codes.
 
@@ -779,6 +817,10 @@ def optimize_with_restarts(
     DENSE_ENTRIES, one at a time through the tiled `optimize` (config's tile, neighbours, precision)
     above that. With the defaults a round is 2,000 steps: ~0.5 s for 16 candidates of 24 points in
     4-d, ~2.5 s for 6 of 240 in 8-d (one AVX2 core); costs per code: docs/packing.md.
+
+    repulsors: fixed points (excluded identities) every candidate is kept `min_angle` from, as in
+    `optimize`; the best is checked against all of them at the end. on_round(r, best angle) runs
+    after each round (its exceptions propagate: that is how a caller cancels).
     """
     if init.ndim != 2 or init.shape[0] < 2 or init.shape[1] < 2:
         raise ValueError(f"init: expected [N, D] with N >= 2 and D >= 2, got shape {tuple(init.shape)}")
@@ -795,6 +837,7 @@ def optimize_with_restarts(
                          temperature_final=refine.temperature_final)
         _check_config(polish, n)
     gallery = _check_gallery(gallery, init, config)
+    rep = None if repulsors is None else _check_repulsors(repulsors, init)
     checks = {"lanes": (lanes, lanes is None or lanes >= 1), "rounds": (rounds, rounds >= 1),
               "patience": (patience, patience >= 1), "perturbation": (perturbation, perturbation >= 0),
               "min_gain": (min_gain, min_gain >= 0), "cold_share": (cold_share, 0 <= cold_share <= 1),
@@ -819,14 +862,14 @@ def optimize_with_restarts(
             if dense:
                 with _one_thread() if width <= LANE_ENTRIES else nullcontext():
                     lane_temps = temperatures[c0 : c0 + chunk]
-                    x, done = _anneal(starts[c0 : c0 + chunk], gallery, config, lane_temps, stop_in_run, tile)
+                    x, done = _anneal(starts[c0 : c0 + chunk], gallery, config, lane_temps, stop_in_run, tile, rep)
                     if polish is not None and not done:
-                        x, done = _anneal(x, gallery, polish, None, stop_in_run, tile)
+                        x, done = _anneal(x, gallery, polish, None, stop_in_run, tile, rep)
                 out.extend(x)
             else:
-                x, done = _run_tiled(starts[c0], gallery, _starting_at(config, temperatures[c0]), stop_in_run, tile)
+                x, done = _run_tiled(starts[c0], gallery, _starting_at(config, temperatures[c0]), stop_in_run, tile, rep)
                 if polish is not None and not done:
-                    x, done = _run_tiled(x, gallery, polish, stop_in_run, tile)
+                    x, done = _run_tiled(x, gallery, polish, stop_in_run, tile, rep)
                 out.append(x)
             if done:
                 break  # a candidate meets the stopping angle: the search ends with this round
@@ -852,6 +895,8 @@ def optimize_with_restarts(
         if gain > 0:
             best, best_angle = candidates[i], angles[i]
         stale = 0 if gain > min_gain else stale + 1
+        if on_round is not None:
+            on_round(r, best_angle)
         if best_angle >= bound - BOUND_SLACK:
             stopped = "bound"
             break
@@ -861,6 +906,9 @@ def optimize_with_restarts(
         if stale >= patience:
             stopped = "patience"
             break
+    if rep is not None:
+        best = clear(best.clone(), rep, tile=tile)
+        best_angle = float(nearest_neighbour_angles(best, tile).min())
     return PackingResult(embeddings=best, min_angle=best_angle, rounds=history, stopped=stopped)
 
 

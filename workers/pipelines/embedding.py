@@ -36,6 +36,7 @@ from models.sampling.embedding_noise import (
     mean_cosine,
     scale_for_mean_cosine,
 )
+from models.sampling.repulsors import Repulsors, clear
 from models.sampling.sphere import uniform_sphere
 from models.seeding import (
     DERIVE_SEED_SCHEME,
@@ -68,8 +69,8 @@ SEED_DERIVATION = {
     "render": f"derive_seed(seed, {RENDER!r}, i, s)",
     "gallery": f"HyperFace gallery item k: embedding (or latent z) from derive_seed(seed, {GALLERY!r}, k), "
                f"diffusion noise from derive_seed(seed, {GALLERY_RENDER!r}, k)",
-    "hyperface": f"initial points from derive_seed(seed, {HYPERFACE_INIT!r}); batches from "
-                 f"derive_seed(seed, {HYPERFACE!r})",
+    "hyperface": f"initial points from derive_seed(seed, {HYPERFACE_INIT!r}); batches (stochastic "
+                 f"variant) or the restart packer's perturbations from derive_seed(seed, {HYPERFACE!r})",
 }
 
 
@@ -99,7 +100,7 @@ def sample_identities(spec: JobSpec, models: ModelCache, storage: Storage, keys:
     if isinstance(spec.sampler, HyperFaceSampler):
         gallery = build_gallery(spec, models, storage, keys, chunk=gallery_chunk, hooks=hooks)
         got = sample_hyperface(spec, spec.sampler, gallery, storage, keys,
-                               checkpoint_steps=checkpoint_steps, hooks=hooks)
+                               checkpoint_steps=checkpoint_steps, hooks=hooks, excluded=excluded)
         if excluded is not None:
             got.stats["exclusion"] = enforce(got.embeddings, excluded)
         return got
@@ -185,12 +186,24 @@ def _latent_gallery_images(spec: JobSpec, gen: Any, batch: range) -> torch.Tenso
 
 def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Tensor,
                      storage: Storage, keys: JobKeys, *, checkpoint_steps: int,
-                     hooks: Hooks) -> Sampled:
+                     hooks: Hooks, excluded: Excluded | None = None) -> Sampled:
+    """The HyperFace packing started from gallery points: one run of the paper's schedule
+    (checkpointed, resumed step by step), or with `sampler.restarts` the restart packer (pure
+    packing; a redelivered task runs it again from its seed, to the same points). Excluded
+    identities are fixed repulsors: no identity ends inside their caps (`models.sampling.repulsors`)."""
+    repulsors = None if excluded is None else Repulsors(excluded.embeddings, math.radians(excluded.min_angle_deg))
+    init = hyperface.init_from_gallery(gallery, spec.identities,
+                                       make_generator(derive_seed(spec.seed, HYPERFACE_INIT)))
+    if spec.identities < 2:  # nothing to pack: the one identity is its gallery point
+        x = init.float().cpu() if repulsors is None else clear(init.float().cpu().clone(), repulsors)
+        stats: dict[str, Any] = {"method": "hyperface", "min_angle_deg": None, "note": "one identity: not packed"}
+        hooks.event("identities_packed", **stats)
+        return Sampled(x, stats)
+    if sampler.restarts is not None:
+        return _pack(spec, sampler, init, hooks, repulsors)
     config = hyperface.HyperFaceConfig(
         iterations=sampler.iterations, learning_rate=sampler.learning_rate, alpha=sampler.alpha,
         batch_size=sampler.batch_size, gallery_refresh=sampler.gallery_refresh)
-    init = hyperface.init_from_gallery(gallery, spec.identities,
-                                       make_generator(derive_seed(spec.seed, HYPERFACE_INIT)))
     state = None
     saved = artifacts.identities_checkpoint(storage, keys)
     if saved is not None:
@@ -201,7 +214,7 @@ def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Te
 
     result = hyperface.optimize(init, gallery, config,
                                 generator=make_generator(derive_seed(spec.seed, HYPERFACE)),
-                                on_step=on_step, state=state)
+                                on_step=on_step, state=state, repulsors=repulsors)
     x = result.embeddings.float().cpu()  # [N, D]
     init_angle = float(metrics.min_angle(init)) if spec.identities > 1 else math.pi
     stats = {
@@ -213,6 +226,34 @@ def sample_hyperface(spec: JobSpec, sampler: HyperFaceSampler, gallery: torch.Te
         else None,
         "init_min_angle_deg": round(math.degrees(init_angle), 4),
         "final_loss": round(float(result.history[-1].loss), 6) if result.history else None,
+    }
+    hooks.event("identities_packed", **stats)
+    return Sampled(x, stats)
+
+
+def _pack(spec: JobSpec, sampler: HyperFaceSampler, init: torch.Tensor, hooks: Hooks,
+          repulsors: Repulsors | None) -> Sampled:
+    """Pure packing by the restart packer (`hyperface.optimize_with_restarts` with its defaults and
+    `sampler.restarts` rounds at most); its perturbations are drawn from derive_seed(seed, HYPERFACE)."""
+    rounds = int(sampler.restarts or 1)
+
+    def on_round(r: int, best: float) -> None:
+        hooks.progress(r + 1, rounds, "packing rounds")
+        hooks.check()
+
+    result = hyperface.optimize_with_restarts(
+        init, None, generator=make_generator(derive_seed(spec.seed, HYPERFACE)), rounds=rounds,
+        repulsors=repulsors, on_round=on_round)
+    x = result.embeddings.float().cpu()  # [N, D]
+    stats = {
+        "method": "hyperface",
+        "restarts": rounds,
+        "rounds_run": len(result.rounds),
+        "stopped": result.stopped,
+        "candidates": sum(len(r) for r in result.rounds),
+        "min_angle_deg": round(math.degrees(float(metrics.min_angle(x))), 4),
+        "init_min_angle_deg": round(math.degrees(float(metrics.min_angle(init))), 4),
+        "rankin_bound_deg": round(math.degrees(metrics.rankin_bound(*x.shape)), 4),
     }
     hooks.event("identities_packed", **stats)
     return Sampled(x, stats)
@@ -253,7 +294,7 @@ def render_shard(spec: JobSpec, shard: int, ids: range, models: ModelCache, stor
                  keys: JobKeys, *, hooks: Hooks) -> ShardResult:
     """Shard `shard` (identities `ids`) from the saved identities, with the job's models."""
     embedder, crop, evaluator = shard_parts(spec, models)
-    refs = artifacts.load_identities(storage, keys)[ids.start:ids.stop]  # [n, D]
+    refs = artifacts.load_identities(storage, keys, ids)  # [n, D]: the shard's rows alone
     return render_references(spec, shard, ids, refs, models.generator(spec.models.generator), embedder,
                              storage, keys, crop=crop, evaluator=evaluator, hooks=hooks)
 
