@@ -167,10 +167,12 @@ def list_jobs(url: str, api_key: str | None, status: str | None, metadata: tuple
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--url", default=DEFAULT_URL, envvar="IDFORGE_URL", show_default=True)
 @click.option("--api-key", default=None)
-def download(job_id: str, out_dir: Path, url: str, api_key: str | None) -> None:
+@click.option("--family", is_flag=True, help="also the jobs it extends, as one dataset: one imagefolder/, "
+              "each job's objects under jobs/{id}/, family.json")
+def download(job_id: str, out_dir: Path, url: str, api_key: str | None, family: bool) -> None:
     """Download a succeeded job's manifest and files (checksums verified)."""
     try:
-        n = _client(url, api_key).download(job_id, out_dir)
+        n = _client(url, api_key).download(job_id, out_dir, family=family)
     except ApiError as e:
         click.echo(json.dumps(e.problem, indent=1), err=True)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,19 +104,50 @@ class Client:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout:.0f} s")
             time.sleep(interval)
 
-    def download(self, job_id: str, out: Path, *, page: int = 1000) -> int:
+    def download(self, job_id: str, out: Path, *, page: int = 1000, family: bool = False) -> int:
         """Fetch the manifest, every image and every dataset object (tars, RecordIO, the index)
         through the presigned URLs; check each sha256. Returns the number of images.
 
         Pages through the listing (one page in memory at a time). Each page lists the objects its
         images need (the job-level ones and the tars of its shards); each is fetched once. An image
         that is not a loose file (a job without `imagefolder`) is read from its tar or train.rec,
-        fetched with its page's objects, and checked against its digest there."""
+        fetched with its page's objects, and checked against its digest there.
+
+        family: also the jobs the job `extends`, oldest first, as one dataset: every job's loose
+        images in one `out/dataset/imagefolder/` (their labels do not overlap), each job's manifest
+        and objects under `out/jobs/{job_id}/`, and `out/family.json` listing the jobs with their
+        labels."""
+        if not family:
+            return self._download_one(job_id, out, out, page)
+        chain = self.lineage(job_id)
+        n, members = 0, []
+        for job in chain:
+            got = self._download_one(job["id"], out, out / "jobs" / job["id"], page)
+            output = job["spec"].get("output") or {}
+            first = int(output.get("label_offset", 0))
+            members.append({"job": job["id"], "images": got, "labels": [first, first + int(job["spec"]["identities"])],
+                            "dir": f"jobs/{job['id']}"})
+            n += got
+        (out / "family.json").write_text(json.dumps({"jobs": members}, indent=1) + "\n")
+        return n
+
+    def lineage(self, job_id: str, *, limit: int = 64) -> list[dict[str, Any]]:
+        """The job and the jobs it `extends`, oldest first (their records)."""
+        chain = [self.job(job_id)]
+        while chain[-1]["spec"].get("extends"):
+            if len(chain) > limit:
+                raise ValueError(f"job {job_id}: more than {limit} generations of `extends`")
+            chain.append(self.job(chain[-1]["spec"]["extends"]))
+        return chain[::-1]
+
+    def _download_one(self, job_id: str, images: Path, objects: Path, page: int) -> int:
+        """One job: its loose images under `images`, its manifest and other objects under `objects`."""
         import hashlib
 
         from app import dataset_index
 
-        out.mkdir(parents=True, exist_ok=True)
+        images.mkdir(parents=True, exist_ok=True)
+        objects.mkdir(parents=True, exist_ok=True)
         n, after = 0, None
         fetched: set[str] = set()
         plain = httpx.Client(timeout=60)
@@ -127,15 +159,15 @@ class Client:
             if n == 0:
                 r = plain.get(art["manifest_url"])
                 r.raise_for_status()
-                (out / "manifest.json").write_bytes(r.content)
+                (objects / "manifest.json").write_bytes(r.content)
             for obj in art.get("objects", []):
                 if obj["path"] not in fetched:
-                    fetch_to_file(plain, obj["url"], _inside(out, obj["path"]), obj["sha256"])
+                    fetch_to_file(plain, obj["url"], _inside(objects, obj["path"]), obj["sha256"])
                     fetched.add(obj["path"])
             for f in art["files"]:
                 if not f.get("path"):  # inside a tar or train.rec, already here
                     data = dataset_index.read_image(f, lambda key, start, length: _read_local(
-                        _inside(out, key), start, length))
+                        _inside(objects, key), start, length))
                     if hashlib.sha256(data).hexdigest() != f["sha256"]:
                         raise OSError(f"{dataset_index.image_name(f)}: checksum mismatch")
                     n += 1
@@ -144,7 +176,7 @@ class Client:
                 r.raise_for_status()
                 if hashlib.sha256(r.content).hexdigest() != f["sha256"]:
                     raise OSError(f"{f['path']}: checksum mismatch")
-                dest = _inside(out, f["path"])
+                dest = _inside(images, f["path"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(r.content)
                 n += 1

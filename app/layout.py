@@ -10,6 +10,9 @@ from the templates here, so the keys written and the keys documented cannot drif
            recordio/{train.rec,train.idx,train.lst,property}  index.parquet  objects.jsonl
   report/ report.html  report.json  plots/*.png ...
 ```
+
+In the ImageFolder template `{identity}` is the identity's class label, `output.label_offset` + the
+job's identity index (the same number unless the job continues another's labels).
 """
 
 from __future__ import annotations

@@ -80,6 +80,28 @@ class HyperFaceSampler(_Exclusion):
         None, ge=2, description="None = full batch; else the stochastic variant's rows per step")
     gallery_refresh: int = Field(
         10, ge=1, description="steps between recomputing each point's nearest gallery point")
+    restarts: int | None = Field(
+        None, ge=1, le=64,
+        description="pure packing (alpha = 0) only: rounds of candidates annealed in parallel, each "
+        "round from perturbations of the best so far, stopping early at Rankin's bound or when a round "
+        "gains nothing: the packer's default configuration (docs/packing.md), which reaches >= 0.99 of "
+        "the best known codes. It runs its own schedule, so iterations, learning_rate and batch_size "
+        "stay at their defaults. A new spec with alpha = 0 that leaves those at their defaults gets 8; "
+        "null = one run of the paper's schedule")
+
+    @model_validator(mode="after")
+    def _restarts_pack(self) -> HyperFaceSampler:
+        if self.restarts is None:
+            return self
+        if self.alpha != 0:
+            raise ValueError("restarts: the restart packer runs pure packing; set alpha to 0 or restarts to null")
+        changed = [f for f in ("iterations", "learning_rate", "batch_size")
+                   if getattr(self, f) != type(self).model_fields[f].default]
+        if changed:
+            raise ValueError(f"restarts: the restart packer runs its own schedule (docs/packing.md), so "
+                             f"{' and '.join(changed)} cannot be set with it; set restarts to null to run one "
+                             "optimiser run with them")
+        return self
 
 
 def _time_step_not_zero(v: float, info: ValidationInfo) -> float:
@@ -142,8 +164,11 @@ class EmbeddingNoise(_Strict):
 
     @model_validator(mode="after")
     def _one_spread(self) -> EmbeddingNoise:
-        given = [f for f in ("scale", "target_cosine", "cone_degrees")
-                 if f in self.model_fields_set and getattr(self, f) is not None]
+        # A normalised spec (stored, in a manifest) lists `scale` at its default beside the spread it
+        # used: that is not a second spread. A scale other than the default is.
+        given = [f for f in ("target_cosine", "cone_degrees") if getattr(self, f) is not None]
+        if "scale" in self.model_fields_set and self.scale != type(self).model_fields["scale"].default:
+            given.insert(0, "scale")
         if len(given) > 1:
             raise ValueError(f"give one of scale, target_cosine and cone_degrees, not {' and '.join(given)}")
         return self
@@ -214,6 +239,7 @@ class RenderSpec(_Strict):
 
 
 DatasetFormat = Literal["imagefolder", "webdataset", "recordio"]
+MAX_LABEL = (1 << 24) - 1  # RecordIO stores labels as float32: exact up to 2**24
 
 
 class OutputSpec(_Strict):
@@ -226,6 +252,12 @@ class OutputSpec(_Strict):
     image_size: Literal[112] = Field(112, description="aligned crop size, pixels (ArcFace template)")
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=50, le=100)
+    label_offset: int = Field(
+        0, ge=0, le=MAX_LABEL,
+        description="the class label of identity 0: identity i is labelled label_offset + i in every "
+        "format (ImageFolder directory, WebDataset key and .cls, RecordIO label, the index's `label`), so "
+        "datasets can be joined without relabelling; seeds still derive from (seed, identity, sample). "
+        "An `extends` job gets its parent's offset + the parent's identities")
 
     @field_validator("formats")
     @classmethod
@@ -290,6 +322,13 @@ class JobSpec(_Strict):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
     webhook: WebhookSpec | None = None
+    extends: str | None = Field(
+        None, pattern=JOB_ID_PATTERN,
+        description="grow an existing dataset: the id of one of the team's succeeded jobs. Its spec gives "
+        "this job's defaults (all but metadata, webhook and seed: a field given here wins); its "
+        "identities and those it excluded are excluded (sampler.exclude), and labels continue after its "
+        "own (output.label_offset). The seed, when not given, is derived from the parent's id and seed. "
+        "docs/composition.md")
     # Not part of the normalised spec or its hash: it orders work, it changes no byte of the data.
     priority: Literal["interactive", "batch"] | None = Field(
         None, exclude=True,
@@ -337,6 +376,8 @@ class JobSpec(_Strict):
             block = out.get(part)
             if isinstance(block, dict) and name in block and block[name] == unused:
                 del block[name]
+        if out.get("extends") is None:
+            out.pop("extends", None)
         sampler = out.get("sampler")
         if isinstance(sampler, dict) and "exclude" not in sampler:
             sampler.pop("exclude_min_angle_deg", None)  # means nothing without an exclusion
@@ -356,7 +397,25 @@ class JobSpec(_Strict):
 LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("variations", "cone_degrees"): None,
     ("sampler", "exclude"): [],
+    ("sampler", "restarts"): None,
+    ("output", "label_offset"): 0,
 }
+
+# What a spec submitted today gets where an earlier one meant something else by leaving a field out
+# (`current_defaults`): pure HyperFace packing runs the restart packer, 8 rounds at most.
+PACKER_RESTARTS = 8
+
+
+def current_defaults(spec: JobSpec) -> JobSpec:
+    """A newly submitted spec with today's defaults written in where a field's absence keeps an
+    earlier job's meaning (so earlier specs still normalise, hash and reproduce as they did): pure
+    HyperFace packing (alpha = 0) that sets none of the single run's schedule gets the restart packer.
+    Only the API calls this, on submission; stored specs are never rewritten."""
+    s = spec.sampler
+    if not isinstance(s, HyperFaceSampler) or s.alpha != 0 or s.restarts is not None or \
+            s.model_fields_set & {"iterations", "learning_rate", "batch_size"}:
+        return spec
+    return spec.model_copy(update={"sampler": s.model_copy(update={"restarts": PACKER_RESTARTS})})
 
 # Fields of the normalised spec that change no byte of the dataset (see `JobSpec.dataset_hash`).
 NOT_DATA = frozenset({"metadata", "webhook"})
@@ -473,6 +532,10 @@ def check_limits(spec: JobSpec, *, max_identities: int, max_images_per_identity:
     if spec.images_per_identity > max_images_per_identity:
         raise SpecError("images_per_identity", f"{spec.images_per_identity} images per identity "
                         f"is over the limit of {max_images_per_identity}", code="over_limit")
+    last = spec.output.label_offset + spec.identities - 1
+    if last > MAX_LABEL:
+        raise SpecError("output.label_offset", f"labels {spec.output.label_offset} .. {last} pass {MAX_LABEL}, "
+                        "the largest label RecordIO's float32 holds exactly", code="over_limit")
     total = spec.identities * spec.images_per_identity
     if total > max_total_images:
         raise SpecError("images_per_identity", f"{spec.identities} x {spec.images_per_identity} = "

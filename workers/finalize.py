@@ -236,6 +236,10 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: Sequence[dict[str, Any
         "models": models,
         "licenses": sorted({m["license"] for m in models.values() if m.get("license")}),
         "reference_set": {"name": reference.name, "sha256": reference.sha256} if reference else None,
+        # Identity i is labelled labels.first + i in every format; `extends`: the job whose labels
+        # this one continues (and whose identities it excluded), else null.
+        "labels": {"first": spec.output.label_offset, "end": spec.output.label_offset + spec.identities},
+        "extends": spec.extends,
         "counts": {**counts(spec, shards), "identities": spec.identities,
                    "images_per_identity": spec.images_per_identity, "shards": len(shards)},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

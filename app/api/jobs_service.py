@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import dataset_index, estimates, layout
+from app import dataset_index, estimates, extension, layout
 from app.api.deps import Services
 from app.api.limits import admit
 from app.api.problems import field_errors
@@ -31,6 +31,7 @@ from app.spec import (
     check_available,
     check_limits,
     check_models,
+    current_defaults,
     spec_hash,
 )
 from app.webhooks import check_spec_webhook, notify
@@ -87,8 +88,9 @@ def _too_deep(v: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def parse_spec(body: bytes, svc: Services) -> JobSpec:
-    """Bytes -> a spec that can run, or a 4xx naming the field."""
+def parse_spec(body: bytes, svc: Services, team: str) -> JobSpec:
+    """Bytes -> a spec that can run, or a 4xx naming the field. A spec that `extends` one of the
+    team's jobs is resolved against it first (`app.extension`)."""
     too_deep = BadRequest(f"request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
                           code="malformed_json")
     try:
@@ -109,6 +111,8 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
                   "half of a pair), which is not a Unicode character"
         raise InvalidSpec(f"{field}: {message}", errors=[{"field": field, "message": message,
                                                           "type": "invalid_unicode"}])
+    if data.get("extends") is not None:
+        data = _extended(svc, team, data)
     try:
         # Strict: a value of the wrong JSON type ("5", true for a number) is refused, not coerced.
         spec = JobSpec.model_validate(_integral_as_int(data), strict=True)
@@ -116,6 +120,7 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
         errors = field_errors(e)
         raise InvalidSpec("; ".join(f"{x['field']}: {x['message']}" for x in errors),
                           errors=errors) from e
+    spec = current_defaults(spec)
     s = svc.settings
     try:
         check_models(spec)
@@ -128,6 +133,30 @@ def parse_spec(body: bytes, svc: Services) -> JobSpec:
         raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
                           errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
     return spec
+
+
+def _extended(svc: Services, team: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The request resolved against the job it `extends` (`app.extension.resolve`), or a 422 naming
+    `extends` when that is not one of the team's succeeded jobs with its data."""
+    parent_id = data["extends"]
+
+    def refuse(field: str, why: str) -> InvalidSpec:
+        return InvalidSpec(f"{field}: {why}", code="invalid_extension",
+                           errors=[{"field": field, "message": why, "type": "invalid_extension"}])
+
+    if not isinstance(parent_id, str) or not re.fullmatch(JOB_ID_PATTERN, parent_id):
+        raise refuse("extends", f"expected a job id (j and 22 hex digits), got {parent_id!r}")
+    job = svc.store.get(parent_id)
+    if job is None or job["owner"] != team:
+        raise refuse("extends", f"no job {parent_id} of your team")
+    if job.get("deletion_requested_at"):
+        raise refuse("extends", f"job {parent_id} was deleted")
+    if job["status"] != "succeeded":
+        raise refuse("extends", f"job {parent_id} is {job['status']}; only a succeeded job can be extended")
+    try:
+        return extension.resolve(data, job)
+    except extension.ExtensionError as e:
+        raise refuse(e.field, e.message) from e
 
 
 # ---- submit, find, cancel -------------------------------------------------------------------------
@@ -477,6 +506,8 @@ def _file_entry(svc: Services, keys: JobKeys, row: dict[str, Any], ttl: int) -> 
     """An image of the listing: its index row and a URL. A loose file's URL is the file's; an image
     inside a tar or train.rec has its container's URL (and, in a tar, `range`: its bytes there)."""
     entry = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if k != "filtered"}
+    if entry.get("label") is None:  # an index written before labels could be offset: the identity
+        entry["label"] = entry.get("identity")
     for k in _LOCATION_COLUMNS:
         if entry.get(k) is None:
             entry.pop(k, None)

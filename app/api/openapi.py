@@ -150,8 +150,8 @@ class Artifacts(BaseModel):
     manifest: dict[str, Any]
     files: list[dict[str, Any]] = Field(
         description="a page of the images, from the Parquet index in (identity, sample) order: name, path "
-        "(null without imagefolder), tar + member + tar_offset and/or record_id + record_offset, identity, "
-        "sample, seed, size, sha256, flags, url (the loose file, else its tar or train.rec; `range`: the "
+        "(null without imagefolder), tar + member + tar_offset and/or record_id + record_offset, identity, label "
+        "(output.label_offset + identity), sample, seed, size, sha256, flags, url (the loose file, else its tar or train.rec; `range`: the "
         "image's bytes in its tar)")
     has_more: bool
     next: str | None = Field(description="cursor of the next page (pass it as `after`); null on the last")

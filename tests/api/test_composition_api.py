@@ -71,3 +71,56 @@ def test_malformed_exclusions_are_refused_by_the_schema(api: TestClient) -> None
                     {"method": "random", "exclude": ["a"], "exclude_min_angle_deg": 180}):
         r = api.post("/v1/jobs", json={**SPEC, "sampler": sampler}, headers=A)
         assert r.status_code == 422 and any(e["field"].startswith("sampler") for e in r.json()["errors"]), r.text
+
+
+def test_an_extension_is_resolved_against_its_parent_before_the_job_is_made(api: TestClient, store: JobStore) -> None:
+    parent = _done(api, store, {**SPEC, "identities": 4, "variations": {"cone_degrees": 25},
+                                "output": {"formats": ["webdataset"]}, "metadata": {"set": "train"}})
+    r = api.post("/v1/jobs", json={"extends": parent, "identities": 2, "metadata": {"set": "train-2"}}, headers=A)
+    assert r.status_code == 202, r.text
+    spec = r.json()["spec"]
+    assert spec["extends"] == parent and spec["identities"] == 2 and spec["images_per_identity"] == 2
+    assert spec["variations"]["cone_degrees"] == 25 and spec["output"]["formats"] == ["webdataset"]
+    assert spec["output"]["label_offset"] == 4 and spec["sampler"]["exclude"] == [parent]
+    assert spec["metadata"] == {"set": "train-2"} and spec["seed"] != SPEC["seed"]
+    dry = api.post("/v1/jobs?dry_run=true", json={"extends": parent}, headers=A)
+    assert dry.status_code == 200 and dry.json()["spec"]["output"]["label_offset"] == 4
+
+    child = r.json()["id"]
+    store.transition(child, "running")
+    store.transition(child, "succeeded")
+    grandchild = _done(api, store, {"extends": child})
+    g = api.get(f"/v1/jobs/{grandchild}", headers=A).json()["spec"]
+    assert g["output"]["label_offset"] == 6 and g["sampler"]["exclude"] == [parent, child]
+
+
+def test_an_extension_of_a_job_that_cannot_be_extended_is_a_422_naming_extends(api: TestClient, store: JobStore) -> None:
+    ok = _done(api, store)
+    theirs = _done(api, store, headers=B)
+    live = api.post("/v1/jobs", json={**SPEC, "seed": 5}, headers=A).json()["id"]
+    deleted = _done(api, store, {**SPEC, "seed": 6})
+    api.delete(f"/v1/jobs/{deleted}", headers=A)
+    for parent, words in ((theirs, "of your team"), ("j" + "0" * 22, "of your team"), (live, "is queued"),
+                          (deleted, "was deleted")):
+        body = problem(api.post("/v1/jobs", json={"extends": parent}, headers=A), 422, "extends")
+        assert body["code"] == "invalid_extension" and words in body["detail"], body
+    for bad in ("../x", 5, ["j" + "0" * 22]):
+        problem(api.post("/v1/jobs", json={"extends": bad}, headers=A), 422, "extends")
+    body = problem(api.post("/v1/jobs", json={"extends": ok, "output": {"label_offset": 1}}, headers=A), 422,
+                   "output.label_offset")
+    assert "overlap" in body["detail"]
+    problem(api.post("/v1/jobs", json={"extends": ok, "models": LATENT, "variations": {"method": "dispersion"}},
+                     headers=A), 422, "sampler.exclude.0")  # another space: the parent cannot be excluded
+    problem(api.post("/v1/jobs", json={**SPEC, "output": {"label_offset": 1 << 24}}, headers=A), 422,
+            "output.label_offset")
+
+
+def test_pure_packing_gets_the_restart_packer_and_says_so(api: TestClient) -> None:
+    r = api.post("/v1/jobs", json={**SPEC, "sampler": {"method": "hyperface", "alpha": 0, "gallery_size": 8}},
+                 headers=A)
+    assert r.status_code == 202 and r.json()["spec"]["sampler"]["restarts"] == 8, r.text
+    r = api.post("/v1/jobs", json={**SPEC, "sampler": {"method": "hyperface", "alpha": 0, "iterations": 300}},
+                 headers=A)
+    assert r.status_code == 202 and "restarts" not in r.json()["spec"]["sampler"]
+    problem(api.post("/v1/jobs", json={**SPEC, "sampler": {"method": "hyperface", "alpha": 0, "restarts": 2,
+                                                           "iterations": 300}}, headers=A), 422)

@@ -37,3 +37,21 @@ def test_the_new_fields_count_when_used() -> None:
     assert ex.normalized()["sampler"] == {"method": "random", "exclude": ["lfw"], "exclude_min_angle_deg": 60.0}
     hashes = {JobSpec.model_validate(base).spec_hash(), cone.spec_hash(), ex.spec_hash()}
     assert len(hashes) == 3
+
+
+@pytest.mark.parametrize("spec", [
+    {"variations": {"method": "embedding_noise", "cone_degrees": 30}},
+    {"variations": {"method": "embedding_noise", "target_cosine": 0.7}},
+    {"variations": {"method": "embedding_noise", "scale": 0.2}},
+    {"sampler": {"method": "hyperface", "alpha": 0, "restarts": 3}},
+    {"sampler": {"method": "random", "exclude": ["lfw"], "exclude_min_angle_deg": 20}},
+    {"output": {"label_offset": 40}, "extends": "j0000000000000100000000"},
+    {"sampler": {"method": "langevin"}, "models": LATENT, "variations": {"method": "disco"}},
+])
+def test_a_normalised_spec_is_a_spec_with_the_same_hash(spec: dict[str, Any]) -> None:
+    """What the workers and `idforge reproduce` do: validate the stored (normalised) spec again. A
+    cone or target-cosine spec failed here once (the default `scale` read as a second spread), so
+    every such job was accepted and then failed in the worker."""
+    got = JobSpec.model_validate({"identities": 3, "images_per_identity": 2, **spec})
+    again = JobSpec.model_validate(got.normalized(), strict=True)
+    assert again.normalized() == got.normalized() and again.spec_hash() == got.spec_hash()

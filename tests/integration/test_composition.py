@@ -75,3 +75,61 @@ def test_a_job_excluding_another_keeps_its_identities_away_by_the_bound(stack: S
         **spec["sampler"], "exclude_min_angle_deg": 170}})["id"], timeout=240)
     assert failed["status"] == "failed" and failed["error"]["code"] == "exclusion_unreachable"
     assert "170" in failed["error"]["message"]
+
+
+def test_an_extension_continues_the_labels_and_downloads_with_its_parent_as_one_dataset(stack: Stack) -> None:
+    import tarfile
+
+    parent = stack.wait_job(stack.alpha.submit({**SPEC, "seed": 81})["id"], timeout=240)
+    assert parent["status"] == "succeeded", stack.logs()
+    child = stack.wait_job(stack.alpha.submit({"extends": parent["id"], "identities": 4,
+                                               "sampler": {"method": "random", "exclude_min_angle_deg": 2}})["id"],
+                           timeout=240)
+    assert child["status"] == "succeeded", (child, stack.logs())
+    assert child["spec"]["sampler"]["exclude"] == [parent["id"]] and child["spec"]["seed"] != 81
+    a, b = _identities(stack, parent["id"]), _identities(stack, child["id"])
+    assert float(_angles(b["embeddings"], a["embeddings"]).min()) >= 2
+
+    art = stack.alpha.artifacts(child["id"], limit=100)
+    manifest = art["manifest"]
+    assert manifest["extends"] == parent["id"] and manifest["labels"] == {"first": 6, "end": 10}
+    assert sorted({f["label"] for f in art["files"]}) == [6, 7, 8, 9]
+    assert sorted({f["identity"] for f in art["files"]}) == [0, 1, 2, 3]  # seeds: the job's own identities
+    assert all(f["path"].startswith(f"dataset/imagefolder/{f['label']:06d}/") for f in art["files"])
+
+    out = stack.root / "family"
+    n = stack.alpha.download(child["id"], out, family=True)
+    assert n == 6 * 2 + 4 * 2
+    folders = sorted(p.name for p in (out / "dataset" / "imagefolder").iterdir())
+    assert folders == [f"{k:06d}" for k in range(10)]  # one ImageFolder, parent's labels then the child's
+    family = json.loads((out / "family.json").read_text())["jobs"]
+    assert [(j["job"], j["labels"], j["images"]) for j in family] == [(parent["id"], [0, 6], 12),
+                                                                       (child["id"], [6, 10], 8)]
+    classes = []
+    for tar in sorted((out / "jobs" / child["id"] / "dataset" / "webdataset").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            classes += [int(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".cls")]
+    assert sorted(set(classes)) == [6, 7, 8, 9]
+    assert (out / "jobs" / parent["id"] / "manifest.json").is_file()
+
+
+def test_a_hyperface_packing_keeps_excluded_identities_out_by_construction(stack: Stack) -> None:
+    spec = {"identities": 6, "images_per_identity": 1, "seed": 91, "quality": {"report": False},
+            "sampler": {"method": "hyperface", "alpha": 0, "gallery_size": 8},
+            "render": {"steps": 1, "batch_size": 8}}
+    first = stack.wait_job(stack.alpha.submit(spec)["id"], timeout=300)
+    assert first["status"] == "succeeded", stack.logs()
+    assert first["spec"]["sampler"]["restarts"] == 8  # pure packing: the restart packer
+    a = _identities(stack, first["id"])["embeddings"]
+    pairs = _angles(a, a) + torch.eye(6) * 180
+    assert float(pairs.min()) > 101.5 * 0.99  # six points in 512-d: the regular simplex, 101.54°
+
+    # The same seed, so the same gallery and starting points: only the repulsors keep it away.
+    bound = 80.0
+    second = stack.wait_job(stack.alpha.submit({**spec, "sampler": {
+        **spec["sampler"], "exclude": [first["id"]], "exclude_min_angle_deg": bound}})["id"], timeout=300)
+    assert second["status"] == "succeeded", (second, stack.logs())
+    b = _identities(stack, second["id"])["embeddings"]
+    assert float(_angles(b, a).min()) >= bound - 1e-3
+    ex = stack.alpha.artifacts(second["id"], limit=1)["manifest"]["sampling"]["exclusion"]
+    assert ex["min_angle_deg"] >= bound - 1e-3 and ex["sources"] == [{"job": first["id"], "identities": 6}]

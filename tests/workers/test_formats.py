@@ -334,3 +334,36 @@ def test_parquet_index_refuses_a_missing_required_column() -> None:
     del rows[1]["shard"]
     with pytest.raises(ValueError, match=r"row 1: missing column\(s\) \['shard'\]"):
         _write([rows])
+
+
+def test_offset_labels_run_through_recordio_and_webdataset() -> None:
+    """A job whose labels start at `output.label_offset` (an extension): RecordIO's records, its
+    .lst and `property` carry the offset labels; WebDataset's key and .cls the label, its JSON both."""
+    images = [(1, 10, 0, b"a"), (2, 10, 1, b"b"), (3, 12, 0, b"c")]  # identities 0 and 2 at offset 10
+    seg = io.BytesIO()
+    write_recordio_segment(seg, images)
+    rec, idx, lst = io.BytesIO(), io.StringIO(), io.StringIO()
+    packager = RecordIOPackager(rec, idx, lst, n_images=3, n_identities=3, path_template=TEMPLATE, first_label=10)
+    packager.add_segment(io.BytesIO(seg.getvalue()))
+    assert packager.close(image_size=112) == "13,112,112"  # every label is below the class count
+    assert [line.split("\t")[2] for line in lst.getvalue().splitlines()] == ["10", "10", "12"]
+    ranges, offset = [], 0
+    data = rec.getvalue()
+    while offset < len(data):
+        payload, offset, _ = read_record(data, offset)
+        _, label, rid, *_ = unpack(payload)
+        if rid > 3:
+            ranges.append(tuple(int(x) for x in label))
+    assert ranges == [(1, 3), (3, 3), (3, 4)]  # identity 1 (label 11) has no image: an empty range
+    with pytest.raises(ValueError, match="not an identity"):  # label 9 is below the offset
+        p = RecordIOPackager(io.BytesIO(), io.StringIO(), io.StringIO(), n_images=1, n_identities=3,
+                             path_template=TEMPLATE, first_label=10)
+        s = io.BytesIO()
+        write_recordio_segment(s, [(1, 9, 0, b"x")])
+        p.add_segment(io.BytesIO(s.getvalue()))
+
+    key, members = webdataset_sample(2, 1, "jpg", b"img", {"seed": 5}, label=12)
+    assert key == "000012_001" and members["cls"] == b"12"
+    assert json.loads(members["json"]) == {"identity": 2, "label": 12, "sample": 1, "seed": 5}
+    plain_key, plain = webdataset_sample(2, 1, "jpg", b"img", {"seed": 5})
+    assert plain_key == "000002_001" and b"label" not in plain["json"]  # offset 0: the bytes as before

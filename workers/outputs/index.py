@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 INDEX_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=True),  # ImageFolder file; null: filtered out or no imagefolder
     pa.field("identity", pa.int32(), nullable=False),
+    pa.field("label", pa.int32(), nullable=True),  # class label: output.label_offset + identity (null in
+    # indexes written before labels could be offset: there it is the identity)
     pa.field("sample", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),  # derive_seed output, in [0, 2**63)
     pa.field("shard", pa.int32(), nullable=False),  # render shard that made the image
@@ -103,11 +105,12 @@ class ParquetIndexWriter:
 
 
 def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None,
-               record_base: int | None = None) -> list[dict[str, Any]]:
+               record_base: int | None = None, label_offset: int = 0) -> list[dict[str, Any]]:
     """The Parquet rows of one shard: its kept images, then the ones the quality filter dropped.
     label_flips: bool [N, A] by (identity, slot), slot = rank of the image among its identity's.
     record_base: the byte offset of the shard's RecordIO segment in train.rec (its files hold each
-    record's offset in the segment); None: the job has no RecordIO."""
+    record's offset in the segment); None: the job has no RecordIO. label_offset: the label of
+    identity 0 (`output.label_offset`)."""
     columns = set(INDEX_SCHEMA.names)
     rows: list[dict[str, Any]] = []
     slot: dict[int, int] = {}
@@ -115,13 +118,15 @@ def index_rows(shard: dict[str, Any], label_flips: torch.Tensor | None = None,
         i = f["identity"]
         slot[i] = slot.get(i, -1) + 1
         flip = bool(label_flips[i, slot[i]]) if label_flips is not None else None
-        row = {**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip}
+        row = {**{k: v for k, v in f.items() if k in columns}, "filtered": False, "label_flip": flip,
+               "label": label_offset + i}
         if row.get("record_offset") is not None:
             row["record_offset"] = None if record_base is None else record_base + row["record_offset"]
         rows.append(row)
     gone = {"filtered": True, "path": None, "label_flip": None, "tar": None, "member": None,
             "tar_offset": None, "record_id": None, "record_offset": None}
-    rows += [{**{k: v for k, v in f.items() if k in columns}, **gone} for f in shard.get("filtered", [])]
+    rows += [{**{k: v for k, v in f.items() if k in columns}, **gone, "label": label_offset + f["identity"]}
+             for f in shard.get("filtered", [])]
     return rows
 
 
@@ -132,7 +137,7 @@ def write_index(ctx: PackageContext) -> None:
         with path.open("wb") as out, ParquetIndexWriter(out) as writer:
             groups = 0
             for s in ctx.shards:  # one shard's file list in memory at a time
-                rows = index_rows(s, ctx.label_flips, ctx.record_base.get(s["shard"]))
+                rows = index_rows(s, ctx.label_flips, ctx.record_base.get(s["shard"]), ctx.spec.output.label_offset)
                 writer.write_rows(rows)
                 groups += bool(rows)
             ctx.index_rows, ctx.index_row_groups = writer.rows, groups

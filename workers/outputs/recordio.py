@@ -159,7 +159,7 @@ class RecordIOPackager:
     """
 
     def __init__(self, rec: BinaryIO, idx: TextIO, lst: TextIO, *, n_images: int, n_identities: int,
-                 path_template: str) -> None:
+                 path_template: str, first_label: int = 0) -> None:
         _check_int("n_images", n_images, 1, FLOAT32_EXACT)
         _check_int("n_identities", n_identities, 1, FLOAT32_EXACT)
         if n_images + n_identities + 1 > FLOAT32_EXACT:
@@ -170,11 +170,13 @@ class RecordIOPackager:
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"path_template {path_template!r}: needs only {{identity}} and {{sample}}: {e}") from e
         self.rec, self.idx, self.lst = rec, idx, lst
+        _check_int("first_label", first_label, 0, FLOAT32_EXACT - n_identities + 1)
         self.n_images, self.n_identities, self.path_template = n_images, n_identities, path_template
+        self.first_label = first_label  # identity k's records carry label first_label + k
         self.offset = 0  # bytes written to rec so far
         self.next_id = 1  # the record id the next image record must have
         self.first_image: list[int | None] = [None] * n_identities  # first image record of each identity
-        self.last_label = -1
+        self.last_label = first_label - 1
         self.closed = False
         self._write(0, [float(n_images + 1), float(n_images + 1 + n_identities)], 0)
 
@@ -208,21 +210,22 @@ class RecordIOPackager:
             raise ValueError(f"record id {rid} where {self.next_id} was expected: {what} in the segments")
         if rid > self.n_images:
             raise ValueError(f"record id {rid}: more image records than n_images={self.n_images}")
-        identity = int(label)
-        if identity != label or not 0 <= identity < self.n_identities:
-            raise ValueError(f"record {rid}: label {label} is not an identity in [0, {self.n_identities})")
-        if identity < self.last_label:
-            raise ValueError(f"record {rid}: label {identity} after {self.last_label}; labels must not decrease")
-        if self.first_image[identity] is None:
-            self.first_image[identity] = rid
-        self.last_label = identity
+        lab, lo = int(label), self.first_label
+        if lab != label or not lo <= lab < lo + self.n_identities:
+            raise ValueError(f"record {rid}: label {label} is not an identity's in [{lo}, {lo + self.n_identities})")
+        if lab < self.last_label:
+            raise ValueError(f"record {rid}: label {lab} after {self.last_label}; labels must not decrease")
+        if self.first_image[lab - lo] is None:
+            self.first_image[lab - lo] = rid
+        self.last_label = lab
         self.next_id += 1
         self.idx.write(f"{rid}\t{offset}\n")
-        path = self.path_template.format(identity=identity, sample=sample)
-        self.lst.write(f"1\t{path}\t{identity}\n")
+        path = self.path_template.format(identity=lab, sample=sample)
+        self.lst.write(f"1\t{path}\t{lab}\n")
 
     def close(self, image_size: int) -> str:
-        """Write the identity records; returns the `property` text "{classes},{size},{size}"."""
+        """Write the identity records; returns the `property` text "{classes},{size},{size}", where
+        classes = first_label + n_identities (every label is below it)."""
         _check_int("image_size", image_size, 1, 1 << 16)
         if self.closed:
             raise ValueError("close called twice")
@@ -237,7 +240,7 @@ class RecordIOPackager:
             stop = start
         for k, (start, stop) in enumerate(reversed(bounds)):
             self._write(self.n_images + 1 + k, [float(start), float(stop)], 0)
-        return f"{self.n_identities},{image_size},{image_size}"
+        return f"{self.first_label + self.n_identities},{image_size},{image_size}"
 
 
 
@@ -264,10 +267,11 @@ class RecordIO:
     always = False
 
     def write_shard(self, ctx: ShardContext) -> None:
-        """The shard's segment: its kept images as records, ids in (identity, slot) order."""
-        a = ctx.spec.images_per_identity
+        """The shard's segment: its kept images as records, ids in (identity, slot) order, each
+        labelled output.label_offset + identity."""
+        a, base = ctx.spec.images_per_identity, ctx.spec.output.label_offset
         order = [(recordio_id(i, slot, a), i, s) for i in ctx.ids for slot, s in enumerate(ctx.kept[i])]
-        records = ((rid, i, s, ctx.data[(i, s)]) for rid, i, s in order)
+        records = ((rid, base + i, s, ctx.data[(i, s)]) for rid, i, s in order)
         offsets: list[int] = []
         segment = ctx.keys.shard_recordio(ctx.shard)
         ctx.put_stream(segment, "application/octet-stream",
@@ -286,7 +290,8 @@ class RecordIO:
                     (d / "train.lst").open("w") as lst:
                 packer = RecordIOPackager(
                     rec, idx, lst, n_images=n_images, n_identities=spec.identities,
-                    path_template=lst_path_template(spec.output.formats, ctx.ext))
+                    path_template=lst_path_template(spec.output.formats, ctx.ext),
+                    first_label=spec.output.label_offset)
                 for s in ctx.shards:
                     ctx.record_base[s["shard"]] = packer.offset
                     segment = d / "segment.rec"

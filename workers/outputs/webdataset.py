@@ -95,21 +95,25 @@ def sample_key(identity: int, sample: int) -> str:
 
 
 def webdataset_sample(identity: int, sample: int, image_ext: str, image_bytes: bytes,
-                      meta: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
-    """One WebDataset sample: the image, `.cls` (identity, ASCII decimal) and `.json` (`meta` with
-    identity and sample added; sorted keys, compact, NaN refused)."""
-    key = sample_key(identity, sample)
+                      meta: Mapping[str, Any], label: int | None = None) -> tuple[str, dict[str, bytes]]:
+    """One WebDataset sample: the image, `.cls` (the class label, ASCII decimal) and `.json` (`meta`
+    with identity and sample added; sorted keys, compact, NaN refused). The label is the identity
+    unless `label` is given (a job whose labels start at `output.label_offset` > 0): then the key and
+    `.cls` carry it, and the JSON has it as `label` beside the job's own identity."""
+    cls = identity if label is None else label
+    key = sample_key(cls, sample)
     if image_ext not in IMAGE_EXTS:
         raise ValueError(f"image_ext: expected one of {IMAGE_EXTS}, got {image_ext!r}")
     for name, v in (("identity", identity), ("sample", sample)):
         if name in meta and meta[name] != v:
             raise ValueError(f"meta[{name!r}] is {meta[name]!r} but the sample's {name} is {v}")
+    extra = {} if label is None else {"label": label}
     try:
-        doc = json.dumps({**meta, "identity": identity, "sample": sample}, sort_keys=True,
+        doc = json.dumps({**meta, "identity": identity, "sample": sample, **extra}, sort_keys=True,
                          separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta of sample {key}: not JSON-serialisable: {e}") from e
-    return key, {image_ext: bytes(image_bytes), "cls": str(identity).encode("ascii"),
+    return key, {image_ext: bytes(image_bytes), "cls": str(cls).encode("ascii"),
                  "json": doc.encode("utf-8")}
 
 
@@ -126,11 +130,13 @@ class WebDataset:
 
         def wds_samples() -> Iterator[tuple[str, dict[str, bytes]]]:
             pos = 0  # byte offset of the next member's header in the tar
+            offset = ctx.spec.output.label_offset
             for f in ctx.records:
                 i, s = f["identity"], f["sample"]
                 meta = {k: f[k] for k in ("identity", "sample", "seed", "reference_cosine", "centre_cosine",
                                           "aligned")}
-                key, members = webdataset_sample(i, s, ctx.ext, ctx.data[(i, s)], meta)
+                key, members = webdataset_sample(i, s, ctx.ext, ctx.data[(i, s)], meta,
+                                                 offset + i if offset else None)
                 for ext, data in members.items():
                     if ext == ctx.ext:
                         ctx.locate(i, s, tar=rel, member=f"{key}.{ext}", tar_offset=pos + TAR_BLOCK)

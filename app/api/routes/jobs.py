@@ -81,7 +81,7 @@ async def submit_job(request: Request, svc: Svc, team: Submitter,
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType(f"send the job spec as application/json, not {ctype}")
     body = await read_body(request, svc.settings.max_body_bytes)
-    spec = jobs_service.parse_spec(body, svc)
+    spec = jobs_service.parse_spec(body, svc, team)
     if dry_run:
         return JSONResponse(await run_in_threadpool(jobs_service.estimate, svc, team, spec))
     done = await run_in_threadpool(jobs_service.submit, svc, team, spec, idempotency_key)
