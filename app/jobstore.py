@@ -470,6 +470,13 @@ def _extras(owner: str, spec: dict[str, Any], retention_s: float, dataset_hash: 
                        "index": [metadata_index(owner, k, v) for k, v in sorted(meta.items())]})
 
 
+def id_time_iso(job_id: str) -> str:
+    """The job's `created_at`: the time its id holds (microseconds, shown to the millisecond), so
+    that `created_after=<its created_at>` finds the job; a second clock read after the id would come
+    later than it, by more than a millisecond on a busy machine."""
+    return iso_from_epoch(int(job_id[1:15], 16) / 1_000_000)
+
+
 def id_bound(epoch_s: float) -> str:
     """The smallest job id made at or after `epoch_s` (ids start with the microsecond, in hex)."""
     return f"j{max(0, int(epoch_s * 1_000_000)):014x}"
@@ -521,7 +528,7 @@ class JobStore:
             kind, value = self._create(
                 keys=[P + f"job:{job_id}", idem],
                 args=[job_id, owner, json.dumps(spec, sort_keys=True), spec_hash,
-                      body_hash or "", idempotency_ttl_s, now_iso(), identities, images, P,
+                      body_hash or "", idempotency_ttl_s, id_time_iso(job_id), identities, images, P,
                       _extras(owner, spec, retention_s, dataset_hash)],
             )
         if kind == "created":
@@ -546,7 +553,7 @@ class JobStore:
         with translate():
             got = script(keys=[P + f"job:{job_id}", idem], args=[
                 job_id, owner, json.dumps(spec, sort_keys=True), spec_hash, body_hash or "",
-                idempotency_ttl_s, now_iso(), identities, images, P,
+                idempotency_ttl_s, id_time_iso(job_id), identities, images, P,
                 _extras(owner, spec, retention_s, dataset_hash),
                 owner, images, P, max_concurrent, max_images_per_day])
         if got[0] == "quota":
