@@ -69,15 +69,13 @@ def resolve(request: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
     sampler = out.get("sampler")
     if not isinstance(sampler, dict):
         raise ExtensionError("sampler", "expected an object")
-    asked = (request.get("sampler") or {}).get("exclude") if isinstance(request.get("sampler"), dict) else None
-    inherited = (theirs.get("sampler") or {}).get("exclude") or []
-    exclude: list[Any] = []
-    for name in [*inherited, *(asked if isinstance(asked, list) else []), parent["id"]]:
-        if name not in exclude:
-            exclude.append(name)
-    if asked is not None and not isinstance(asked, list):
-        exclude = asked  # the spec's own validation names the field
-    out["sampler"] = {**sampler, "exclude": exclude}
+    asked = sampler.get("exclude", [])  # the request's, or the parent's with its sampler
+    if isinstance(asked, list):  # else the spec's own validation names the field
+        exclude: list[Any] = []
+        for name in [*((theirs.get("sampler") or {}).get("exclude") or []), *asked, parent["id"]]:
+            if name not in exclude:
+                exclude.append(name)
+        out["sampler"] = {**sampler, "exclude": exclude}
 
     end = int((theirs.get("output") or {}).get("label_offset", 0)) + int(theirs["identities"])
     output = out.get("output")

@@ -251,7 +251,7 @@ def _pack(spec: JobSpec, sampler: HyperFaceSampler, init: torch.Tensor, hooks: H
         "rounds_run": len(result.rounds),
         "stopped": result.stopped,
         "candidates": sum(len(r) for r in result.rounds),
-        "min_angle_deg": round(math.degrees(float(metrics.min_angle(x))), 4),
+        "min_angle_deg": round(math.degrees(result.min_angle), 4),
         "init_min_angle_deg": round(math.degrees(float(metrics.min_angle(init))), 4),
         "rankin_bound_deg": round(math.degrees(metrics.rankin_bound(*x.shape)), 4),
     }
