@@ -39,7 +39,7 @@ from app.redis_client import translate
 from app.settings import Settings
 from workers import jobs
 from workers.errors import Stopped, failure_code
-from workers.runtime import get_runtime, worker_name
+from workers.runtime import get_runtime, trim_heap, worker_name
 
 log = logging.getLogger("idforge.worker")
 
@@ -189,6 +189,7 @@ def run(task: Task, job_id: str, key: str, fn: Any, *args: Any) -> None:
         finally:
             log.info("job %s %s: left the worker after %.2f s", job_id, key, time.perf_counter() - t0)
             release_shards()
+            trim_heap()
 
 
 def release_shards() -> None:
