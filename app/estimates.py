@@ -128,12 +128,12 @@ def shard_seconds(spec: JobSpec, identities: int, table: dict[str, dict[str, Any
 
 def estimate(spec: JobSpec, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Images, stored bytes and GPU-seconds of a job, and where each figure comes from."""
-    images = spec.identities * spec.images_per_identity
+    images = spec.rendered_identities * spec.images_per_identity  # in the dataset
     render_per, render_src = _cost(table, render_key(spec), f"render:{spec.models.generator}")
     sample_per, sample_src = _cost(table, sample_key(spec), f"sample:{spec.sampler.method}")
-    render_s = images * image_units(spec) * render_per
-    sample_s = sampler_units(spec) * sample_per
-    if spec.sampler.method == "hyperface":  # its gallery is rendered by the gallery generator
+    render_s = spec.images_to_render * image_units(spec) * render_per
+    sample_s = sampler_units(spec) * sample_per if not spec.reused_identities else 0.0  # a preview's
+    if spec.sampler.method == "hyperface" and not spec.reused_identities:  # its gallery is rendered by the gallery generator
         gallery = spec.models.gallery_generator or spec.models.generator
         per, _ = _cost(table, f"render:{gallery}", f"render:{gallery}")
         units = spec.render.steps if catalog.CATALOG[gallery].conditioning == "embedding" else 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-NOT_INHERITED = frozenset({"metadata", "webhook", "seed", "extends"})
+NOT_INHERITED = frozenset({"metadata", "webhook", "seed", "extends", "preview", "from_preview"})
 WHOLE_BLOCKS = frozenset({"sampler", "variations"})  # taken whole from the request or the parent
 
 
@@ -44,14 +44,14 @@ def child_seed(parent_id: str, parent_seed: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _merge(base: Any, over: Any, path: str) -> Any:
+def merge(base: Any, over: Any, path: str) -> Any:
     if not isinstance(base, dict) or not isinstance(over, dict):
         return over
     if path in WHOLE_BLOCKS:
         return over
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base.get(k), v, f"{path}.{k}" if path else k) if k in base else v
+        out[k] = merge(base.get(k), v, f"{path}.{k}" if path else k) if k in base else v
     return out
 
 
@@ -61,7 +61,7 @@ def resolve(request: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
     the parent."""
     theirs: dict[str, Any] = parent["spec"]
     base = {k: v for k, v in theirs.items() if k not in NOT_INHERITED}
-    out: dict[str, Any] = _merge(base, {k: v for k, v in request.items() if k != "extends"}, "")
+    out: dict[str, Any] = merge(base, {k: v for k, v in request.items() if k != "extends"}, "")
     out["extends"] = parent["id"]
     if "seed" not in request:
         out["seed"] = child_seed(parent["id"], int(theirs.get("seed", 0)))

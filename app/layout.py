@@ -9,6 +9,7 @@ from the templates here, so the keys written and the keys documented cannot drif
   dataset/ imagefolder/{identity:06d}/{sample:03d}.{ext}  webdataset/{shard:06d}.tar
            recordio/{train.rec,train.idx,train.lst,property}  index.parquet  objects.jsonl
   report/ report.html  report.json  plots/*.png ...
+  preview/ contact_sheet.png                                      (a preview job)
 ```
 
 In the ImageFolder template `{identity}` is the identity's class label, `output.label_offset` + the
@@ -30,6 +31,7 @@ OBJECTS = "dataset/objects.jsonl"
 IDENTITIES = "identities/embeddings.safetensors"
 REPORT = "report/{name}"
 SHARD = "shards/{shard:05d}/{name}"
+CONTACT_SHEET = "preview/contact_sheet.png"  # a preview's first identities, a row each
 
 
 class JobKeys:
@@ -115,7 +117,8 @@ class JobKeys:
         return self.key(REPORT.format(name=name))
 
 
-def manifest_layout(formats: Collection[str], ext: str, report: bool) -> dict[str, str | None]:
+def manifest_layout(formats: Collection[str], ext: str, report: bool,
+                    preview: bool = False) -> dict[str, str | None]:
     """The manifest's `layout` table: each output's key template relative to the job root, None for
     an output the job did not ask for."""
     return {
@@ -126,4 +129,5 @@ def manifest_layout(formats: Collection[str], ext: str, report: bool) -> dict[st
         "objects": OBJECTS,
         "identities": IDENTITIES,
         "report": REPORT.format(name="report.html") if report else None,
+        **({"contact_sheet": CONTACT_SHEET} if preview else {}),
     }

@@ -310,6 +310,31 @@ class WebhookSpec(_Strict):
     )
 
 
+MAX_PREVIEW_IDENTITIES = 1000  # a preview is a look before paying: a few shards at most
+
+
+class PreviewSpec(_Strict):
+    identities: int = Field(
+        ..., ge=1, le=MAX_PREVIEW_IDENTITIES,
+        description="the first K identities of the job to render (at most the job's identities)")
+
+
+class FromPreview(_Strict):
+    """The preview a full job continues: its id, and how many identities it rendered (the full job's
+    first shards are the preview's, so its shard plan breaks at that count)."""
+
+    job: str = Field(..., pattern=JOB_ID_PATTERN)
+    identities: int = Field(..., ge=1, le=MAX_PREVIEW_IDENTITIES)
+
+
+def plan_shards(identities: int, shard_identities: int) -> list[range]:
+    """Identity ranges of at most `shard_identities`, covering [0, identities) with no gap."""
+    if identities < 1 or shard_identities < 1:
+        raise ValueError(f"identities={identities} and shard_identities={shard_identities} must be >= 1")
+    n = -(-identities // shard_identities)
+    return [range(k * shard_identities, min(identities, (k + 1) * shard_identities)) for k in range(n)]
+
+
 class JobSpec(_Strict):
     identities: int = Field(..., ge=1, description="number of synthetic identities")
     images_per_identity: int = Field(..., ge=1, description="images rendered per identity")
@@ -329,6 +354,18 @@ class JobSpec(_Strict):
         "identities and those it excluded are excluded (sampler.exclude), and labels continue after its "
         "own (output.label_offset). The seed, when not given, is derived from the parent's id and seed. "
         "docs/composition.md")
+    preview: PreviewSpec | None = Field(
+        None,
+        description="a look before the full job: every identity is sampled (as the full job would), "
+        "but only the first `identities` are rendered, with the full job's seeds, plus a contact sheet "
+        "(preview/contact_sheet.png). Post the full job with from_preview set to this job's id: it keeps "
+        "the sampled identities and the rendered shards, and its first images are these, byte for byte. "
+        "docs/composition.md")
+    from_preview: str | FromPreview | None = Field(
+        None,
+        description="the id of one of the team's succeeded previews (`preview`) whose dataset this job "
+        "completes: its spec gives the defaults (like extends), and any field that would change the "
+        "data must equal the preview's. The API stores it as {job, identities}")
     # Not part of the normalised spec or its hash: it orders work, it changes no byte of the data.
     priority: Literal["interactive", "batch"] | None = Field(
         None, exclude=True,
@@ -367,6 +404,62 @@ class JobSpec(_Strict):
             return {**data, "variations": {**variations, "method": "dispersion"}}
         return data
 
+    @field_validator("preview")
+    @classmethod
+    def _preview_fits(cls, v: PreviewSpec | None, info: ValidationInfo) -> PreviewSpec | None:
+        n = info.data.get("identities")
+        if v is not None and isinstance(n, int) and v.identities > n:
+            raise ValueError(f"identities {v.identities} is more than the job's {n}")
+        return v
+
+    @field_validator("from_preview")
+    @classmethod
+    def _continues_preview(cls, v: str | FromPreview | None, info: ValidationInfo) -> str | FromPreview | None:
+        if v is None:
+            return v
+        if info.data.get("preview") is not None:
+            raise ValueError("a job is a preview (preview) or continues one (from_preview), not both")
+        if isinstance(v, str):
+            raise ValueError("a preview's id is resolved by the service (POST /v1/jobs), which stores "
+                             "{job, identities}")
+        n = info.data.get("identities")
+        if isinstance(n, int) and v.identities > n:
+            raise ValueError(f"the preview rendered {v.identities} identities, more than the job's {n}")
+        return v
+
+    @property
+    def rendered_identities(self) -> int:
+        """The identities in the dataset: a preview's first K, else all of them (every job samples all)."""
+        return self.preview.identities if self.preview is not None else self.identities
+
+    @property
+    def continued_preview(self) -> FromPreview | None:
+        """The preview this job continues (`from_preview` as the API stores it), or None."""
+        return self.from_preview if isinstance(self.from_preview, FromPreview) else None
+
+    @property
+    def reused_identities(self) -> int:
+        """The first identities whose shards a job takes from its preview (0 without one)."""
+        p = self.continued_preview
+        return p.identities if p is not None else 0
+
+    @property
+    def images_to_render(self) -> int:
+        """The images this job renders itself (what its quota counts): its dataset's, less those it
+        takes from its preview."""
+        return (self.rendered_identities - self.reused_identities) * self.images_per_identity
+
+    def shard_plan(self, shard_identities: int) -> list[range]:
+        """The identity range of each shard: `shard_identities` at a time over the rendered
+        identities, breaking at a preview's count in a job that continues it, so that its first
+        shards are the preview's (a latent generator disperses a shard's identities together, so
+        the ranges are part of what makes the bytes)."""
+        k = self.reused_identities
+        head = plan_shards(k, shard_identities) if k else []
+        rest = self.rendered_identities - k
+        return head + ([range(k + r.start, k + r.stop) for r in plan_shards(rest, shard_identities)]
+                       if rest else [])
+
     def normalized(self) -> dict[str, Any]:
         """The spec with every default filled in, as JSON-ready data; but fields added after jobs
         existed are left out while unused (`LATER_FIELDS`), so an earlier spec normalises, and
@@ -376,8 +469,9 @@ class JobSpec(_Strict):
             block = out.get(part)
             if isinstance(block, dict) and name in block and block[name] == unused:
                 del block[name]
-        if out.get("extends") is None:
-            out.pop("extends", None)
+        for name in ("extends", "preview", "from_preview"):  # later fields, left out while unused
+            if out.get(name) is None:
+                out.pop(name, None)
         sampler = out.get("sampler")
         if isinstance(sampler, dict) and "exclude" not in sampler:
             sampler.pop("exclude_min_angle_deg", None)  # means nothing without an exclusion

@@ -29,6 +29,7 @@ class Storage(Protocol):
     def put_file(self, key: str, path: Path, content_type: str = ...) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
+    def copy(self, src: str, dst: str) -> None: ...
     def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
@@ -129,6 +130,13 @@ class LocalStorage:
             raise StorageKeyMissing(f"no object {key}") from e
         except OSError as e:
             raise StorageError(f"cannot read {key}: {e}") from e
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy object `src` to `dst` (atomically, like put_file)."""
+        path = self._path(src)
+        if not path.is_file():
+            raise StorageKeyMissing(f"no object {src}")
+        self.put_file(dst, path)
 
     def size(self, key: str) -> int:
         try:
@@ -286,6 +294,11 @@ class S3Storage:
                 body.close()
         raise AssertionError("unreachable")
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy object `src` to `dst` inside the bucket, server-side (a multipart copy when large)."""
+        self._call("copy", src, self.client.copy, CopySource={"Bucket": self.bucket, "Key": src}, Key=dst,
+                   Config=transfer_config())
+
     def size(self, key: str) -> int:
         """The object's size in bytes (a HEAD)."""
         return int(self._call("head", key, self.client.head_object, Key=key)["ContentLength"])
@@ -356,6 +369,15 @@ def put_many(storage: Storage, items: Iterable[tuple[str, bytes, str]]) -> None:
     writes them all again)."""
     with ThreadPoolExecutor(PUT_CONCURRENCY, thread_name_prefix="idforge-put") as pool:
         futures = [pool.submit(storage.put_bytes, key, data, ctype) for key, data, ctype in items]
+    for f in futures:
+        f.result()
+
+
+def copy_many(storage: Storage, pairs: Iterable[tuple[str, str]]) -> None:
+    """Copy many objects, (source, destination) each, PUT_CONCURRENCY copies in flight; raises the
+    first failure once every copy has ended (a copy is idempotent)."""
+    with ThreadPoolExecutor(PUT_CONCURRENCY, thread_name_prefix="idforge-copy") as pool:
+        futures = [pool.submit(storage.copy, src, dst) for src, dst in pairs]
     for f in futures:
         f.result()
 

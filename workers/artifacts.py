@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -23,14 +22,6 @@ from app.storage import Storage
 
 if TYPE_CHECKING:
     from workers.pipelines.common import Hooks
-
-
-def plan_shards(identities: int, shard_identities: int) -> list[range]:
-    """Identity ranges of at most `shard_identities`, covering [0, identities) with no gap."""
-    if identities < 1 or shard_identities < 1:
-        raise ValueError(f"identities={identities} and shard_identities={shard_identities} must be >= 1")
-    n = math.ceil(identities / shard_identities)
-    return [range(k * shard_identities, min(identities, (k + 1) * shard_identities)) for k in range(n)]
 
 
 # ---- identities ------------------------------------------------------------------------------

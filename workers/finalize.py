@@ -38,6 +38,7 @@ from workers.shard import IMAGE_EXT
 
 THUMBNAIL_IDENTITIES = 6  # identities on the report's contact sheet
 THUMBNAIL_SAMPLES = 8  # images of each
+PREVIEW_SHEET_IDENTITIES = 64  # identities on a preview's contact sheet (the first ones)
 def reference_for(spec: JobSpec, model_dir: Path) -> ReferenceSet | None:
     """The job's leakage reference set, or None when it asks for no leakage check."""
     leakage = spec.quality.leakage
@@ -80,14 +81,14 @@ def shard_image(storage: Storage, keys: JobKeys, f: dict[str, Any]) -> bytes:
     raise ValueError(f"image ({f['identity']}, {f['sample']}): its shard records no location")
 
 
-def thumbnails(storage: Storage, keys: JobKeys,
-               shards: Sequence[dict[str, Any]]) -> list[tuple[int, list[bytes]]]:
-    """The first identities' first images, for the contact sheet."""
+def thumbnails(storage: Storage, keys: JobKeys, shards: Sequence[dict[str, Any]],
+               identities: int = THUMBNAIL_IDENTITIES) -> list[tuple[int, list[bytes]]]:
+    """The first identities' first images, for a contact sheet."""
     out: dict[int, list[bytes]] = {}
     for s in shards:
         for f in s["files"]:
             i = f["identity"]
-            if len(out) >= THUMBNAIL_IDENTITIES and i not in out:
+            if len(out) >= identities and i not in out:
                 return list(out.items())
             if len(out.setdefault(i, [])) < THUMBNAIL_SAMPLES:
                 out[i].append(shard_image(storage, keys, f))
@@ -96,7 +97,7 @@ def thumbnails(storage: Storage, keys: JobKeys,
 
 def counts(spec: JobSpec, shards: Sequence[dict[str, Any]]) -> dict[str, int]:
     """The job's counts, in one pass over the shards."""
-    c = {"requested": spec.identities * spec.images_per_identity, "rendered": 0, "alignment_failures": 0,
+    c = {"requested": spec.rendered_identities * spec.images_per_identity, "rendered": 0, "alignment_failures": 0,
          "filtered": 0, "topped_up": 0, "images": 0, "unused_candidates": 0}
     for s in shards:
         kept, filtered = len(s["files"]), len(s.get("filtered", []))
@@ -123,7 +124,7 @@ def evaluate(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards
         job_id=job_id, embedder=spec.models.embedder,
         evaluator="sface-2021dec-int8bq" if has_evaluator else None,
         evaluator_threshold=SFACE_COSINE_THRESHOLD if has_evaluator else None,
-        identities=spec.identities, images_per_identity=spec.images_per_identity, seed=spec.seed,
+        identities=spec.rendered_identities, images_per_identity=spec.images_per_identity, seed=spec.seed,
         shards=shard_features(storage, keys, shards), thumbnails=thumbnails(storage, keys, shards),
         counts=counts(spec, shards), leakage=leakage, variations=realised(spec, shards),
         exclusion=artifacts.identities_stats(storage, keys).get("exclusion")))
@@ -152,6 +153,10 @@ def package(spec: JobSpec, storage: Storage, keys: JobKeys, shards: Sequence[dic
     identities = storage.get_bytes(keys.identities)
     outputs[keys.relative(keys.identities)] = {"size": len(identities),
                                                "sha256": sha256_hex(identities)}
+    if spec.preview is not None:  # the first identities at a glance
+        sheet = report.contact_sheet(thumbnails(storage, keys, shards, PREVIEW_SHEET_IDENTITIES))
+        storage.put_bytes(keys.key(layout.CONTACT_SHEET), sheet, "image/png")
+        outputs[layout.CONTACT_SHEET] = {"size": len(sheet), "sha256": sha256_hex(sheet)}
     index = outputs.get(layout.INDEX)
     if index is not None:  # what the manifest pins of the index (outputs has its digest too)
         index["rows"], index["row_groups"] = ctx.index_rows, ctx.index_row_groups
@@ -238,15 +243,23 @@ def build_manifest(*, job_id: str, spec: JobSpec, shards: Sequence[dict[str, Any
         "reference_set": {"name": reference.name, "sha256": reference.sha256} if reference else None,
         # Identity i is labelled labels.first + i in every format; `extends`: the job whose labels
         # this one continues (and whose identities it excluded), else null.
-        "labels": {"first": spec.output.label_offset, "end": spec.output.label_offset + spec.identities},
+        "labels": {"first": spec.output.label_offset,
+                   "end": spec.output.label_offset + spec.rendered_identities},
         "extends": spec.extends,
-        "counts": {**counts(spec, shards), "identities": spec.identities,
+        # A preview: its identities rendered of the job's, and its contact sheet; a job that continues
+        # one: the preview, and how many of its shards it took from it (`workers.preview`).
+        **({"preview": {"identities": spec.preview.identities, "of": spec.identities,
+                        "contact_sheet": layout.CONTACT_SHEET}} if spec.preview is not None else {}),
+        **({"from_preview": {**p.model_dump(), "shards_reused": sum(1 for s in shards if s.get("reused_from"))}}
+           if (p := spec.continued_preview) is not None else {}),
+        "counts": {**counts(spec, shards), "identities": spec.rendered_identities,
                    "images_per_identity": spec.images_per_identity, "shards": len(shards)},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "realised": realised(spec, shards),
         "quality": quality,
         "sampling": sampling,
-        "layout": layout.manifest_layout(spec.output.formats, ext, spec.quality.report),
+        "layout": layout.manifest_layout(spec.output.formats, ext, spec.quality.report,
+                                         spec.preview is not None),
         "outputs": outputs,
         # The per-image listing: path or tar member or RecordIO record, identity, sample, seed, size,
         # sha256, flags. Sorted by (identity, sample) within each row group (a shard), kept images
@@ -268,7 +281,7 @@ def finish(job_id: str, spec: JobSpec, storage: Storage, keys: JobKeys, shards: 
            on_stage: Callable[[str], None] = lambda stage: None, device: str | None = None) -> dict[str, Any]:
     """Evaluate, package and write the manifest (last); returns the manifest. `device`: where the
     models ran, for the manifest's platform block (default: CUDA when this process sees one)."""
-    expected = spec.identities * spec.images_per_identity
+    expected = spec.rendered_identities * spec.images_per_identity
     images = sum(len(s["files"]) for s in shards)  # one shard's file list in memory at a time
     if images != expected:
         raise Incomplete(f"{images} images in the shards for {expected} expected")

@@ -18,7 +18,7 @@ from app import queue as q
 from app.jobstore import TERMINAL
 from app.layout import JobKeys
 from app.spec import JobSpec
-from workers import artifacts, pipelines
+from workers import artifacts, pipelines, preview
 from workers.errors import Incomplete, JobGone
 from workers.exclusion import load_excluded
 from workers.finalize import finish, reference_for
@@ -113,6 +113,9 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
     t0 = time.perf_counter()
     rt.storage.put_bytes(keys.spec, json.dumps(spec.normalized(), indent=1).encode(),
                          "application/json")
+    if not rt.storage.exists(keys.identities) and preview.take_identities(spec, rt.storage, rt.settings.s3_prefix,
+                                                                           keys):
+        rt.store.add_event(job_id, "identities_reused", preview=preview.source_id(spec))
     if not rt.storage.exists(keys.identities):  # a redelivered task resumes from the saved set
         hooks = pipelines.Hooks(
             progress=lambda done, total, unit: rt.store.set_stage_progress(job_id, done, total, unit),
@@ -128,7 +131,7 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
                                   latents=got.latents)
         rt.throughput.observe(estimates.sample_key(spec),
                               (time.perf_counter() - t0) / estimates.sampler_units(spec))
-    shards = artifacts.plan_shards(spec.identities, rt.settings.shard_identities)
+    shards = spec.shard_plan(rt.settings.shard_identities)
     rt.store.set_totals(job_id, shards_total=len(shards))
     rt.store.add_event(job_id, "identities_sampled", identities=spec.identities,
                        shards=len(shards), seconds=round(time.perf_counter() - t0, 3))
@@ -142,13 +145,16 @@ def sample_identities(rt: Runtime, job_id: str) -> None:
 
 def render_shard(rt: Runtime, job_id: str, shard: int) -> None:
     job, spec, keys = _live(rt, job_id)
-    shards = artifacts.plan_shards(spec.identities, rt.settings.shard_identities)
+    shards = spec.shard_plan(rt.settings.shard_identities)
     if not 0 <= shard < len(shards):
         raise ValueError(f"shard {shard} out of range 0..{len(shards) - 1}")
     ids = shards[shard]
     part = f"shard{shard}"
     rt.scheduler.started(job_id, shard)
     started(rt, job, "rendering")
+    if not rt.storage.exists(keys.shard_done(shard)) and \
+            preview.take_shard(spec, rt.storage, rt.settings.s3_prefix, keys, shard, ids) is not None:
+        rt.store.add_event(job_id, "shard_reused", shard=shard, preview=preview.source_id(spec))
     if not rt.storage.exists(keys.shard_done(shard)):
         result = pipelines.render_shard(spec, shard, ids, rt.models, rt.storage, keys, hooks=pipelines.Hooks(
             shard_progress=shard_progress(rt, job_id, part), should_stop=_should_stop(rt, job_id)))
@@ -195,7 +201,7 @@ def observe_shard(rt: Runtime, spec: JobSpec, result: Any) -> None:
 def finalize(rt: Runtime, job_id: str) -> None:
     job, spec, keys = _live(rt, job_id)
     started(rt, job, _finalize_stage(spec))
-    n_shards = len(artifacts.plan_shards(spec.identities, rt.settings.shard_identities))
+    n_shards = len(spec.shard_plan(rt.settings.shard_identities))
     # Read lazily, one shard's file list at a time (finalize's memory does not grow with the images).
     shards = artifacts.ShardRecords(rt.storage, keys, n_shards)
     missing = shards.missing()
@@ -211,7 +217,8 @@ def finalize(rt: Runtime, job_id: str) -> None:
     except Incomplete as e:
         fail(rt, job_id, e.code, str(e))
         return
-    result = {"manifest": keys.manifest, "images": manifest["counts"]["images"], "identities": spec.identities,
+    result = {"manifest": keys.manifest, "images": manifest["counts"]["images"],
+              "identities": spec.rendered_identities,
               "counts": manifest["counts"], "quality": manifest["quality"],
               "report": keys.report("report.html") if spec.quality.report else None}
     if rt.store.transition(job_id, "succeeded", result=result)[0]:

@@ -36,8 +36,8 @@ def generate(spec: JobSpec, out_dir: Path, *, settings: Settings | None = None,
                                       gallery_chunk=s.gallery_chunk, excluded=excluded)
     artifacts.save_identities(storage, keys, got.embeddings,
                               {**got.stats, "seconds": round(time.perf_counter() - t0, 3)}, latents=got.latents)
-    total = spec.identities * spec.images_per_identity
-    plan, done = artifacts.plan_shards(spec.identities, s.shard_identities), 0
+    total = spec.rendered_identities * spec.images_per_identity
+    plan, done = spec.shard_plan(s.shard_identities), 0
     for k, ids in enumerate(plan):
         def progress(ids_done: int, imgs_done: int, base: int = done) -> None:
             on_progress(base + imgs_done, total)

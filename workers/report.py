@@ -442,7 +442,7 @@ def _model_summary(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
         "min_centre_angle_deg": _r(nn.min()) if nn is not None else None,
         "nn_centre_angle_deg_mean": _r(nn.mean()) if nn is not None else None,
         "close_identities": d["close"].identities, "label_flips": m.flips,
-        "intra_class_cosine_mean": _r(m.intra[m.evaluated].double().mean()),
+        "intra_class_cosine_mean": _r(m.intra[m.evaluated].double().mean()) if bool(m.evaluated.any()) else None,
         "eer_threshold": _r(d["eer_threshold"]),
         "sample": _sample(m),
         "confidence": d["confidence"],
@@ -466,7 +466,10 @@ def _model_detail(m: _Model, d: dict[str, Any]) -> dict[str, Any]:
         "close_pairs": {"threshold": _r(d["close_threshold"]), "rule": d["close_threshold_rule"],
                         "pairs": close.count, "identities": close.identities,
                         "top": [{"identity_a": i, "identity_b": j, "cosine": _r(c)} for i, j, c in close.pairs]},
-        "intra_class": {"mean": _r(m.intra[where].double().mean()), "min": _r(m.intra[where].min()),
+        # None when the model embedded none of the identities (a preview's first identities may lie
+        # outside the evaluator's sample, which is the full job's).
+        "intra_class": {"mean": _r(m.intra[where].double().mean()) if where.numel() else None,
+                        "min": _r(m.intra[where].min()) if where.numel() else None,
                         "worst": [{"identity": i, "cosine": _r(m.intra[i])} for i in worst]},
         "label_flips": {"count": m.flips, "first": m.flip_first, "worst": m.flip_worst},
     }

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import dataset_index, estimates, extension, layout
+from app import dataset_index, estimates, extension, layout, preview
 from app.api.deps import Services
 from app.api.limits import admit
 from app.api.problems import field_errors
@@ -111,7 +111,11 @@ def parse_spec(body: bytes, svc: Services, team: str) -> JobSpec:
                   "half of a pair), which is not a Unicode character"
         raise InvalidSpec(f"{field}: {message}", errors=[{"field": field, "message": message,
                                                           "type": "invalid_unicode"}])
-    if data.get("extends") is not None:
+    previewed = None
+    if data.get("from_preview") is not None:  # the preview's spec, resolved (it has any extends in it)
+        previewed = _preview_of(svc, team, data["from_preview"])
+        data = preview.resolve(data, previewed)
+    elif data.get("extends") is not None:
         data = _extended(svc, team, data)
     try:
         # Strict: a value of the wrong JSON type ("5", true for a number) is refused, not coerced.
@@ -121,6 +125,11 @@ def parse_spec(body: bytes, svc: Services, team: str) -> JobSpec:
         raise InvalidSpec("; ".join(f"{x['field']}: {x['message']}" for x in errors),
                           errors=errors) from e
     spec = current_defaults(spec)
+    if previewed is not None:
+        try:
+            preview.check_same_data(spec.normalized(), previewed)
+        except preview.PreviewError as e:
+            raise _invalid_preview(e.field, e.message) from e
     s = svc.settings
     try:
         check_models(spec)
@@ -133,6 +142,30 @@ def parse_spec(body: bytes, svc: Services, team: str) -> JobSpec:
         raise InvalidSpec(f"{e.field}: {e.message}", code=e.code,
                           errors=[{"field": e.field, "message": e.message, "type": e.code}]) from e
     return spec
+
+
+def _invalid_preview(field: str, why: str) -> InvalidSpec:
+    return InvalidSpec(f"{field}: {why}", code="invalid_preview",
+                       errors=[{"field": field, "message": why, "type": "invalid_preview"}])
+
+
+def _preview_of(svc: Services, team: str, given: Any) -> dict[str, Any]:
+    """The job record `from_preview` names (its id, or an object with `job`): one of the team's
+    succeeded previews whose data is there; else a 422 naming `from_preview`."""
+    job_id = given.get("job") if isinstance(given, dict) else given
+    if not isinstance(job_id, str) or not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise _invalid_preview("from_preview", f"expected a preview job's id (j and 22 hex digits), got {given!r}")
+    job = svc.store.get(job_id)
+    if job is None or job["owner"] != team:
+        raise _invalid_preview("from_preview", f"no job {job_id} of your team")
+    if job.get("deletion_requested_at"):
+        raise _invalid_preview("from_preview", f"job {job_id} was deleted")
+    if not (job.get("spec") or {}).get("preview"):
+        raise _invalid_preview("from_preview", f"job {job_id} is not a preview (its spec has no `preview`)")
+    if job["status"] != "succeeded":
+        raise _invalid_preview("from_preview", f"preview {job_id} is {job['status']}; only a succeeded "
+                               "preview can be continued")
+    return job
 
 
 def _extended(svc: Services, team: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +186,9 @@ def _extended(svc: Services, team: str, data: dict[str, Any]) -> dict[str, Any]:
         raise refuse("extends", f"job {parent_id} was deleted")
     if job["status"] != "succeeded":
         raise refuse("extends", f"job {parent_id} is {job['status']}; only a succeeded job can be extended")
+    if (job.get("spec") or {}).get("preview"):
+        raise refuse("extends", f"job {parent_id} is a preview (it rendered {job['spec']['preview']['identities']} "
+                     "of its identities); extend the job made from it (from_preview)")
     try:
         return extension.resolve(data, job)
     except extension.ExtensionError as e:
@@ -216,7 +252,7 @@ def priority_for(svc: Services, team: str, spec: JobSpec) -> tuple[str, str | No
     cap = svc.settings.interactive_cap(team)
     if asked != "interactive" or not cap:
         return asked, None
-    images = spec.identities * spec.images_per_identity
+    images = spec.images_to_render
     held = svc.store.interactive_images(team)
     if held + images <= cap:
         return asked, None
@@ -232,7 +268,7 @@ def estimate(svc: Services, team: str, spec: JobSpec) -> dict[str, Any]:
     priority, note = priority_for(svc, team, spec)
     return {"dry_run": True, "spec": spec.normalized(), "spec_hash": spec.spec_hash(),
             "priority": priority, "priority_note": note,
-            "shards": -(-spec.identities // svc.settings.shard_identities),
+            "shards": len(spec.shard_plan(svc.settings.shard_identities)),
             "estimate": estimates.estimate(spec, estimates.Throughput(svc.store.r).table())}
 
 
@@ -249,7 +285,7 @@ def submit(svc: Services, team: str, spec: JobSpec, idem_key: str | None) -> Sub
         if earlier is not None:
             return Submitted(earlier, replayed=False, reused=True)
     admitted = admit(svc.store, svc.settings, team, normalized, h, identities=spec.identities,
-                     images=spec.identities * spec.images_per_identity,
+                     images=spec.images_to_render,
                      idempotency_key=idem_key, body_hash=body,  # 429/403 over the team's quotas
                      retention_s=svc.settings.retention_s(team, spec.retention_days), dataset_hash=dataset)
     made = admitted.made

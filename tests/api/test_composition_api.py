@@ -124,3 +124,58 @@ def test_pure_packing_gets_the_restart_packer_and_says_so(api: TestClient) -> No
     assert r.status_code == 202 and "restarts" not in r.json()["spec"]["sampler"]
     problem(api.post("/v1/jobs", json={**SPEC, "sampler": {"method": "hyperface", "alpha": 0, "restarts": 2,
                                                            "iterations": 300}}, headers=A), 422)
+
+
+def test_a_job_from_a_preview_is_the_previews_job_and_may_change_only_what_is_not_data(
+        api: TestClient, store: JobStore) -> None:
+    full = {**SPEC, "identities": 9, "output": {"formats": ["webdataset"]}, "metadata": {"set": "train"}}
+    r = api.post("/v1/jobs", json={**full, "preview": {"identities": 2}}, headers=A)
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["preview"] == {"identities": 2}
+    preview = _done(api, store, {**full, "preview": {"identities": 2}})
+
+    est = api.post("/v1/jobs?dry_run=true", json={"from_preview": preview}, headers=A)
+    r = api.post("/v1/jobs", json={"from_preview": preview, "metadata": {"set": "full"}}, headers=A)
+    assert r.status_code == 202, r.text
+    spec = r.json()["spec"]
+    assert spec["from_preview"] == {"job": preview, "identities": 2}
+    assert "preview" not in spec and spec["identities"] == 9 and spec["output"]["formats"] == ["webdataset"]
+    assert spec["metadata"] == {"set": "full"}  # not inherited: it describes this request
+    # The object form is read the same way, and the API sets the count from the preview.
+    again = api.post("/v1/jobs", json={"from_preview": {"job": preview, "identities": 7}}, headers=A)
+    assert again.status_code == 202 and again.json()["spec"]["from_preview"] == {"job": preview, "identities": 2}
+    # The dry run: the dataset's images, rendering only what the preview did not, and the plan's break.
+    plain = api.post("/v1/jobs?dry_run=true", json=full, headers=A)
+    assert est.status_code == plain.status_code == 200, est.text
+    e, p = est.json(), plain.json()
+    assert e["estimate"]["images"] == p["estimate"]["images"] == 18 and (e["shards"], p["shards"]) == (2, 1)
+    ratio = e["estimate"]["breakdown"]["render_gpu_seconds"] / p["estimate"]["breakdown"]["render_gpu_seconds"]
+    assert ratio == pytest.approx(7 / 9, rel=0.02)
+    assert e["estimate"]["breakdown"]["sampling_gpu_seconds"] == 0
+
+    for change, field in (({"seed": 2}, "seed"), ({"identities": 10}, "identities"),
+                          ({"output": {"formats": ["recordio"]}}, "output.formats"),
+                          ({"images_per_identity": 3}, "images_per_identity")):
+        body = problem(api.post("/v1/jobs", json={"from_preview": preview, **change}, headers=A), 422, field)
+        assert body["code"] == "invalid_preview" and preview in body["detail"]
+
+
+def _a_preview(api: TestClient, store: JobStore) -> str:
+    """A succeeded preview of team A."""
+    return _done(api, store, {**SPEC, "seed": 8, "preview": {"identities": 1}})
+
+
+def test_from_preview_of_a_job_that_is_no_preview_is_a_422_naming_it(api: TestClient, store: JobStore) -> None:
+    plain = _done(api, store)
+    theirs = _done(api, store, {**SPEC, "preview": {"identities": 1}}, headers=B)
+    live = api.post("/v1/jobs", json={**SPEC, "seed": 4, "preview": {"identities": 1}}, headers=A).json()["id"]
+    for given, words in ((plain, "not a preview"), (theirs, "of your team"), (live, "is queued"),
+                         ("nope", "expected a preview job's id"), (7, "expected"),
+                         ({"identities": 2}, "expected")):
+        body = problem(api.post("/v1/jobs", json={"from_preview": given}, headers=A), 422, "from_preview")
+        assert body["code"] == "invalid_preview" and words in body["detail"], body
+    body = problem(api.post("/v1/jobs", json={"extends": _a_preview(api, store)}, headers=A), 422, "extends")
+    assert "is a preview" in body["detail"]
+    body = problem(api.post("/v1/jobs", json={**SPEC, "preview": {"identities": 4}}, headers=A), 422, "preview")
+    assert "more than the job's 3" in body["detail"]
+    problem(api.post("/v1/jobs", json={**SPEC, "preview": {"identities": 0}}, headers=A), 422, "preview.identities")

@@ -37,7 +37,7 @@ AUTH = {"Authorization": "Bearer key-alpha"}
 # an Idempotency-Key reused with another body. Any other error type means the schema is wrong.
 SPEC_RULES = {"value_error", "assertion_error", "invalid_spec", "incompatible_models", "unknown_model",
               "model_unavailable", "method_unavailable", "over_limit", "webhook_url_refused",
-              "idempotency_key_reused", "invalid_exclusion", "invalid_extension"}
+              "idempotency_key_reused", "invalid_exclusion", "invalid_extension", "invalid_preview"}
 CASES: Counter[str] = Counter()  # operation -> cases sent
 STATUSES: Counter[int] = Counter()
 

@@ -31,7 +31,7 @@ from app.jobstore import JobStore
 from app.layout import JobKeys
 from app.servers import RedisServer, free_port
 from app.settings import Settings
-from app.spec import JobSpec
+from app.spec import JobSpec, plan_shards
 from app.storage import LocalStorage, S3Storage, Storage, sha256_hex
 from tests.conftest import TEAM_KEYS
 from workers.cli import main as cli_main
@@ -558,7 +558,7 @@ def test_no_spec_field_steers_a_storage_key_outside_the_job(
     rt = Runtime(settings=settings, store=store, storage=storage,
                  queue=TaskQueue.from_settings(settings), models=ModelCache(Registry(model_dir), "cpu"))
     jobs.sample_identities(rt, job_id)
-    for k in range(len(artifacts.plan_shards(2, settings.shard_identities))):
+    for k in range(len(plan_shards(2, settings.shard_identities))):
         jobs.render_shard(rt, job_id, k)
     jobs.finalize(rt, job_id)
     job = store.get(job_id)

@@ -86,3 +86,10 @@ def test_a_new_pure_packing_spec_gets_the_restart_packer() -> None:
     # the normalised form of a restart spec validates again (stored specs are re-read)
     again = JobSpec.model_validate(spec(alpha=0).normalized())
     assert again.spec_hash() == spec(alpha=0).spec_hash()
+
+
+def test_an_extension_of_a_job_made_from_a_preview_does_not_inherit_the_preview() -> None:
+    parent = _parent(from_preview={"job": GRANDPARENT_ID, "identities": 10})
+    assert parent["spec"]["from_preview"] == {"job": GRANDPARENT_ID, "identities": 10}
+    spec = JobSpec.model_validate(extension.resolve({"extends": PARENT_ID, "identities": 30}, parent))
+    assert spec.from_preview is None and spec.preview is None and spec.shard_plan(64) == [range(0, 30)]

@@ -133,3 +133,54 @@ def test_a_hyperface_packing_keeps_excluded_identities_out_by_construction(stack
     assert float(_angles(b, a).min()) >= bound - 1e-3
     ex = stack.alpha.artifacts(second["id"], limit=1)["manifest"]["sampling"]["exclusion"]
     assert ex["min_angle_deg"] >= bound - 1e-3 and ex["sources"] == [{"job": first["id"], "identities": 6}]
+
+
+def _listing(stack: Stack, job_id: str) -> dict[tuple[int, int], dict[str, Any]]:
+    files = stack.alpha.artifacts(job_id, limit=1000)["files"]
+    return {(f["identity"], f["sample"]): f for f in files}
+
+
+def test_a_preview_promoted_to_the_full_job_keeps_its_identities_and_images_byte_for_byte(stack: Stack) -> None:
+    """Shards of 3 identities: the preview of 4 of 8 renders [0, 3) and [3, 4); the full job's plan
+    breaks there too, takes both shards and the identities from the preview, renders [4, 7) and
+    [7, 8), and reproduces from its manifest byte for byte (so the copied images are exactly what
+    it would have rendered)."""
+    import httpx
+    from PIL import Image
+
+    full = {**SPEC, "identities": 8, "seed": 61, "output": {"formats": ["imagefolder", "webdataset", "recordio"]}}
+    look = stack.wait_job(stack.alpha.submit({**full, "preview": {"identities": 4}})["id"], timeout=240)
+    assert look["status"] == "succeeded", (look, stack.logs())
+    art = stack.alpha.artifacts(look["id"], limit=1000)
+    m = art["manifest"]
+    assert m["preview"] == {"identities": 4, "of": 8, "contact_sheet": "preview/contact_sheet.png"}
+    assert m["counts"]["identities"] == 4 and m["counts"]["images"] == 8 and m["plan"]["shards"] == 2
+    assert _identities(stack, look["id"])["embeddings"].shape[0] == 8  # every identity sampled
+    sheet = next(o for o in art["objects"] if o["path"] == "preview/contact_sheet.png")
+    img = Image.open(io.BytesIO(httpx.get(sheet["url"]).content))
+    assert img.height == 4 * 112  # a row per previewed identity
+
+    job = stack.wait_job(stack.alpha.submit({"from_preview": look["id"]})["id"], timeout=240)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    assert job["spec"]["from_preview"] == {"job": look["id"], "identities": 4} and "preview" not in job["spec"]
+    m = stack.alpha.artifacts(job["id"], limit=1)["manifest"]
+    assert m["from_preview"] == {"job": look["id"], "identities": 4, "shards_reused": 2}
+    assert m["counts"]["identities"] == 8 and m["counts"]["images"] == 16 and m["plan"]["shards"] == 4
+    events = [e["type"] for e in httpx.get(f"{stack.url}/v1/jobs/{job['id']}/events?limit=1000",
+                                           headers={"Authorization": "Bearer key-alpha"}).json()["events"]]
+    assert events.count("shard_reused") == 2 and "identities_reused" in events
+    a, b = _identities(stack, look["id"]), _identities(stack, job["id"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    shown, ours = _listing(stack, look["id"]), _listing(stack, job["id"])
+    assert len(shown) == 8 and len(ours) == 16
+    for key, f in shown.items():  # the preview's images are the full job's, byte for byte
+        assert ours[key]["sha256"] == f["sha256"] and ours[key]["path"] == f["path"]
+        assert httpx.get(ours[key]["url"]).content == httpx.get(f["url"]).content
+
+    out = stack.root / "reproduced-full"
+    r = subprocess.run([sys.executable, "-m", "workers.cli", "reproduce", job["id"], "--out", str(out),
+                        "--url", stack.url, "--api-key", "key-alpha", "--json"],
+                       env=stack.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["verdict"] == "identical", r.stdout

@@ -16,7 +16,7 @@ from app.layout import JobKeys
 from app.queue import FINALIZE, RENDER_SHARD, TaskQueue
 from app.servers import RedisServer
 from app.settings import Settings
-from app.spec import JobSpec
+from app.spec import JobSpec, plan_shards
 from app.storage import LocalStorage
 from models.alignment.cropper import Cropper
 from models.registry import Registry
@@ -32,11 +32,11 @@ SPEC: dict[str, Any] = {"identities": 5, "images_per_identity": 2, "seed": 3,
 
 def test_plan_shards_covers_every_identity_once() -> None:
     for n, size in ((1, 1), (5, 2), (64, 64), (65, 64), (1000, 7)):
-        shards = artifacts.plan_shards(n, size)
+        shards = plan_shards(n, size)
         flat = [i for r in shards for i in r]
         assert flat == list(range(n)) and max(len(r) for r in shards) <= size
     with pytest.raises(ValueError, match="identities"):
-        artifacts.plan_shards(0, 4)
+        plan_shards(0, 4)
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -283,13 +283,13 @@ class RecordIO:
     def package(self, ctx: PackageContext) -> None:
         """insightface's train.rec/.idx/.lst/property from the shards' segments, streamed through files."""
         spec, storage, keys = ctx.spec, ctx.storage, ctx.keys
-        n_images = spec.identities * spec.images_per_identity
+        n_images = spec.rendered_identities * spec.images_per_identity
         with tempfile.TemporaryDirectory(prefix="idforge-rec-") as tmp:
             d = Path(tmp)
             with (d / "train.rec").open("wb") as rec, (d / "train.idx").open("w") as idx, \
                     (d / "train.lst").open("w") as lst:
                 packer = RecordIOPackager(
-                    rec, idx, lst, n_images=n_images, n_identities=spec.identities,
+                    rec, idx, lst, n_images=n_images, n_identities=spec.rendered_identities,
                     path_template=lst_path_template(spec.output.formats, ctx.ext),
                     first_label=spec.output.label_offset)
                 for s in ctx.shards:
