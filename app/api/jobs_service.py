@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -149,50 +150,49 @@ def _invalid_preview(field: str, why: str) -> InvalidSpec:
                        errors=[{"field": field, "message": why, "type": "invalid_preview"}])
 
 
+def _invalid_extension(field: str, why: str) -> InvalidSpec:
+    return InvalidSpec(f"{field}: {why}", code="invalid_extension",
+                       errors=[{"field": field, "message": why, "type": "invalid_extension"}])
+
+
+def _succeeded_job(svc: Services, team: str, job_id: Any, field: str,
+                   refuse: Callable[[str, str], InvalidSpec]) -> dict[str, Any]:
+    """The record of `job_id`, one of the team's succeeded jobs whose data is there; else
+    `refuse(field, why)` is raised."""
+    if not isinstance(job_id, str) or not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise refuse(field, f"expected a job id (j and 22 hex digits), got {job_id!r}")
+    job = svc.store.get(job_id)
+    if job is None or job["owner"] != team:
+        raise refuse(field, f"no job {job_id} of your team")
+    if job.get("deletion_requested_at"):
+        raise refuse(field, f"job {job_id} was deleted")
+    if job["status"] != "succeeded":
+        raise refuse(field, f"job {job_id} is {job['status']}; only a succeeded job can be used here")
+    return job
+
+
 def _preview_of(svc: Services, team: str, given: Any) -> dict[str, Any]:
     """The job record `from_preview` names (its id, or an object with `job`): one of the team's
     succeeded previews whose data is there; else a 422 naming `from_preview`."""
     job_id = given.get("job") if isinstance(given, dict) else given
-    if not isinstance(job_id, str) or not re.fullmatch(JOB_ID_PATTERN, job_id):
-        raise _invalid_preview("from_preview", f"expected a preview job's id (j and 22 hex digits), got {given!r}")
-    job = svc.store.get(job_id)
-    if job is None or job["owner"] != team:
-        raise _invalid_preview("from_preview", f"no job {job_id} of your team")
-    if job.get("deletion_requested_at"):
-        raise _invalid_preview("from_preview", f"job {job_id} was deleted")
+    job = _succeeded_job(svc, team, job_id, "from_preview", _invalid_preview)
     if not (job.get("spec") or {}).get("preview"):
         raise _invalid_preview("from_preview", f"job {job_id} is not a preview (its spec has no `preview`)")
-    if job["status"] != "succeeded":
-        raise _invalid_preview("from_preview", f"preview {job_id} is {job['status']}; only a succeeded "
-                               "preview can be continued")
     return job
 
 
 def _extended(svc: Services, team: str, data: dict[str, Any]) -> dict[str, Any]:
     """The request resolved against the job it `extends` (`app.extension.resolve`), or a 422 naming
     `extends` when that is not one of the team's succeeded jobs with its data."""
-    parent_id = data["extends"]
-
-    def refuse(field: str, why: str) -> InvalidSpec:
-        return InvalidSpec(f"{field}: {why}", code="invalid_extension",
-                           errors=[{"field": field, "message": why, "type": "invalid_extension"}])
-
-    if not isinstance(parent_id, str) or not re.fullmatch(JOB_ID_PATTERN, parent_id):
-        raise refuse("extends", f"expected a job id (j and 22 hex digits), got {parent_id!r}")
-    job = svc.store.get(parent_id)
-    if job is None or job["owner"] != team:
-        raise refuse("extends", f"no job {parent_id} of your team")
-    if job.get("deletion_requested_at"):
-        raise refuse("extends", f"job {parent_id} was deleted")
-    if job["status"] != "succeeded":
-        raise refuse("extends", f"job {parent_id} is {job['status']}; only a succeeded job can be extended")
+    job = _succeeded_job(svc, team, data["extends"], "extends", _invalid_extension)
     if (job.get("spec") or {}).get("preview"):
-        raise refuse("extends", f"job {parent_id} is a preview (it rendered {job['spec']['preview']['identities']} "
-                     "of its identities); extend the job made from it (from_preview)")
+        raise _invalid_extension("extends", f"job {job['id']} is a preview (it rendered "
+                                 f"{job['spec']['preview']['identities']} of its identities); extend the job "
+                                 "made from it (from_preview)")
     try:
         return extension.resolve(data, job)
     except extension.ExtensionError as e:
-        raise refuse(e.field, e.message) from e
+        raise _invalid_extension(e.field, e.message) from e
 
 
 # ---- submit, find, cancel -------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_from_preview_of_a_job_that_is_no_preview_is_a_422_naming_it(api: TestCl
     theirs = _done(api, store, {**SPEC, "preview": {"identities": 1}}, headers=B)
     live = api.post("/v1/jobs", json={**SPEC, "seed": 4, "preview": {"identities": 1}}, headers=A).json()["id"]
     for given, words in ((plain, "not a preview"), (theirs, "of your team"), (live, "is queued"),
-                         ("nope", "expected a preview job's id"), (7, "expected"),
+                         ("nope", "expected a job id"), (7, "expected"),
                          ({"identities": 2}, "expected")):
         body = problem(api.post("/v1/jobs", json={"from_preview": given}, headers=A), 422, "from_preview")
         assert body["code"] == "invalid_preview" and words in body["detail"], body
