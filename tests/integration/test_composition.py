@@ -184,3 +184,13 @@ def test_a_preview_promoted_to_the_full_job_keeps_its_identities_and_images_byte
                        env=stack.env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["verdict"] == "identical", r.stdout
+
+
+def test_cone_variations_run_through_the_service_and_the_manifest_confirms_the_cone(stack: Stack) -> None:
+    """The worker validates the stored, normalised spec again (a cone spec once failed there)."""
+    spec = {"identities": 3, "images_per_identity": 3, "seed": 17, "quality": {"report": False},
+            "variations": {"method": "embedding_noise", "cone_degrees": 35}, "render": {"steps": 1, "batch_size": 9}}
+    job = stack.wait_job(stack.alpha.submit(spec)["id"], timeout=240)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    cone = stack.alpha.artifacts(job["id"], limit=1)["manifest"]["realised"]["cone"]
+    assert cone["half_angle_deg"] == 35 and cone["within"] is True and 30 < cone["max_angle_deg"] <= 35.0001
